@@ -1,0 +1,39 @@
+# Set-up and everyday commands. `make test` and `make demo` each work alone on a fresh clone.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+MMEXPORT := $(VENV)/bin/mmexport
+STAMP := $(VENV)/.mmexport-installed
+# A bare `torch` requirement pulls several GB of CUDA wheels; pin the CPU build first.
+TORCH ?= torch==2.13.0
+SAMPLE ?= sample_models/digits-cnn-badnet
+DEMO_OUT ?= build/demo
+
+.PHONY: install test demo samples bench eval-defence lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	mkdir -p $(DEMO_OUT)
+	$(MMEXPORT) inspect $(SAMPLE)/model.onnx --verify
+
+samples: install
+	$(PY) sample_models/build.py
+
+bench: install
+	$(PY) benchmarks/bench.py
+
+lint: install
+	$(VENV)/bin/ruff check mmexport tests sample_models benchmarks
+
+clean:
+	rm -rf build bench-results .pytest_cache .ruff_cache *.egg-info
