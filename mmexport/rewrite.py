@@ -1,0 +1,220 @@
+"""Write bounds into an ONNX graph with onnx-graphsurgeon; no torch needed.
+
+Two edits, both keeping the site's tensor name so every consumer and graph output still
+reads it:
+
+- a per-channel bound ([C]) renames the site's output to `<t>/unbounded` and adds
+  `Min(<t>/unbounded, Z) -> <t>`, Z shaped [C, 1, ...] to broadcast over the activation;
+- a scalar bound turns a Relu into `Clip(x, 0, z)`, or lowers the max of a ReLU6 Clip.
+
+Everything mmexport adds is named `mmexport/bound/<t>` (nodes and initializers), so a
+hardened model can be recognised and its bounds read back (`count_bounded_sites`,
+`extract_bounds`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper, shape_inference
+
+from .bounds import Bounds, check_bounds_for_sites
+from .errors import MmexportError
+from .model import _dims, clip_range, find_sites, onnx_opset
+
+BOUND_PREFIX = "mmexport/bound/"
+
+# Min broadcasts (multidirectionally) from opset 8; earlier Min needs equal shapes.
+_MIN_BROADCAST_OPSET = 8
+# Clip takes min/max as inputs from opset 11, as attributes before.
+_CLIP_INPUTS_OPSET = 11
+
+
+def apply_bounds(proto: onnx.ModelProto, bounds: Bounds, *, sites=None) -> onnx.ModelProto:
+    """A new model with `bounds` written in; `proto` itself is left untouched.
+
+    `sites` defaults to every Relu / Clip(min=0) of the model (mmexport.model.find_sites);
+    each bound key must name one of them and a per-channel bound must match its channels.
+    """
+    shapes, elem_types = _value_types(proto)
+    if sites is None:
+        sites = find_sites(proto, shapes)
+    check_bounds_for_sites(bounds, sites)
+    by_name = {s.name: s for s in sites}
+    opset = onnx_opset(proto)
+    site_nodes = {node.output[0]: node for node in proto.graph.node if node.output}
+
+    graph = gs.import_onnx(proto)
+    producers = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
+    fresh = _Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
+
+    for name, value in bounds.items():
+        node = producers.get(name)
+        if node is None or node.op not in ("Relu", "Clip"):
+            found = node.op if node is not None else "no node"
+            raise MmexportError(f"site {name!r}: produced by {found}, expected Relu or Clip")
+        dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
+        if value.ndim == 1:
+            rank = by_name[name].rank or len(node.outputs[0].shape or ())
+            if rank < 2:
+                raise MmexportError(
+                    f"site {name!r}: activation rank unknown or < 2, cannot place "
+                    f"{value.shape[0]} per-channel bounds on axis 1"
+                )
+            z = value.reshape((value.shape[0],) + (1,) * (rank - 2)).astype(dtype)
+            _insert_min(graph, node, z, fresh, opset)
+        elif node.op == "Relu":
+            _relu_to_clip(node, float(value), dtype, fresh, opset)
+        else:
+            _, hi = clip_range(proto.graph, site_nodes[name], opset)
+            if np.isnan(hi):  # max computed at run time: bound after it instead
+                _insert_min(graph, node, value.astype(dtype), fresh, opset)
+            else:
+                _lower_clip_max(node, min(hi, float(value)), dtype, fresh, opset)
+
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph, do_type_check=False)
+    _restore_model_fields(out, proto)
+    return out
+
+
+class _Namer:
+    """Unused names, tensors and nodes each in their own namespace (as in ONNX)."""
+
+    def __init__(self, tensors: set[str], nodes: set[str]):
+        self.taken = {"tensor": tensors, "node": nodes}
+
+    def __call__(self, name: str, kind: str = "tensor") -> str:
+        taken = self.taken[kind]
+        out, i = name, 1
+        while out in taken:
+            out, i = f"{name}_{i}", i + 1
+        taken.add(out)
+        return out
+
+
+def _value_types(proto: onnx.ModelProto) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Shapes and element types of every tensor shape inference can tell."""
+    try:
+        inferred = shape_inference.infer_shapes(proto)
+    except Exception:
+        inferred = proto
+    g = inferred.graph
+    shapes, types = {}, {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        shapes[vi.name] = _dims(vi)
+        if vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return shapes, types
+
+
+def _insert_min(graph: gs.Graph, node: gs.Node, z: np.ndarray, fresh, opset: int) -> None:
+    """`node -> t` becomes `node -> t/unbounded -> Min(., z) -> t`."""
+    if opset < _MIN_BROADCAST_OPSET:
+        raise MmexportError(
+            f"site {node.outputs[0].name!r}: a per-channel bound needs opset >= "
+            f"{_MIN_BROADCAST_OPSET} (broadcasting Min); the model has opset {opset}"
+        )
+    t = node.outputs[0]
+    raw = gs.Variable(fresh(t.name + "/unbounded"), dtype=t.dtype, shape=t.shape)
+    node.outputs[0] = raw
+    bound = gs.Constant(fresh(BOUND_PREFIX + t.name), values=z)
+    name = fresh(BOUND_PREFIX + t.name, "node")
+    graph.nodes.append(gs.Node("Min", name=name, inputs=[raw, bound], outputs=[t]))
+
+
+def _relu_to_clip(node: gs.Node, z: float, dtype, fresh, opset: int) -> None:
+    t = node.outputs[0].name
+    node.op = "Clip"
+    node.name = fresh(BOUND_PREFIX + t, "node")
+    node.attrs.clear()  # Relu < 6 had consumed_inputs
+    if opset < _CLIP_INPUTS_OPSET:
+        node.attrs["min"] = 0.0
+        node.attrs["max"] = z
+    else:
+        node.inputs.append(gs.Constant(fresh(BOUND_PREFIX + t + "/min"), np.array(0, dtype)))
+        node.inputs.append(gs.Constant(fresh(BOUND_PREFIX + t + "/max"), np.array(z, dtype)))
+
+
+def _lower_clip_max(node: gs.Node, hi: float, dtype, fresh, opset: int) -> None:
+    t = node.outputs[0].name
+    node.name = fresh(BOUND_PREFIX + t, "node")
+    if opset < _CLIP_INPUTS_OPSET:
+        node.attrs["max"] = hi
+        return
+    # A new initializer, never an edit of the old one: other Clips may share it.
+    new_max = gs.Constant(fresh(BOUND_PREFIX + t + "/max"), np.array(hi, dtype))
+    if len(node.inputs) > 2:
+        node.inputs[2] = new_max
+    else:
+        node.inputs.append(new_max)
+
+
+def _restore_model_fields(out: onnx.ModelProto, src: onnx.ModelProto) -> None:
+    """Put back what graphsurgeon's export does not keep exactly as the input had it."""
+    out.ir_version = src.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(src.opset_import)
+    out.producer_name = src.producer_name
+    out.producer_version = src.producer_version
+    out.domain = src.domain
+    out.model_version = src.model_version
+    out.doc_string = src.doc_string
+    del out.metadata_props[:]
+    out.metadata_props.extend(src.metadata_props)
+    out.graph.name = src.graph.name
+    out.graph.doc_string = src.graph.doc_string
+
+    del out.graph.output[:]
+    out.graph.output.extend(src.graph.output)
+    # Graph inputs as the source listed them, minus initializers the edit dropped (a
+    # replaced Clip max). IR < 4 lists every initializer as an input: add the new ones.
+    src_inits = {i.name for i in src.graph.initializer}
+    new_inits = {i.name for i in out.graph.initializer}
+    inputs = [vi for vi in src.graph.input if vi.name not in src_inits or vi.name in new_inits]
+    if src.ir_version < 4:
+        listed = {vi.name for vi in inputs}
+        inputs += [
+            helper.make_tensor_value_info(i.name, i.data_type, list(i.dims))
+            for i in out.graph.initializer
+            if i.name not in listed
+        ]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+
+
+def _bound_nodes(proto: onnx.ModelProto):
+    return [
+        n
+        for n in proto.graph.node
+        if n.name.startswith(BOUND_PREFIX) and n.op_type in ("Min", "Clip") and n.output
+    ]
+
+
+def count_bounded_sites(proto: onnx.ModelProto) -> dict:
+    """How many bounds mmexport wrote: {'total', 'min' (Min nodes), 'clip', 'sites'}."""
+    nodes = _bound_nodes(proto)
+    return {
+        "total": len(nodes),
+        "min": sum(n.op_type == "Min" for n in nodes),
+        "clip": sum(n.op_type == "Clip" for n in nodes),
+        "sites": [n.output[0] for n in nodes],
+    }
+
+
+def extract_bounds(proto: onnx.ModelProto) -> Bounds:
+    """Read back the bounds mmexport wrote, keyed by site tensor name (per-channel as [C])."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    opset = onnx_opset(proto)
+    values = {}
+    for node in _bound_nodes(proto):
+        if node.op_type == "Clip":
+            values[node.output[0]] = np.float32(clip_range(proto.graph, node, opset)[1])
+            continue
+        z = next((inits[i] for i in node.input if i in inits), None)
+        if z is None:
+            raise MmexportError(f"node {node.name!r}: its bound is not an initializer")
+        arr = numpy_helper.to_array(z).astype(np.float32)
+        values[node.output[0]] = arr.reshape(()) if arr.ndim == 0 else arr.reshape(arr.shape[0])
+    return Bounds(values, {"source": "model"})
