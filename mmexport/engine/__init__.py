@@ -1,0 +1,5 @@
+"""ONNX graphs executed in PyTorch, with a bound hook at every ReLU site."""
+
+from .executor import SUPPORTED_OPS, Engine, unsupported_ops
+
+__all__ = ["Engine", "SUPPORTED_OPS", "unsupported_ops"]

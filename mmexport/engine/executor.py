@@ -1,0 +1,282 @@
+"""Run an ONNX graph in PyTorch, differentiably, with a bound hook at every site.
+
+The graph is compiled once: every node becomes a closure from `ops`, nodes whose inputs
+are all static are folded into constants, and tensor names become slots of a list. A call
+is then one loop over the compiled nodes. At a site (the output of a Relu or a Clip with
+min 0) the loop applies `torch.minimum(a, z)` when the caller gives a bound `z`, so the
+gradient reaches both the input and the bounds: what the bound search differentiates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+
+import onnx
+import torch
+from onnx import numpy_helper
+
+from ..errors import MmexportError
+from ..model import Model, Site, onnx_opset
+from . import ops
+
+SUPPORTED_OPS: frozenset[str] = ops.supported_ops()
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+def _op_label(node: onnx.NodeProto) -> str:
+    if node.domain in _DEFAULT_DOMAINS:
+        return node.op_type
+    return f"{node.domain}.{node.op_type}"
+
+
+def _node_label(node: onnx.NodeProto, index: int) -> str:
+    return node.name or f"#{index} -> {node.output[0] if node.output else '?'}"
+
+
+def unsupported_ops(proto: onnx.ModelProto) -> dict[str, str]:
+    """op_type -> name of its first node, for every op the engine cannot run.
+
+    Ops of other domains are named `domain.OpType`.
+    """
+    opset = onnx_opset(proto)
+    missing: dict[str, str] = {}
+    for index, node in enumerate(proto.graph.node):
+        label = _op_label(node)
+        if label in missing:
+            continue
+        if node.domain not in _DEFAULT_DOMAINS or ops.builder_for(node.op_type, opset) is None:
+            missing[label] = _node_label(node, index)
+    return missing
+
+
+def _bound(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """min(a, z): z is a scalar, or per channel [C] broadcast over dim 1 of a."""
+    if z.dtype != a.dtype:  # float64 bounds must not promote a float32 graph
+        z = z.to(a.dtype)
+    if z.dim() == 1 and a.dim() > 2:
+        z = z.view(-1, *([1] * (a.dim() - 2)))
+    return torch.minimum(a, z)
+
+
+class _Plan:
+    """The compiled nodes needed for some outputs, in graph order."""
+
+    def __init__(self, steps: list[tuple], targets: list[int]):
+        self.steps = steps
+        self.targets = targets
+
+
+class Engine(torch.nn.Module):
+    """An ONNX classifier as a torch Module: logits = engine(x, bounds).
+
+    Float initializers become buffers in `dtype` on `device`; integer ones stay int64 on the
+    host (shapes, axes, indices), where the shape arithmetic of a dynamic-batch graph runs
+    without device syncs, and `.to()` leaves them there.
+    """
+
+    def __init__(self, model: Model, *, device="cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.model = model
+        self.sites: list[Site] = list(model.sites)
+        self.input_name = model.input_name
+        self.output_name = model.output_name
+        self._where = str(model.path) if model.path is not None else "model"
+        self._rt = ops.Runtime(torch.device("cpu"), dtype)
+        self._site_names = frozenset(s.name for s in self.sites)
+        self._host_buffers: list[str] = []
+        self._plans: dict[tuple, _Plan] = {}
+        self._compile(model.proto)
+        self.to(device)  # also builds the slot template (see _apply)
+
+    # --- compilation ---------------------------------------------------------------------
+
+    def _compile(self, proto: onnx.ModelProto) -> None:
+        graph = proto.graph
+        missing = unsupported_ops(proto)
+        if missing:
+            listed = ", ".join(f"{op} (node {name!r})" for op, name in missing.items())
+            raise MmexportError(f"{self._where}: unsupported ops: {listed}")
+
+        dtype = self._rt.dtype
+        static: dict[str, torch.Tensor] = {}
+        for init in graph.initializer:
+            static[init.name] = ops.to_torch(
+                numpy_helper.to_array(init),
+                dtype,
+                lambda m, n=init.name: MmexportError(f"{self._where}: initializer {n!r}: {m}"),
+            )
+        for vi in graph.input:
+            if vi.name not in static and vi.name != self.input_name:
+                raise MmexportError(
+                    f"{self._where}: graph input {vi.name!r} has no value; "
+                    f"the engine feeds only {self.input_name!r}"
+                )
+
+        opset = onnx_opset(proto)
+        self._slots: dict[str, int] = {"": 0}  # slot 0 always holds None: absent inputs
+
+        def slot(name: str) -> int:
+            if name not in self._slots:
+                self._slots[name] = len(self._slots)
+            return self._slots[name]
+
+        self._input_slot = slot(self.input_name)
+        steps = []
+        for index, node in enumerate(graph.node):
+            op_node = ops.OpNode(node, opset, static, self._rt, self._where)
+            fn = ops.builder_for(node.op_type, opset)(op_node)
+            is_site = node.op_type in ("Relu", "Clip") and node.output[0] in self._site_names
+            present = [name for name in node.input if name]
+            if not is_site and all(name in static for name in present):
+                self._fold(fn, node, index, static)
+                continue
+            for name in node.input:
+                if name and name not in static and name not in self._slots:
+                    raise MmexportError(
+                        f"{self._where}: node {_node_label(node, index)!r} reads {name!r}, "
+                        "which no earlier node produces"
+                    )
+            ins = tuple(slot(name) if name else 0 for name in node.input)
+            outs = tuple(slot(name) if name else -1 for name in node.output)
+            site = node.output[0] if is_site else None
+            steps.append((fn, ins, outs, site))
+
+        # Static tensors that run-time nodes or callers read become buffers.
+        used = {i for _, ins, _, _ in steps for i in ins}
+        wanted = {vi.name for vi in graph.output}
+        self._const_slots: list[tuple[int, str]] = []
+        for name, value in static.items():
+            if name in wanted:
+                slot(name)
+            elif name not in self._slots or self._slots[name] not in used:
+                continue  # read only by folded nodes
+            buffer = f"c{len(self._const_slots)}"
+            self.register_buffer(buffer, value)
+            if not value.is_floating_point():
+                self._host_buffers.append(buffer)
+            self._const_slots.append((self._slots[name], buffer))
+        for vi in graph.output:
+            if vi.name not in self._slots:
+                raise MmexportError(f"{self._where}: graph output {vi.name!r} is never produced")
+        self._graph_outputs = tuple(vi.name for vi in graph.output)
+        static.clear()  # builders took what they need; do not pin host copies of weights
+        # Scratch slot for absent optional outputs.
+        self._scratch = len(self._slots)
+        self._steps = [
+            (fn, ins, tuple(o if o >= 0 else self._scratch for o in outs), site)
+            for fn, ins, outs, site in steps
+        ]
+
+    def _fold(self, fn, node: onnx.NodeProto, index: int, static: dict) -> None:
+        args = [static[name] if name else None for name in node.input]
+        try:
+            with torch.no_grad():
+                result = fn(*args)
+        except MmexportError:
+            raise
+        except Exception as exc:
+            raise MmexportError(
+                f"{self._where}: node {_node_label(node, index)!r} ({node.op_type}) "
+                f"fails on its constant inputs: {exc}"
+            ) from None
+        results = (result,) if len(node.output) == 1 else tuple(result)
+        for name, value in zip(node.output, results, strict=True):
+            if name:
+                static[name] = value.detach().cpu()
+
+    def _apply(self, fn, recurse=True):
+        # Integer constants stay on the host; the runtime follows the float buffers.
+        host = {name: self._buffers.pop(name) for name in self._host_buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers.update(host)
+        probe = fn(torch.empty(0, dtype=self._rt.dtype, device=self._rt.device))
+        self._rt.device, self._rt.dtype = probe.device, probe.dtype
+        self._template = [None] * (self._scratch + 1)
+        for slot, buffer in self._const_slots:
+            self._template[slot] = self._buffers[buffer]
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self._rt.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._rt.dtype
+
+    # --- execution -----------------------------------------------------------------------
+
+    def _plan(self, outputs: tuple[str, ...], record: tuple[str, ...]) -> _Plan:
+        key = (outputs, record)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        for name in outputs + record:
+            if name not in self._slots:
+                kind = "output" if name in outputs else "recorded tensor"
+                raise MmexportError(f"{self._where}: no tensor named {name!r} ({kind})")
+        needed = {self._slots[name] for name in outputs + record}
+        chosen = []
+        for step in reversed(self._steps):
+            if needed.intersection(step[2]):
+                chosen.append(step)
+                needed.update(step[1])
+        plan = self._plans[key] = _Plan(chosen[::-1], [self._slots[n] for n in outputs + record])
+        return plan
+
+    def _execute(self, x, bounds: Mapping[str, torch.Tensor] | None, plan: _Plan) -> list:
+        if not isinstance(x, torch.Tensor):
+            x = torch.as_tensor(x)
+        rt = self._rt
+        if x.is_floating_point() and (x.dtype != rt.dtype or x.device != rt.device):
+            x = x.to(rt.device, rt.dtype)
+        if bounds is not None:
+            if not bounds:
+                bounds = None
+            elif not self._site_names.issuperset(bounds):
+                unknown = sorted(set(bounds) - self._site_names)
+                raise MmexportError(
+                    f"{self._where}: bounds for unknown sites: {', '.join(unknown)}"
+                )
+        env = self._template.copy()
+        env[self._input_slot] = x
+        for fn, ins, outs, site in plan.steps:
+            value = fn(*[env[i] for i in ins])
+            if len(outs) == 1:
+                if site is not None and bounds is not None:
+                    z = bounds.get(site)
+                    if z is not None:
+                        value = _bound(value, z)
+                env[outs[0]] = value
+            else:
+                for o, v in zip(outs, value, strict=True):
+                    env[o] = v
+        return [env[i] for i in plan.targets]
+
+    def forward(self, x: torch.Tensor, bounds: Mapping[str, torch.Tensor] | None = None):
+        """Logits (the tensor `model.output_name`) for a batch x, sites bounded by `bounds`."""
+        return self._execute(x, bounds, self._plan((self.output_name,), ()))[0]
+
+    def run(
+        self,
+        x: torch.Tensor,
+        bounds: Mapping[str, torch.Tensor] | None = None,
+        *,
+        outputs: Sequence[str] | None = None,
+        record: Collection[str] = (),
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """({output: tensor}, {recorded site: activation after its bound}).
+
+        `outputs` defaults to every graph output; `record` takes site names (any tensor
+        computed at run time works too; constants folded at init are not kept).
+        """
+        outputs = self._graph_outputs if outputs is None else tuple(outputs)
+        record = tuple(record)
+        values = self._execute(x, bounds, self._plan(outputs, record))
+        n = len(outputs)
+        return dict(zip(outputs, values[:n], strict=True)), dict(
+            zip(record, values[n:], strict=True)
+        )
