@@ -29,11 +29,11 @@ __all__ = [
 def __getattr__(name):
     # torch and onnxruntime load lazily: `validate` must not pay for torch, `harden` needs it.
     if name == "harden":
-        from .harden import harden
+        from .pipeline import harden
 
         return harden
     if name == "HardenResult":
-        from .harden import HardenResult
+        from .pipeline import HardenResult
 
         return HardenResult
     if name == "apply_bounds":

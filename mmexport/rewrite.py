@@ -7,9 +7,14 @@ reads it:
   `Min(<t>/unbounded, Z) -> <t>`, Z shaped [C, 1, ...] to broadcast over the activation;
 - a scalar bound turns a Relu into `Clip(x, 0, z)`, or lowers the max of a ReLU6 Clip.
 
+These are the unfolded form (`form="min"`). The default form folds per-channel bounds into
+the neighbouring weights so the site is a scalar `Clip(0, 1)` that onnxruntime fuses into
+the Conv (mmexport.fold), writing `Min` only where no exact folding exists.
+
 Everything mmexport adds is named `mmexport/bound/<t>` (nodes and initializers), so a
 hardened model can be recognised and its bounds read back (`count_bounded_sites`,
-`extract_bounds`).
+`extract_bounds`); a folded model also records its original bounds, the form per site and
+the channel scales in metadata_props `mmexport.bounds`.
 """
 
 from __future__ import annotations
@@ -31,12 +36,43 @@ _MIN_BROADCAST_OPSET = 8
 _CLIP_INPUTS_OPSET = 11
 
 
-def apply_bounds(proto: onnx.ModelProto, bounds: Bounds, *, sites=None) -> onnx.ModelProto:
+FORMS = ("auto", "fold", "min")
+
+
+def apply_bounds(
+    proto: onnx.ModelProto,
+    bounds: Bounds,
+    *,
+    sites=None,
+    form: str = "auto",
+    report: bool = False,
+):
     """A new model with `bounds` written in; `proto` itself is left untouched.
 
     `sites` defaults to every Relu / Clip(min=0) of the model (mmexport.model.find_sites);
     each bound key must name one of them and a per-channel bound must match its channels.
+
+    `form`: "auto" and "fold" fold per-channel bounds into the neighbouring weights where
+    that is exact and write `Min` elsewhere (mmexport.fold; both the same today, "auto" is
+    the default the CLI shows as "fold where exact"); "min" always writes `Min` (the
+    unfolded form, whose intermediate tensors keep their original values). Scalar bounds
+    are a `Clip` in every form. With `report=True` returns `(model, FoldReport)`, the form
+    used per site and why a site could not fold.
     """
+    if form not in FORMS:
+        raise MmexportError(f"form {form!r}: expected one of {', '.join(FORMS)}")
+    if form == "min":
+        out, rep = _apply_unfolded(proto, bounds, sites)
+    else:
+        from .fold import fold_bounds
+
+        out, rep = fold_bounds(proto, bounds, sites=sites)
+    return (out, rep) if report else out
+
+
+def _apply_unfolded(proto: onnx.ModelProto, bounds: Bounds, sites):
+    from .fold import FoldReport, SiteForm
+
     shapes, elem_types = _value_types(proto)
     if sites is None:
         sites = find_sites(proto, shapes)
@@ -49,34 +85,55 @@ def apply_bounds(proto: onnx.ModelProto, bounds: Bounds, *, sites=None) -> onnx.
     producers = {n.outputs[0].name: n for n in graph.nodes if n.outputs}
     fresh = _Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
 
+    forms = {}
     for name, value in bounds.items():
-        node = producers.get(name)
-        if node is None or node.op not in ("Relu", "Clip"):
-            found = node.op if node is not None else "no node"
-            raise MmexportError(f"site {name!r}: produced by {found}, expected Relu or Clip")
+        node = _site_node(producers, name)
         dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
-        if value.ndim == 1:
-            rank = by_name[name].rank or len(node.outputs[0].shape or ())
-            if rank < 2:
-                raise MmexportError(
-                    f"site {name!r}: activation rank unknown or < 2, cannot place "
-                    f"{value.shape[0]} per-channel bounds on axis 1"
-                )
-            z = value.reshape((value.shape[0],) + (1,) * (rank - 2)).astype(dtype)
-            _insert_min(graph, node, z, fresh, opset)
-        elif node.op == "Relu":
-            _relu_to_clip(node, float(value), dtype, fresh, opset)
-        else:
-            _, hi = clip_range(proto.graph, site_nodes[name], opset)
-            if np.isnan(hi):  # max computed at run time: bound after it instead
-                _insert_min(graph, node, value.astype(dtype), fresh, opset)
-            else:
-                _lower_clip_max(node, min(hi, float(value)), dtype, fresh, opset)
+        rank = by_name[name].rank or len(node.outputs[0].shape or ())
+        hi = clip_range(proto.graph, site_nodes[name], opset)[1] if node.op == "Clip" else np.inf
+        forms[name] = _write_site(graph, node, value, rank=rank, dtype=dtype, clip_hi=hi,
+                                  fresh=fresh, opset=opset)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(out, proto)
-    return out
+    order = [s.name for s in find_sites(proto, shapes)]
+    names = sorted(forms, key=lambda n: order.index(n) if n in order else len(order))
+    return out, FoldReport([SiteForm(n, forms[n], "form 'min' requested" if forms[n] == "min"
+                                     else "") for n in names])
+
+
+def _site_node(producers: dict, name: str) -> gs.Node:
+    node = producers.get(name)
+    if node is None or node.op not in ("Relu", "Clip"):
+        found = node.op if node is not None else "no node"
+        raise MmexportError(f"site {name!r}: produced by {found}, expected Relu or Clip")
+    return node
+
+
+def _write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset) -> str:
+    """The unfolded edit of one site; returns its form, "min" or "clip".
+
+    Per-channel: `Min` after the site. Scalar: a Relu becomes `Clip(0, z)`, a ReLU6 gets
+    a lower max (or a scalar `Min` when its max is computed at run time).
+    """
+    if value.ndim == 1:
+        if not rank or rank < 2:
+            raise MmexportError(
+                f"site {node.outputs[0].name!r}: activation rank unknown or < 2, cannot "
+                f"place {value.shape[0]} per-channel bounds on axis 1"
+            )
+        z = value.reshape((value.shape[0],) + (1,) * (rank - 2)).astype(dtype)
+        _insert_min(graph, node, z, fresh, opset)
+        return "min"
+    if node.op == "Relu":
+        _relu_to_clip(node, float(value), dtype, fresh, opset)
+        return "clip"
+    if np.isnan(clip_hi):  # max computed at run time: bound after it instead
+        _insert_min(graph, node, value.astype(dtype), fresh, opset)
+        return "min"
+    _lower_clip_max(node, min(clip_hi, float(value)), dtype, fresh, opset)
+    return "clip"
 
 
 class _Namer:
@@ -192,29 +249,52 @@ def _bound_nodes(proto: onnx.ModelProto):
     ]
 
 
+def _folded_forms(proto: onnx.ModelProto) -> tuple[dict, dict]:
+    """(forms, bounds) a folded model records in metadata_props; empty for other models."""
+    from .fold import read_fold_metadata
+
+    meta = read_fold_metadata(proto)
+    if meta is None:
+        return {}, {}
+    return dict(meta.get("forms", {})), dict(meta["bounds"])
+
+
 def count_bounded_sites(proto: onnx.ModelProto) -> dict:
-    """How many bounds mmexport wrote: {'total', 'min' (Min nodes), 'clip', 'sites'}."""
+    """How many bounds mmexport wrote: {'total', 'min' (Min nodes), 'clip' (scalar Clips),
+    'fold' (Clips whose per-channel bound is folded into the weights), 'sites'}."""
     nodes = _bound_nodes(proto)
+    forms, _ = _folded_forms(proto)
+    folded = [n for n in nodes if n.op_type == "Clip" and forms.get(n.output[0]) == "fold"]
     return {
         "total": len(nodes),
         "min": sum(n.op_type == "Min" for n in nodes),
-        "clip": sum(n.op_type == "Clip" for n in nodes),
+        "clip": sum(n.op_type == "Clip" for n in nodes) - len(folded),
+        "fold": len(folded),
         "sites": [n.output[0] for n in nodes],
     }
 
 
 def extract_bounds(proto: onnx.ModelProto) -> Bounds:
-    """Read back the bounds mmexport wrote, keyed by site tensor name (per-channel as [C])."""
+    """Read back the bounds mmexport wrote, keyed by site tensor name (per-channel as [C]).
+
+    In a folded model the graph holds bounds in scaled units (Clip(0, 1), Min with z / s);
+    the original bounds of every site are read from its `mmexport.bounds` metadata.
+    """
     inits = {i.name: i for i in proto.graph.initializer}
     opset = onnx_opset(proto)
+    _, recorded = _folded_forms(proto)
     values = {}
     for node in _bound_nodes(proto):
+        site = node.output[0]
+        if site in recorded:
+            values[site] = np.asarray(recorded[site], dtype=np.float32)
+            continue
         if node.op_type == "Clip":
-            values[node.output[0]] = np.float32(clip_range(proto.graph, node, opset)[1])
+            values[site] = np.float32(clip_range(proto.graph, node, opset)[1])
             continue
         z = next((inits[i] for i in node.input if i in inits), None)
         if z is None:
             raise MmexportError(f"node {node.name!r}: its bound is not an initializer")
         arr = numpy_helper.to_array(z).astype(np.float32)
-        values[node.output[0]] = arr.reshape(()) if arr.ndim == 0 else arr.reshape(arr.shape[0])
+        values[site] = arr.reshape(()) if arr.ndim == 0 else arr.reshape(arr.shape[0])
     return Bounds(values, {"source": "model"})

@@ -1,0 +1,266 @@
+"""The `mmexport` command: a thin shell over the Python API (parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MmexportError
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+class _Group(click.Group):
+    """Turns MmexportError into one line on stderr and exit 1: never a traceback for bad input."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MmexportError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def _range(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected LO,HI (e.g. 0,1), got {value!r}") from None
+    if not lo < hi:
+        raise click.BadParameter(f"LO must be below HI, got {value!r}")
+    return lo, hi
+
+
+def _print_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=float))
+
+
+def model_options(f):
+    f = click.option("--output", "output_name", metavar="NAME", help="Logits output (when the graph has several).")(f)
+    f = click.option("--input", "input_name", metavar="NAME", help="Model input (when the graph has several).")(f)
+    return f
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mmexport")
+def main():
+    """Harden ONNX classifiers against backdoors and overfitting.
+
+    Maximum-margin activation clipping (Wang, Miller, Kesidis, arXiv 2309.16827): put an
+    upper bound on every ReLU output, chosen on a small clean labelled set so the model's
+    largest classification margins shrink while its clean predictions stay put. The bounds
+    are written into the ONNX graph, which then runs in plain onnxruntime.
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--verify", is_flag=True, help="Run our engine and onnxruntime on the same random inputs and compare.")
+@click.option("--input-range", callback=_range, default="0,1", show_default=True, metavar="LO,HI",
+              help="Range of the random inputs for --verify.")
+@click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance for --verify.")
+@click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance for --verify.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="onnxruntime provider for --verify.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@model_options
+def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_name, output_name):
+    """Show a model's inputs, outputs, opset, classes and clipping sites.
+
+    Sites are every Relu and every Clip with min 0, named by their output tensor. With
+    --verify, exit 1 unless the engine matches onnxruntime within the tolerances.
+    """
+    from .inspect import describe
+    from .inspect import verify as run_verify
+    from .model import load_model
+
+    m = load_model(model, input_name=input_name, output_name=output_name)
+    info = describe(m)
+    if verify:
+        if info["unsupported_ops"]:
+            ops = ", ".join(f"{u['op']} (node {u['node']!r})" for u in info["unsupported_ops"])
+            raise MmexportError(f"{model}: cannot verify, unsupported ops: {ops}")
+        info["verify"] = run_verify(m, input_range=input_range, atol=atol, rtol=rtol, provider=provider)
+    if as_json:
+        _print_json(info)
+    else:
+        from .report import print_inspect
+
+        print_inspect(info)
+    if verify and not info["verify"]["passed"]:
+        sys.exit(1)
+
+
+def _search_options(f):
+    opts = [
+        click.option("--seed", default=0, show_default=True, help="Seed: same seed, same bounds (on CPU)."),
+        click.option("--reduction", type=click.Choice(["mean", "max", "excess", "softmax"]), default=None,
+                     help="How per-class max margins combine into the objective [default: max]."),
+        click.option("--lambda0", type=float, default=None, help="Starting weight of the margin term."),
+        click.option("--acc-floor", type=float, default=None,
+                     help="Fraction of the clean set's originally-correct samples that must stay correct [default: 0.95]."),
+        click.option("--max-epochs", type=int, default=None, help="Upper limit on bound-update epochs [default: 200]."),
+        click.option("--steps", type=int, default=None, help="Ascent steps per epoch on the maximisers [default: 5]."),
+        click.option("--restarts", type=int, default=None, help="Ascent starting points per class [default: 10]."),
+    ]
+    for opt in opts:
+        f = opt(f)
+    return f
+
+
+def _overrides(**kw) -> dict:
+    return {k: v for k, v in kw.items() if v is not None}
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Clean labelled set D (.npz with x, y): tens of images per class.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output model [default: <model>.<method>.onnx beside the input].")
+@click.option("--method", type=click.Choice(["mmac", "mmom"]), default="mmac", show_default=True,
+              help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training).")
+@click.option("--granularity", type=click.Choice(["channel", "layer"]), default="channel", show_default=True,
+              help="One bound per channel, or one per site.")
+@_search_options
+@click.option("--input-range", callback=_range, default=None, metavar="LO,HI",
+              help="Valid input range for the margin search [default: per-channel min/max of D].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the full report (settings, history) as JSON.")
+@click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@model_options
+def harden(model, data, out, method, granularity, seed, reduction, lambda0, acc_floor, max_epochs, steps,
+           restarts, input_range, device, report_path, no_bounds_file, force, as_json, quiet,
+           input_name, output_name):
+    """Search bounds on a clean set and write a hardened ONNX model.
+
+    The model keeps its input/output names, opset and IR version: a drop-in replacement.
+    Settings and provenance are stored in its metadata_props; the bounds also go to
+    <out>.bounds.json (keyed by site tensor name).
+    """
+    from .pipeline import default_output
+    from .pipeline import harden as run_harden
+    from .model import atomic_write_bytes, check_output_path, save_model
+
+    out = out or default_output(model, method)
+    bounds_path = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
+    for p in (out, bounds_path, report_path):
+        if p is not None:
+            check_output_path(p, force=force, inputs=(model, data))
+    overrides = _overrides(seed=seed, reduction=reduction, lambda0=lambda0, acc_floor=acc_floor,
+                           max_epochs=max_epochs, steps=steps, restarts=restarts)
+    with _progress(quiet, method) as progress:
+        result = run_harden(model, data, method=method, granularity=granularity, input_range=input_range,
+                            device=device, input_name=input_name, output_name=output_name,
+                            progress=progress, **overrides)
+    save_model(result.model, out, force=force, inputs=(model, data))
+    written = {"model": str(out)}
+    if bounds_path is not None:
+        atomic_write_bytes(bounds_path, result.bounds.dumps().encode())
+        written["bounds"] = str(bounds_path)
+    if report_path is not None:
+        atomic_write_bytes(report_path, json.dumps(result.report, indent=1).encode())
+        written["report"] = str(report_path)
+    summary = {k: v for k, v in result.report.items() if k != "history"} | {"written": written}
+    if as_json:
+        _print_json(summary)
+    else:
+        from .report import print_harden
+
+        print_harden(summary)
+
+
+class _progress:
+    """A rich progress line per accuracy check: epoch, lambda, accuracy on D, max margins, time."""
+
+    def __init__(self, quiet: bool, method: str):
+        self.quiet = quiet
+        self.method = method
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                           TimeElapsedColumn(), console=_console(), transient=False)
+        self._p.__enter__()
+        self._task = None
+        return self._update
+
+    def _update(self, row: dict) -> None:
+        info = (f"epoch {row['epoch']}  lambda {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
+                f"margin objective {row['objective']:.2f}")
+        if self._task is None:
+            self._task = self._p.add_task(self.method.upper(), total=row.get("max_epochs"), info=info)
+        self._p.update(self._task, completed=row["epoch"], total=row.get("max_epochs"), info=info)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self._p.__exit__(*exc)
+        return False
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("bounds", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output model.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@model_options
+def apply(model, bounds, out, force, input_name, output_name):
+    """Write BOUNDS (a .bounds.json) into MODEL: the graph rewrite alone, no search."""
+    from .bounds import load_bounds
+    from .model import check_output_path, load_model, save_model, set_metadata
+    from .rewrite import apply_bounds
+
+    check_output_path(out, force=force, inputs=(model, bounds))
+    m = load_model(model, input_name=input_name, output_name=output_name)
+    b = load_bounds(bounds)
+    proto = apply_bounds(m.proto, b, sites=m.sites)
+    set_metadata(proto, {"mmexport.version": __version__, "mmexport.bounds_from": str(bounds)})
+    save_model(proto, out, force=force, inputs=(model, bounds))
+    click.echo(f"wrote {out} ({len(b)} bounded sites, {b.granularity} bounds)")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Test set (.npz: x, y).")
+@click.option("--attack", type=click.Path(dir_okay=False, path_type=Path),
+              help="Triggered set (.npz: x, y = target, y_true) for ASR and RA.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True)
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@model_options
+def validate(model, data, attack, provider, batch_size, as_json, input_name, output_name):
+    """Measure accuracy, per-class accuracy, ASR and RA under onnxruntime."""
+    from .data import load_npz
+    from .runtime import validate as run_validate
+
+    test = load_npz(data)
+    att = load_npz(attack, attack=True) if attack else None
+    rep = run_validate(model, test, attack=att, provider=provider, batch_size=batch_size,
+                       input_name=input_name, output_name=output_name)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        from .report import print_validation
+
+        print_validation(rep, title=str(model))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,264 @@
+"""The bound search: MMAC (logit preservation) and MMOM (cross-entropy), one loop.
+
+min_Z  fit(D; Z) + lambda * R(max margins of the clipped model)
+
+Bounds are parameterised relative to their data-derived start, Z = Z0 * s with s in [0, 1]:
+Z0 is the largest activation seen on D per channel (or per site), so at s = 1 no clean
+input is clipped and one learning rate suits every layer whatever its scale. The fit term
+is divided by the logit scale of D and the margin term by its square root, so lambda is
+unitless. lambda is driven up while accuracy on D stays above the floor and down when it
+falls below; the best feasible bounds (lowest margin objective with the floor met) win.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..bounds import Bounds
+from .margins import Box, Maximisers, UniversalMaximisers, margins
+
+REDUCTIONS = ("mean", "max", "excess", "softmax")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every knob of the bound search; the defaults are the shipped recipe."""
+
+    method: str = "mmac"  # "mmac": keep D's logits; "mmom": cross-entropy on D's labels
+    granularity: str = "channel"  # "channel": one bound per channel; "layer": one per site
+    restarts: int = 10  # ascent points per class
+    clean_fraction: float = 0.5  # share of ascent starts taken from clean images of D
+    warmup_steps: int = 100  # ascent steps before the first bound update
+    steps: int = 5  # ascent steps per epoch (warm-started)
+    step_size: float = 0.02  # signed-gradient ascent step, fraction of the input range
+    max_epochs: int = 200
+    lr: float = 0.02  # Adam on the relative bounds s
+    lambda0: float = 0.1
+    lambda_up: float = 1.3
+    lambda_down: float = 2.0
+    check_every: int = 2  # epochs between accuracy checks (and lambda updates)
+    acc_floor: float = 0.95  # fraction of D's originally-correct samples that must stay correct
+    reduction: str = "max"  # how per-class max margins become one objective
+    patience: int = 20  # checks without a better feasible point before stopping
+    maximisers: str = "both"  # "points" (free ascent), "universal" (shared perturbations of D), "both"
+    budget: float = 0.2  # L2 radius of universal perturbations, as a fraction of the box's norm
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SearchResult:
+    bounds: Bounds
+    lambda_: float
+    accuracy: float  # on D, fraction of the originally-correct samples kept correct
+    objective_before: float  # margin objective of the search's own maximisers
+    objective_after: float
+    epochs: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def initial_bounds(engine, x: torch.Tensor, granularity: str, batch_size: int = 256) -> dict:
+    """Largest activation per channel (or per site) over the clean set."""
+    names = [s.name for s in engine.sites]
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            _, acts = engine.run(x[i : i + batch_size], record=names, outputs=[engine.output_name])
+            for name, a in acts.items():
+                if granularity == "layer" or a.dim() < 2:
+                    v = a.max()
+                else:
+                    v = a.transpose(0, 1).reshape(a.shape[1], -1).max(dim=1).values
+                out[name] = v if name not in out else torch.maximum(out[name], v)
+    return {k: v.clamp_min(0) for k, v in out.items()}
+
+
+def reduce_margins(per_class: torch.Tensor, how: str) -> torch.Tensor:
+    """One number from the per-class max margins; `how` picks which classes count."""
+    if how == "mean":
+        return per_class.mean()
+    if how == "max":
+        return per_class.max()
+    if how == "excess":
+        return (per_class - per_class.median().detach()).clamp_min(0).sum()
+    if how == "softmax":
+        temp = per_class.detach().std().clamp_min(1e-6)
+        w = torch.softmax(per_class.detach() / temp, dim=0)
+        return (w * per_class).sum()
+    raise ValueError(f"unknown reduction {how!r}; choose from {', '.join(REDUCTIONS)}")
+
+
+def fit_bounds(
+    engine,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    box: Box,
+    num_classes: int,
+    config: SearchConfig = SearchConfig(),
+    *,
+    progress: Callable[[dict], None] | None = None,
+    monitor: Callable[[dict], dict] | None = None,
+) -> SearchResult:
+    """Search bounds for every site of `engine` on the clean set (x, y).
+
+    `monitor(bounds) -> dict` adds diagnostics to each check's row (research use: it must
+    never feed back into the search).
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    with torch.no_grad():
+        ref = engine(x)
+    correct = ref.argmax(1) == y
+    if not correct.any():
+        correct = torch.ones_like(correct)
+    scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
+
+    z0 = initial_bounds(engine, x, config.granularity)
+    names = list(z0)
+    rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
+
+    def new_optimiser():
+        return torch.optim.Adam(list(rel.values()), lr=config.lr)
+
+    opt = new_optimiser()
+
+    def current() -> dict:
+        return {k: z0[k] * rel[k] for k in names}
+
+    def accuracy(bounds) -> float:
+        with torch.no_grad():
+            pred = engine(x, bounds).argmax(1)
+        return float((pred[correct] == y[correct]).float().mean())
+
+    sets = []
+    if config.maximisers in ("points", "both"):
+        sets.append(
+            Maximisers(
+                box,
+                num_classes,
+                config.restarts,
+                generator=gen,
+                clean_x=x,
+                clean_fraction=config.clean_fraction,
+                step_size=config.step_size,
+            )
+        )
+    if config.maximisers in ("universal", "both"):
+        sets.append(
+            UniversalMaximisers(
+                box, x, y, num_classes, generator=gen, budget=config.budget, batch=config.restarts
+            )
+        )
+    if not sets:
+        raise ValueError(f"unknown maximisers {config.maximisers!r}")
+
+    def objective(bounds) -> torch.Tensor:
+        total = 0.0
+        for ms in sets:
+            m = margins(engine(ms.x, bounds), ms.classes)
+            total = total + reduce_margins(ms.per_class(m, "mean"), config.reduction)
+        return total
+
+    for ms in sets:
+        ms.ascend(engine, None, config.warmup_steps)
+    with torch.no_grad():
+        before = float(objective(None))
+
+    lam = config.lambda0
+    up = config.lambda_up
+    best = None  # (objective, epoch, bounds snapshot, acc, lambda)
+    last_ok = {k: v.detach().clone() for k, v in rel.items()}
+    checks_since_best = 0
+    history: list[dict] = []
+    epoch = 0
+    for epoch in range(1, config.max_epochs + 1):
+        with torch.no_grad():
+            bounds_now = {k: v.detach() for k, v in current().items()}
+        for ms in sets:
+            if isinstance(ms, UniversalMaximisers):
+                ms.resample()
+            ms.ascend(engine, bounds_now, config.steps)
+
+        bounds = current()
+        out = engine(x, bounds)
+        if config.method == "mmom":
+            fit = torch.nn.functional.cross_entropy(out, y)
+        else:
+            fit = ((out - ref) ** 2).sum(dim=1).mean() / scale
+        reg = objective(bounds) / scale.sqrt()
+        loss = fit + lam * reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for v in rel.values():
+                v.clamp_(0.0, 1.0)
+
+        if epoch % config.check_every == 0 or epoch == config.max_epochs:
+            with torch.no_grad():
+                snap = {k: v.detach().clone() for k, v in current().items()}
+                obj = float(objective(snap))
+            acc = accuracy(snap)
+            feasible = acc >= config.acc_floor
+            row = {
+                "epoch": epoch,
+                "max_epochs": config.max_epochs,
+                "lambda": lam,
+                "accuracy": acc,
+                "fit": float(fit.detach()),
+                "objective": obj,
+                "feasible": feasible,
+                "seconds": time.perf_counter() - start,
+            }
+            if monitor is not None:
+                row.update(monitor(snap))
+            history.append(row)
+            if progress is not None:
+                progress(row)
+            if feasible:
+                last_ok = {k: v.detach().clone() for k, v in rel.items()}
+                if best is None or obj < best[0]:
+                    best = (obj, epoch, snap, acc, lam)
+                    checks_since_best = 0
+                else:
+                    checks_since_best += 1
+                lam *= up
+            else:
+                # Back off: return to the last feasible bounds, with a smaller lambda and a
+                # gentler growth, instead of letting Adam's momentum run through the floor.
+                with torch.no_grad():
+                    for k, v in rel.items():
+                        v.copy_(last_ok[k])
+                opt = new_optimiser()
+                lam /= config.lambda_down
+                up = 1.0 + (up - 1.0) / 2
+                checks_since_best += 1
+            if checks_since_best >= config.patience or up < 1.01:
+                break
+
+    if best is None:  # the floor never held: fall back to the unclipped start
+        snap = {k: v.clone() for k, v in z0.items()}
+        best = (before, 0, snap, accuracy(snap), lam)
+    obj_best, _, snap, acc, lam_best = best
+    bounds = Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()})
+    return SearchResult(
+        bounds=bounds,
+        lambda_=float(lam_best),
+        accuracy=float(acc),
+        objective_before=before,
+        objective_after=float(obj_best),
+        epochs=epoch,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )

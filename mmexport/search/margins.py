@@ -1,0 +1,199 @@
+"""Classification margins and their maximisation over the input box.
+
+m_c(x) = g_c(x) - max_{k != c} g_k(x). A backdoor (or overfitting) shows as one class
+whose maximum margin over all valid inputs is unusually large; the bound search shrinks
+those maxima, so it needs good estimates of them: projected gradient ascent from many
+starts per class, all classes and starts in one batch, warm-started between refreshes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """m_c for each row's class c: its logit minus the largest other logit."""
+    own = logits.gather(1, classes[:, None])[:, 0]
+    others = logits.scatter(1, classes[:, None], float("-inf"))
+    return own - others.max(dim=1).values
+
+
+@dataclass
+class Box:
+    """The valid input region, per-element lower and upper limits shaped like one sample."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+
+    def clamp(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(x, self.hi), self.lo)
+
+    def uniform(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        u = torch.rand((n, *self.lo.shape), generator=generator, device="cpu")
+        return self.lo + (self.hi - self.lo) * u.to(self.lo.device)
+
+    def to(self, device) -> Box:
+        return Box(self.lo.to(device), self.hi.to(device))
+
+
+def input_box(x_clean: torch.Tensor, input_range: tuple[float, float] | None = None) -> Box:
+    """Per-channel min/max of the clean set (dim 1 is the channel), or a fixed range."""
+    shape = x_clean.shape[1:]
+    if input_range is not None:
+        lo, hi = input_range
+        return Box(torch.full(shape, float(lo)), torch.full(shape, float(hi)))
+    if x_clean.dim() >= 3:
+        dims = [0] + list(range(2, x_clean.dim()))
+        lo = x_clean.amin(dim=dims).view(-1, *([1] * (x_clean.dim() - 2))).expand(shape)
+        hi = x_clean.amax(dim=dims).view(-1, *([1] * (x_clean.dim() - 2))).expand(shape)
+    else:  # flat inputs: one range per feature
+        lo, hi = x_clean.amin(dim=0), x_clean.amax(dim=0)
+    return Box(lo.contiguous().clone(), hi.contiguous().clone())
+
+
+class Maximisers:
+    """Persistent ascent points: `restarts` per class, refreshed with a few steps per epoch.
+
+    Half of the starts are uniform noise in the box and half are clean images of D:
+    triggers act on natural images, and noise alone finds other, easier maxima.
+    """
+
+    def __init__(
+        self,
+        box: Box,
+        num_classes: int,
+        restarts: int,
+        *,
+        generator: torch.Generator,
+        clean_x: torch.Tensor | None = None,
+        clean_fraction: float = 0.5,
+        step_size: float = 0.02,
+    ):
+        self.box = box
+        self.num_classes = num_classes
+        self.restarts = restarts
+        n = num_classes * restarts
+        x = box.uniform(n, generator)
+        if clean_x is not None and clean_fraction > 0:
+            k = int(round(restarts * clean_fraction))
+            if k:
+                pick = torch.randint(0, clean_x.shape[0], (num_classes * k,), generator=generator)
+                idx = torch.arange(n).view(num_classes, restarts)[:, :k].reshape(-1)
+                x[idx] = clean_x[pick.to(clean_x.device)].to(x.device)
+        self.x = x
+        self.classes = torch.arange(num_classes, device=x.device).repeat_interleave(restarts)
+        self.step = step_size * (box.hi - box.lo)
+        self._adam = None
+
+    def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
+        """Projected signed-gradient ascent on each point's own-class margin; returns margins."""
+        x = self.x
+        for _ in range(steps):
+            x = x.detach().requires_grad_(True)
+            m = margins(engine(x, bounds), self.classes)
+            (grad,) = torch.autograd.grad(m.sum(), x)
+            x = self.box.clamp(x.detach() + self.step * grad.sign())
+        self.x = x.detach()
+        with torch.no_grad():
+            return margins(engine(self.x, bounds), self.classes)
+
+    def per_class(self, m: torch.Tensor, how: str = "max") -> torch.Tensor:
+        """Reduce point margins [K*J] to one estimate per class [K]."""
+        m = m.view(self.num_classes, self.restarts)
+        return m.max(dim=1).values if how == "max" else m.mean(dim=1)
+
+
+def max_margins(
+    engine,
+    box: Box,
+    num_classes: int,
+    *,
+    bounds=None,
+    restarts: int = 10,
+    steps: int = 200,
+    seed: int = 0,
+    clean_x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Estimated maximum margin of every class (the MM-BD statistic), shape [K]."""
+    gen = torch.Generator().manual_seed(seed)
+    maxi = Maximisers(box, num_classes, restarts, generator=gen, clean_x=clean_x)
+    return maxi.per_class(maxi.ascend(engine, bounds, steps), "max")
+
+
+class UniversalMaximisers:
+    """One additive perturbation per class, applied to clean images of the other classes.
+
+    A backdoor is a shortcut: one small input change that sends natural images of every
+    class to the target with a large margin. Maximising each class's margin over a shared,
+    norm-bounded perturbation of D's images finds that shortcut where free ascent points
+    find other, easier maxima that the trigger pathway does not use.
+    """
+
+    def __init__(
+        self,
+        box: Box,
+        clean_x: torch.Tensor,
+        clean_y: torch.Tensor,
+        num_classes: int,
+        *,
+        generator: torch.Generator,
+        budget: float = 0.2,
+        batch: int = 20,
+        step_size: float = 0.1,
+    ):
+        self.box = box
+        self.num_classes = num_classes
+        self.radius = budget * float((box.hi - box.lo).norm())
+        self.step = step_size * self.radius
+        self.delta = torch.zeros((num_classes, *box.lo.shape), device=clean_x.device)
+        self.clean_x = clean_x
+        self.generator = generator
+        self.batch = batch
+        # For each class, indices of clean images of the other classes.
+        self.pools = [torch.nonzero(clean_y != c).flatten() for c in range(num_classes)]
+        self.classes = torch.arange(num_classes, device=clean_x.device).repeat_interleave(batch)
+        self.resample()
+
+    def resample(self) -> None:
+        picks = []
+        for pool in self.pools:
+            i = torch.randint(0, len(pool), (self.batch,), generator=self.generator)
+            picks.append(pool[i.to(pool.device)])
+        self.index = torch.cat(picks)
+
+    def inputs(self, delta: torch.Tensor) -> torch.Tensor:
+        d = delta.repeat_interleave(self.batch, dim=0)
+        return self.box.clamp(self.clean_x[self.index] + d)
+
+    def _project(self, delta: torch.Tensor) -> torch.Tensor:
+        flat = delta.flatten(1)
+        norm = flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return (flat * (self.radius / norm).clamp(max=1.0)).view_as(delta)
+
+    def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
+        """Normalised-gradient ascent on each class's mean margin; returns point margins."""
+        delta = self.delta
+        for _ in range(steps):
+            delta = delta.detach().requires_grad_(True)
+            m = margins(engine(self.inputs(delta), bounds), self.classes)
+            (grad,) = torch.autograd.grad(m.sum(), delta)
+            g = grad.flatten(1)
+            g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            delta = self._project(delta.detach() + self.step * g.view_as(delta))
+        self.delta = delta.detach()
+        with torch.no_grad():
+            return margins(engine(self.inputs(self.delta), bounds), self.classes)
+
+    def per_class(self, m: torch.Tensor, how: str = "mean") -> torch.Tensor:
+        m = m.view(self.num_classes, self.batch)
+        return m.max(dim=1).values if how == "max" else m.mean(dim=1)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.inputs(self.delta)
+
+    @property
+    def restarts(self) -> int:
+        return self.batch

@@ -1,0 +1,125 @@
+"""The bound search: margins, ascent, bound initialisation and the MMAC loop."""
+
+import numpy as np
+import pytest
+import torch
+from builders import labelled_set, tiny_cnn
+
+from mmexport.engine import Engine
+from mmexport.model import from_proto
+from mmexport.search.bounds_search import SearchConfig, fit_bounds, initial_bounds, reduce_margins
+from mmexport.search.margins import (
+    Maximisers,
+    UniversalMaximisers,
+    input_box,
+    margins,
+    max_margins,
+)
+
+FAST = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=6, check_every=2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    engine = Engine(from_proto(proto))
+    return engine, torch.from_numpy(x), torch.from_numpy(y)
+
+
+def test_margin_is_own_logit_minus_best_other():
+    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, -1.0]])
+    m = margins(logits, torch.tensor([0, 2]))
+    assert m.tolist() == [1.0, -6.0]
+
+
+def test_input_box_is_per_channel_min_max_of_the_clean_set():
+    x = torch.zeros(4, 2, 3, 3)
+    x[:, 0] = torch.linspace(0.1, 0.4, 4).view(4, 1, 1)
+    x[:, 1] = torch.linspace(-1, 2, 4).view(4, 1, 1)
+    box = input_box(x)
+    assert box.lo.shape == (2, 3, 3)
+    assert torch.allclose(box.lo[0], torch.tensor(0.1)) and torch.allclose(box.hi[1], torch.tensor(2.0))
+    fixed = input_box(x, (0.0, 1.0))
+    assert float(fixed.lo.min()) == 0.0 and float(fixed.hi.max()) == 1.0
+
+
+def test_ascent_raises_margins_and_stays_in_the_box(setup):
+    engine, x, _ = setup
+    box = input_box(x, (0.0, 1.0))
+    maxi = Maximisers(box, 3, 4, generator=torch.Generator().manual_seed(0), clean_x=x)
+    with torch.no_grad():
+        start = margins(engine(maxi.x), maxi.classes)
+    end = maxi.ascend(engine, None, 20)
+    assert float(end.mean()) > float(start.mean())
+    assert float(maxi.x.min()) >= 0.0 and float(maxi.x.max()) <= 1.0
+
+
+def test_universal_perturbations_stay_within_their_budget(setup):
+    engine, x, y = setup
+    box = input_box(x, (0.0, 1.0))
+    uni = UniversalMaximisers(box, x, y, 3, generator=torch.Generator().manual_seed(0), budget=0.1, batch=4)
+    uni.ascend(engine, None, 10)
+    norms = uni.delta.flatten(1).norm(dim=1)
+    assert float(norms.max()) <= uni.radius * (1 + 1e-5)
+    assert float(norms.min()) > 0
+
+
+def test_initial_bounds_are_the_clean_maxima_so_nothing_is_clipped(setup):
+    engine, x, _ = setup
+    z0 = initial_bounds(engine, x, "channel")
+    assert set(z0) == {s.name for s in engine.sites}
+    with torch.no_grad():
+        assert torch.allclose(engine(x, z0), engine(x), atol=1e-6)
+    layer = initial_bounds(engine, x, "layer")
+    assert all(v.dim() == 0 for v in layer.values())
+
+
+def test_reductions_pick_the_classes_they_name():
+    m = torch.tensor([1.0, 2.0, 10.0])
+    assert float(reduce_margins(m, "mean")) == pytest.approx(13 / 3)
+    assert float(reduce_margins(m, "max")) == 10.0
+    assert float(reduce_margins(m, "excess")) == 8.0
+    with pytest.raises(ValueError):
+        reduce_margins(m, "median")
+
+
+def test_search_keeps_the_accuracy_floor_and_never_raises_bounds(setup):
+    engine, x, y = setup
+    cfg = SearchConfig(acc_floor=0.9, lambda0=1.0, **FAST)
+    res = fit_bounds(engine, x, y, input_box(x, (0.0, 1.0)), 3, cfg)
+    z0 = initial_bounds(engine, x, "channel")
+    assert res.accuracy >= 0.9
+    for k, v in res.bounds.items():
+        assert v.shape == tuple(z0[k].shape)
+        assert np.all(v <= z0[k].numpy() + 1e-6) and np.all(v >= 0)
+    assert res.history and all("lambda" in row for row in res.history)
+
+
+def test_same_seed_gives_identical_bounds(setup):
+    engine, x, y = setup
+    box = input_box(x, (0.0, 1.0))
+    a = fit_bounds(engine, x, y, box, 3, SearchConfig(seed=5, **FAST))
+    b = fit_bounds(engine, x, y, box, 3, SearchConfig(seed=5, **FAST))
+    for k in a.bounds:
+        np.testing.assert_array_equal(a.bounds[k], b.bounds[k])
+
+
+def test_margin_term_lowers_the_largest_margin_of_a_backdoored_model():
+    from pathlib import Path
+
+    from mmexport.data import load_npz
+    from mmexport.model import load_model
+
+    folder = Path(__file__).resolve().parents[1] / "sample_models" / "digits-cnn-badnet"
+    engine = Engine(load_model(folder / "model.onnx"))
+    clean = load_npz(folder / "clean.npz")
+    x, y = torch.from_numpy(clean.x), torch.from_numpy(clean.y)
+    box = input_box(x)
+    cfg = SearchConfig(max_epochs=20, restarts=4, warmup_steps=20, steps=3, lambda0=1.0)
+    res = fit_bounds(engine, x, y, box, 10, cfg)
+    bounds = {k: torch.from_numpy(v) for k, v in res.bounds.items()}
+    before = max_margins(engine, box, 10, restarts=4, steps=40, seed=9, clean_x=x)
+    after = max_margins(engine, box, 10, bounds=bounds, restarts=4, steps=40, seed=9, clean_x=x)
+    assert float(after.max()) < 0.8 * float(before.max())
+    assert res.accuracy >= cfg.acc_floor
