@@ -25,12 +25,17 @@ test: install
 demo: install
 	mkdir -p $(DEMO_OUT)
 	$(MMEXPORT) inspect $(SAMPLE)/model.onnx --verify
+	@echo "== before: $(SAMPLE)"
+	$(MMEXPORT) validate $(SAMPLE)/model.onnx --data $(SAMPLE)/test.npz --attack $(SAMPLE)/attack.npz
+	$(MMEXPORT) harden $(SAMPLE)/model.onnx --data $(SAMPLE)/clean.npz -o $(DEMO_OUT)/model.mmac.onnx --force
+	@echo "== after: $(DEMO_OUT)/model.mmac.onnx"
+	$(MMEXPORT) validate $(DEMO_OUT)/model.mmac.onnx --data $(SAMPLE)/test.npz --attack $(SAMPLE)/attack.npz
 
 samples: install
 	$(PY) sample_models/build.py
 
 bench: install
-	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/bench_latency.py
 
 lint: install
 	$(VENV)/bin/ruff check mmexport tests sample_models benchmarks

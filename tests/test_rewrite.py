@@ -56,7 +56,7 @@ def test_bounded_mlp_matches_numpy():
 
 
 def test_per_channel_bound_is_a_min_after_the_renamed_site():
-    bounded = apply_bounds(conv_net(), Bounds(PER_CHANNEL))
+    bounded = apply_bounds(conv_net(), Bounds(PER_CHANNEL), form="min")
     mins = [n for n in bounded.graph.node if n.op_type == "Min"]
     assert {(n.input[0], n.input[1], n.output[0]) for n in mins} == {
         (f"{t}/unbounded", f"mmexport/bound/{t}", t) for t in PER_CHANNEL
@@ -88,7 +88,7 @@ def test_model_fields_are_kept():
     model = conv_net(producer_name="maker", producer_version="1.2", doc_string="a net")
     model.graph.doc_string = "graph doc"
     helper.set_model_props(model, {"author": "me", "license": "MIT"})
-    bounded = apply_bounds(model, Bounds(PER_CHANNEL))
+    bounded = apply_bounds(model, Bounds(PER_CHANNEL), form="min")
     assert bounded.ir_version == model.ir_version
     assert list(bounded.opset_import) == list(model.opset_import)
     assert (bounded.producer_name, bounded.producer_version) == ("maker", "1.2")
@@ -101,7 +101,7 @@ def test_model_fields_are_kept():
 
 def test_ir3_model_lists_new_initializers_as_inputs():
     model = conv_net(opset=9, ir=IR_OLD)
-    bounded = apply_bounds(model, Bounds({"r1": PER_CHANNEL["r1"], "r3": 0.2}))
+    bounded = apply_bounds(model, Bounds({"r1": PER_CHANNEL["r1"], "r3": 0.2}), form="min")
     assert bounded.ir_version == IR_OLD
     assert [p.version for p in bounded.opset_import] == [9]
     inputs = [vi.name for vi in bounded.graph.input]
@@ -196,7 +196,7 @@ def test_wrong_channel_count_is_an_error():
 
 def test_count_and_extract_bounds_read_back_what_was_written():
     caps = {"r1": PER_CHANNEL["r1"], "r2": 0.3, "r3": PER_CHANNEL["r3"]}
-    bounded = apply_bounds(conv_net(), Bounds(caps))
+    bounded = apply_bounds(conv_net(), Bounds(caps), form="min")
     counts = count_bounded_sites(bounded)
     assert (counts["total"], counts["min"], counts["clip"]) == (3, 2, 1)
     assert sorted(counts["sites"]) == ["r1", "r2", "r3"]
