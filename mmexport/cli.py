@@ -132,6 +132,9 @@ def _overrides(**kw) -> dict:
               help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training).")
 @click.option("--granularity", type=click.Choice(["channel", "layer"]), default="channel", show_default=True,
               help="One bound per channel, or one per site.")
+@click.option("--form", type=click.Choice(["auto", "fold", "min"]), default="auto", show_default=True,
+              help="auto/fold: fold per-channel bounds into the weights where exact (a fused scalar Clip), "
+                   "Min elsewhere; min: always a Min node after the site.")
 @_search_options
 @click.option("--input-range", callback=_range, default=None, metavar="LO,HI",
               help="Valid input range for the margin search [default: per-channel min/max of D].")
@@ -143,7 +146,7 @@ def _overrides(**kw) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
-def harden(model, data, out, method, granularity, seed, reduction, lambda0, acc_floor, max_epochs, steps,
+def harden(model, data, out, method, granularity, form, seed, reduction, lambda0, acc_floor, max_epochs, steps,
            restarts, input_range, device, report_path, no_bounds_file, force, as_json, quiet,
            input_name, output_name):
     """Search bounds on a clean set and write a hardened ONNX model.
@@ -164,7 +167,7 @@ def harden(model, data, out, method, granularity, seed, reduction, lambda0, acc_
     overrides = _overrides(seed=seed, reduction=reduction, lambda0=lambda0, acc_floor=acc_floor,
                            max_epochs=max_epochs, steps=steps, restarts=restarts)
     with _progress(quiet, method) as progress:
-        result = run_harden(model, data, method=method, granularity=granularity, input_range=input_range,
+        result = run_harden(model, data, method=method, granularity=granularity, form=form, input_range=input_range,
                             device=device, input_name=input_name, output_name=output_name,
                             progress=progress, **overrides)
     save_model(result.model, out, force=force, inputs=(model, data))
@@ -203,6 +206,11 @@ class _progress:
         return self._update
 
     def _update(self, row: dict) -> None:
+        if "cv" in row:
+            cv = row["cv"]
+            self._p.console.print(f"cross-validation: lambda {cv['lambda']:g} -> held-out balanced "
+                                  f"accuracy {cv['balanced_accuracy']:.3f}")
+            return
         info = (f"epoch {row['epoch']}  lambda {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
                 f"margin objective {row['objective']:.2f}")
         if self._task is None:
@@ -219,9 +227,11 @@ class _progress:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("bounds", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output model.")
+@click.option("--form", type=click.Choice(["auto", "fold", "min"]), default="auto", show_default=True,
+              help="auto/fold: fold per-channel bounds into the weights where exact; min: Min nodes.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @model_options
-def apply(model, bounds, out, force, input_name, output_name):
+def apply(model, bounds, out, form, force, input_name, output_name):
     """Write BOUNDS (a .bounds.json) into MODEL: the graph rewrite alone, no search."""
     from .bounds import load_bounds
     from .model import check_output_path, load_model, save_model, set_metadata
@@ -230,9 +240,11 @@ def apply(model, bounds, out, force, input_name, output_name):
     check_output_path(out, force=force, inputs=(model, bounds))
     m = load_model(model, input_name=input_name, output_name=output_name)
     b = load_bounds(bounds)
-    proto = apply_bounds(m.proto, b, sites=m.sites)
+    proto, forms = apply_bounds(m.proto, b, sites=m.sites, form=form, report=True)
     set_metadata(proto, {"mmexport.version": __version__, "mmexport.bounds_from": str(bounds)})
     save_model(proto, out, force=force, inputs=(model, bounds))
+    for line in forms.lines():
+        click.echo(line)
     click.echo(f"wrote {out} ({len(b)} bounded sites, {b.granularity} bounds)")
 
 
@@ -260,6 +272,106 @@ def validate(model, data, attack, provider, batch_size, as_json, input_name, out
         from .report import print_validation
 
         print_validation(rep, title=str(model))
+
+
+class _stages:
+    """A rich progress bar over named stages (compare) or search steps (scan); None when quiet."""
+
+    def __init__(self, quiet: bool, title: str):
+        self.quiet = quiet
+        self.title = title
+
+    def __enter__(self):
+        if self.quiet:
+            return None
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                           TimeElapsedColumn(), console=_console(), transient=False)
+        self._p.__enter__()
+        self._task = self._p.add_task(self.title, total=None, info="")
+        return self._update
+
+    def _update(self, info: str, done: int | None = None, total: int | None = None) -> None:
+        self._p.update(self._task, info=info, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self._p.__exit__(*exc)
+        return False
+
+
+def _check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MmexportError("--plot needs matplotlib: pip install 'mmexport[plot]'") from None
+
+
+@main.command()
+@click.argument("pre", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("post", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Test set (.npz: x, y).")
+@click.option("--attack", type=click.Path(dir_okay=False, path_type=Path),
+              help="Triggered set (.npz: x, y = target, y_true) for ASR and RA.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+              help="onnxruntime provider; both models run on the one PRE gets.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the max-margin search (the same for both).")
+@click.option("--restarts", default=10, show_default=True, help="Max-margin ascent starts per class.")
+@click.option("--steps", default=200, show_default=True, help="Max-margin ascent steps.")
+@click.option("--no-margins", is_flag=True, help="Skip the max-margin search (no torch needed).")
+@click.option("--input-range", callback=_range, default=None, metavar="LO,HI",
+              help="Input box of the margin search [default: per-channel min/max of --data].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Torch device of the margin search.")
+@click.option("--runs", default=100, show_default=True, help="Timed runs per model and batch size (1 and 64).")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the comparison as a Markdown file.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also draw per-class max margins and accuracy, PRE vs POST (needs mmexport[plot]).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@model_options
+def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins, input_range, device, runs,
+            markdown_path, plot_path, force, as_json, quiet, input_name, output_name):
+    """Compare a model (PRE) with its hardened version (POST) side by side.
+
+    Both run under onnxruntime on the same provider: accuracy, balanced and per-class
+    accuracy, ASR and RA, prediction agreement and max abs logit difference, latency
+    (median, p95, ratio) at batch 1 and 64, file size, node types and bounded sites; and
+    per-class max margins from the engine's search with the same seed. Ends with one
+    verdict per metric: better, same or worse.
+    """
+    from .compare import compare as run_compare
+    from .compare import plot, to_markdown
+    from .data import load_npz
+    from .model import atomic_write_bytes, check_output_path
+
+    inputs = (pre, post, data, attack)
+    for p in (markdown_path, plot_path):
+        if p is not None:
+            check_output_path(p, force=force, inputs=inputs)
+    if plot_path is not None:
+        _check_plot_available()
+    if restarts < 1 or steps < 0 or runs < 1:
+        raise MmexportError("--restarts and --runs must be >= 1, --steps >= 0")
+    test = load_npz(data)
+    att = load_npz(attack, attack=True) if attack else None
+    with _stages(quiet, "compare") as progress:
+        rep = run_compare(pre, post, test, attack=att, provider=provider, seed=seed, restarts=restarts,
+                          steps=steps, runs=runs, margins=not no_margins, input_range=input_range,
+                          device=device, input_name=input_name, output_name=output_name, progress=progress)
+    if markdown_path is not None:
+        atomic_write_bytes(markdown_path, to_markdown(rep).encode())
+    if plot_path is not None:
+        plot(rep, plot_path)
+    if as_json:
+        _print_json(rep.to_json())
+    else:
+        from .report import print_compare
+
+        print_compare(rep)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,8 +22,11 @@ from .model import Model, from_proto, load_model, set_metadata, sha256_bytes
 from .rewrite import apply_bounds, count_bounded_sites
 from .search.bounds_search import REDUCTIONS, SearchConfig, fit_bounds
 from .search.margins import input_box, max_margins
+from .search.mmom import fit_mmom
 
 METHODS = ("mmac", "mmom")
+# MMOM fits at a fixed, cross-validated lambda: eleven short fits instead of one long one.
+MMOM_EPOCHS = 60
 
 
 @dataclass
@@ -95,6 +98,7 @@ def harden(
     *,
     method: str = "mmac",
     granularity: str = "channel",
+    form: str = "auto",
     input_range: tuple[float, float] | None = None,
     device: str = "auto",
     input_name: str | None = None,
@@ -105,6 +109,9 @@ def harden(
 ) -> HardenResult:
     """Search bounds on the clean set and return the bounded ONNX model.
 
+    `form`: how per-channel bounds are written: "auto" folds them into the weights where
+    that is exact (a scalar Clip(0, 1) that onnxruntime runs cheaply) and uses Min
+    elsewhere; "min" always uses Min after the site.
     `model`: path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y).
     Keyword overrides (restarts, steps, max_epochs, acc_floor, seed, reduction, lambda0, ...)
     replace fields of the default SearchConfig.
@@ -117,6 +124,8 @@ def harden(
     unknown = set(overrides) - set(SearchConfig.__dataclass_fields__)
     if unknown:
         raise MmexportError(f"unknown search option(s): {', '.join(sorted(unknown))}")
+    if method == "mmom" and "max_epochs" not in overrides:
+        overrides["max_epochs"] = MMOM_EPOCHS
     cfg = replace(cfg, method=method, granularity=granularity, **overrides)
     if cfg.reduction not in REDUCTIONS:
         raise MmexportError(f"unknown reduction {cfg.reduction!r}; choose from {', '.join(REDUCTIONS)}")
@@ -136,7 +145,11 @@ def harden(
     y = torch.from_numpy(clean.y).to(dev)
     box = input_box(x, input_range).to(dev)
 
-    result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
+    cv = None
+    if method == "mmom":
+        result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress)
+    else:
+        result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
 
     # Fresh, equal-seeded estimates before and after: the search's own maximisers have
     # adapted to the clipped model, a new search is the fair comparison.
@@ -145,7 +158,7 @@ def harden(
     mm_before = max_margins(engine, box, k, **probe)
     mm_after = max_margins(engine, box, k, bounds=zb, **probe)
 
-    hardened = apply_bounds(m.proto, result.bounds, sites=m.sites)
+    hardened, forms = apply_bounds(m.proto, result.bounds, sites=m.sites, form=form, report=True)
     settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None}
     report = {
         "mmexport_version": __version__,
@@ -166,8 +179,12 @@ def harden(
         "max_margins_after": [float(v) for v in mm_after.cpu()],
         "epochs": result.epochs,
         "seconds": result.seconds,
+        "form": form,
+        "site_forms": forms.to_json(),
         "history": result.history,
     }
+    if cv is not None:
+        report["cross_validation"] = cv
     result.bounds.meta = {k_: report[k_] for k_ in ("method", "seed", "model_sha256", "data_sha256")}
     set_metadata(
         hardened,

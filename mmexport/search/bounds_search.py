@@ -46,6 +46,9 @@ class SearchConfig:
     acc_floor: float = 0.95  # fraction of D's originally-correct samples that must stay correct
     reduction: str = "max"  # how per-class max margins become one objective
     patience: int = 20  # checks without a better feasible point before stopping
+    controller: str = "floor"  # "floor": lambda rises until the accuracy floor binds; "fixed"
+    optimiser: str = "adam"  # "adam", or "ngd": normalised gradient descent
+    augment: bool = True  # logit term also on shifted/mixed-up D; floor checked on shifted D
     maximisers: str = "both"  # "points" (free ascent), "universal" (shared perturbations of D), "both"
     budget: float = 0.2  # L2 radius of universal perturbations, as a fraction of the box's norm
     seed: int = 0
@@ -80,6 +83,58 @@ def initial_bounds(engine, x: torch.Tensor, granularity: str, batch_size: int = 
                     v = a.transpose(0, 1).reshape(a.shape[1], -1).max(dim=1).values
                 out[name] = v if name not in out else torch.maximum(out[name], v)
     return {k: v.clamp_min(0) for k, v in out.items()}
+
+
+class _NormalisedDescent:
+    """Gradient descent scaled so the largest step over all bounds is `lr`.
+
+    Unlike Adam, which moves every bound with a non-zero gradient at the same pace, this
+    keeps the gradient's proportions: the channels that carry the largest margins move most.
+    """
+
+    def __init__(self, params, lr: float):
+        self.params = params
+        self.lr = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        top = max(float(g.abs().max()) for g in grads)
+        if top <= 0:
+            return
+        for p in self.params:
+            if p.grad is not None:
+                p.sub_(self.lr * p.grad / top)
+
+
+def shifts(x: torch.Tensor) -> list[torch.Tensor]:
+    """The four 1-pixel shifts of an image batch [N, C, H, W], edges replicated."""
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[2], x.shape[3]
+    return [pad[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fresh neighbours of D for the logit term: random 1-pixel shifts, then mixup.
+
+    Logit preservation only needs inputs, not labels, so it can cover more of the clean
+    distribution than D itself; the bounds then cannot trade unseen clean inputs away.
+    """
+    n = x.shape[0]
+    if x.dim() == 4:
+        pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+        h, w = x.shape[2], x.shape[3]
+        off = torch.randint(0, 3, (n, 2), generator=gen)
+        x = torch.stack([pad[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(off.tolist())])
+    partner = torch.randint(0, n, (n,), generator=gen).to(x.device)
+    lam = (0.5 * torch.rand(n, generator=gen)).to(x.device).view(n, *([1] * (x.dim() - 1)))
+    return (1 - lam) * x + lam * x[partner]
 
 
 def reduce_margins(per_class: torch.Tensor, how: str) -> torch.Tensor:
@@ -119,16 +174,22 @@ def fit_bounds(
 
     with torch.no_grad():
         ref = engine(x)
-    correct = ref.argmax(1) == y
+    scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
+    # The floor is checked on D and on 1-pixel shifts of it (labels kept): bounds tuned on
+    # 200 images otherwise keep exactly those right while held-out accuracy slips.
+    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if config.augment and x.dim() == 4 else (x, y)
+    with torch.no_grad():
+        correct = engine(xc).argmax(1) == yc
     if not correct.any():
         correct = torch.ones_like(correct)
-    scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
 
     z0 = initial_bounds(engine, x, config.granularity)
     names = list(z0)
     rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
 
     def new_optimiser():
+        if config.optimiser == "ngd":
+            return _NormalisedDescent(list(rel.values()), lr=config.lr)
         return torch.optim.Adam(list(rel.values()), lr=config.lr)
 
     opt = new_optimiser()
@@ -138,8 +199,8 @@ def fit_bounds(
 
     def accuracy(bounds) -> float:
         with torch.no_grad():
-            pred = engine(x, bounds).argmax(1)
-        return float((pred[correct] == y[correct]).float().mean())
+            pred = engine(xc, bounds).argmax(1)
+        return float((pred[correct] == yc[correct]).float().mean())
 
     sets = []
     if config.maximisers in ("points", "both"):
@@ -191,11 +252,16 @@ def fit_bounds(
             ms.ascend(engine, bounds_now, config.steps)
 
         bounds = current()
-        out = engine(x, bounds)
         if config.method == "mmom":
-            fit = torch.nn.functional.cross_entropy(out, y)
+            fit = torch.nn.functional.cross_entropy(engine(x, bounds), y)
+        elif config.augment:
+            xa = augment(x, gen)
+            with torch.no_grad():
+                ref_a = engine(xa)
+            out = engine(torch.cat([x, xa]), bounds)
+            fit = ((out - torch.cat([ref, ref_a])) ** 2).sum(dim=1).mean() / scale
         else:
-            fit = ((out - ref) ** 2).sum(dim=1).mean() / scale
+            fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
         reg = objective(bounds) / scale.sqrt()
         loss = fit + lam * reg
         opt.zero_grad()
@@ -226,7 +292,10 @@ def fit_bounds(
             history.append(row)
             if progress is not None:
                 progress(row)
-            if feasible:
+            if config.controller == "fixed":
+                # Fixed lambda (MMOM's cross-validated setting): the last bounds are the answer.
+                best = (obj, epoch, snap, acc, lam)
+            elif feasible:
                 last_ok = {k: v.detach().clone() for k, v in rel.items()}
                 if best is None or obj < best[0]:
                     best = (obj, epoch, snap, acc, lam)
