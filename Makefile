@@ -35,7 +35,11 @@ samples: install
 	$(PY) sample_models/build.py
 
 bench: install
-	$(PY) benchmarks/bench_latency.py
+	$(PY) benchmarks/bench_harden.py
+	$(PY) benchmarks/bench_latency.py --bounds bench-results/bounds
+
+eval-defence: install
+	$(PY) benchmarks/evaluate.py --oracle --report bench-results
 
 lint: install
 	$(VENV)/bin/ruff check mmexport tests sample_models benchmarks

@@ -15,6 +15,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from mmexport.data import load_npz  # noqa: E402
 from mmexport.pipeline import harden  # noqa: E402
@@ -77,6 +78,9 @@ def main() -> None:
     ap.add_argument("--granularity", default="channel")
     ap.add_argument("--method", default="mmac")
     ap.add_argument("--out", default="", help="write rows as JSON here")
+    ap.add_argument("--oracle", action="store_true",
+                    help="also measure the oracle limit per backdoored model (benchmarks/oracle.py)")
+    ap.add_argument("--report", default="", help="write Markdown + JSON tables into this folder")
     args = ap.parse_args()
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     folders = sorted(p.parent for p in (ROOT / "sample_models").glob("*/model.onnx"))
@@ -99,8 +103,34 @@ def main() -> None:
             f"{max(mb):.1f}/{st.median(mb):.1f} -> {max(ma):.1f}/{st.median(ma):.1f}",
             flush=True,
         )
+        if args.oracle and r["asr_before"] is not None:
+            from oracle import oracle
+
+            o = oracle(f)
+            r["oracle_acc"], r["oracle_asr"] = o.get("acc"), o.get("asr")
+            print(f"{'':28} oracle: ACC {fmt(r['oracle_acc'])} ASR {fmt(r['oracle_asr'])}", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": overrides, "rows": rows}, indent=1))
+    if args.report:
+        write_report(Path(args.report), overrides, args, rows)
+
+
+def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
+    (folder / "eval-defence.json").write_text(
+        json.dumps({"settings": overrides, "method": args.method, "granularity": args.granularity,
+                    "rows": slim}, indent=1))
+    head = "| model | ACC | ASR | RA | oracle ACC / ASR | seconds |"
+    lines = [f"settings: {overrides or 'defaults'}, method {args.method}, granularity {args.granularity}",
+             "", head, "|---|---|---|---:|---|---:|"]
+    for r in slim:
+        orc = (f"{fmt(r.get('oracle_acc'))} / {fmt(r.get('oracle_asr'))}"
+               if r.get("oracle_acc") is not None else "-")
+        lines.append(f"| {r['model']} | {fmt(r['acc_before'])} -> {fmt(r['acc_after'])} | "
+                     f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {orc} | "
+                     f"{r['seconds']:.0f} |")
+    (folder / "eval-defence.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -107,11 +107,18 @@ def _search_options(f):
         click.option("--reduction", type=click.Choice(["mean", "max", "excess", "softmax"]), default=None,
                      help="How per-class max margins combine into the objective [default: max]."),
         click.option("--lambda0", type=float, default=None, help="Starting weight of the margin term."),
+        click.option("--maximisers", type=click.Choice(["universal", "points", "both"]), default=None,
+                     help="Where margins are maximised: one norm-bounded perturbation per class shared by "
+                          "the clean images (universal), free points in the input box (points, the paper's "
+                          "choice), or both [default: universal]."),
+        click.option("--budget", type=float, default=None,
+                     help="L2 radius of the universal perturbations, as a fraction of the input box's norm "
+                          "[default: 0.2]."),
         click.option("--acc-floor", type=float, default=None,
-                     help="Fraction of the clean set's originally-correct samples that must stay correct [default: 0.95]."),
-        click.option("--max-epochs", type=int, default=None, help="Upper limit on bound-update epochs [default: 200]."),
+                     help="Fraction of the clean set's originally-correct samples that must stay correct (checked on D and its 1-pixel shifts) [default: 0.98]."),
+        click.option("--max-epochs", type=int, default=None, help="Upper limit on bound-update epochs [default: 150; mmom: 60]."),
         click.option("--steps", type=int, default=None, help="Ascent steps per epoch on the maximisers [default: 5]."),
-        click.option("--restarts", type=int, default=None, help="Ascent starting points per class [default: 10]."),
+        click.option("--restarts", type=int, default=None, help="Ascent points (universal: clean images per class) [default: 10]."),
     ]
     for opt in opts:
         f = opt(f)
@@ -146,7 +153,7 @@ def _overrides(**kw) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
-def harden(model, data, out, method, granularity, form, seed, reduction, lambda0, acc_floor, max_epochs, steps,
+def harden(model, data, out, method, granularity, form, seed, reduction, budget, maximisers, lambda0, acc_floor, max_epochs, steps,
            restarts, input_range, device, report_path, no_bounds_file, force, as_json, quiet,
            input_name, output_name):
     """Search bounds on a clean set and write a hardened ONNX model.
@@ -164,7 +171,7 @@ def harden(model, data, out, method, granularity, form, seed, reduction, lambda0
     for p in (out, bounds_path, report_path):
         if p is not None:
             check_output_path(p, force=force, inputs=(model, data))
-    overrides = _overrides(seed=seed, reduction=reduction, lambda0=lambda0, acc_floor=acc_floor,
+    overrides = _overrides(seed=seed, reduction=reduction, budget=budget, maximisers=maximisers, lambda0=lambda0, acc_floor=acc_floor,
                            max_epochs=max_epochs, steps=steps, restarts=restarts)
     with _progress(quiet, method) as progress:
         result = run_harden(model, data, method=method, granularity=granularity, form=form, input_range=input_range,
@@ -287,7 +294,7 @@ class _stages:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                           TimeElapsedColumn(), console=_console(), transient=False)
+                           TimeElapsedColumn(), console=_console(), transient=True)
         self._p.__enter__()
         self._task = self._p.add_task(self.title, total=None, info="")
         return self._update
@@ -343,8 +350,8 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
     per-class max margins from the engine's search with the same seed. Ends with one
     verdict per metric: better, same or worse.
     """
-    from .compare import compare as run_compare
-    from .compare import plot, to_markdown
+    from .comparison import compare as run_compare
+    from .comparison import plot, to_markdown
     from .data import load_npz
     from .model import atomic_write_bytes, check_output_path
 

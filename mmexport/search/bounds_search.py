@@ -24,6 +24,9 @@ from ..bounds import Bounds
 from .margins import Box, Maximisers, UniversalMaximisers, margins
 
 REDUCTIONS = ("mean", "max", "excess", "softmax")
+# After a back-off lambda still grows this much per feasible check: the floor is probed
+# again and again while the maximisers keep adapting, instead of freezing the first answer.
+MIN_GROWTH = 1.05
 
 
 @dataclass(frozen=True)
@@ -37,19 +40,19 @@ class SearchConfig:
     warmup_steps: int = 100  # ascent steps before the first bound update
     steps: int = 5  # ascent steps per epoch (warm-started)
     step_size: float = 0.02  # signed-gradient ascent step, fraction of the input range
-    max_epochs: int = 200
+    max_epochs: int = 150
     lr: float = 0.02  # Adam on the relative bounds s
     lambda0: float = 0.1
     lambda_up: float = 1.3
     lambda_down: float = 2.0
     check_every: int = 2  # epochs between accuracy checks (and lambda updates)
-    acc_floor: float = 0.95  # fraction of D's originally-correct samples that must stay correct
+    acc_floor: float = 0.98  # fraction of D's originally-correct samples that must stay correct
     reduction: str = "max"  # how per-class max margins become one objective
     patience: int = 20  # checks without a better feasible point before stopping
     controller: str = "floor"  # "floor": lambda rises until the accuracy floor binds; "fixed"
     optimiser: str = "adam"  # "adam", or "ngd": normalised gradient descent
     augment: bool = True  # logit term also on shifted/mixed-up D; floor checked on shifted D
-    maximisers: str = "both"  # "points" (free ascent), "universal" (shared perturbations of D), "both"
+    maximisers: str = "universal"  # "points" (free ascent), "universal" (shared perturbations of D), "both"
     budget: float = 0.2  # L2 radius of universal perturbations, as a fraction of the box's norm
     seed: int = 0
 
@@ -311,9 +314,9 @@ def fit_bounds(
                         v.copy_(last_ok[k])
                 opt = new_optimiser()
                 lam /= config.lambda_down
-                up = 1.0 + (up - 1.0) / 2
+                up = max(1.0 + (up - 1.0) / 2, MIN_GROWTH)
                 checks_since_best += 1
-            if checks_since_best >= config.patience or up < 1.01:
+            if checks_since_best >= config.patience:
                 break
 
     if best is None:  # the floor never held: fall back to the unclipped start
