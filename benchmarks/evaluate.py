@@ -49,6 +49,8 @@ def evaluate(folder: Path, overrides: dict, granularity: str, method: str) -> di
         "asr_before": before.asr,
         "asr_after": after.asr,
         "ra_after": after.ra,
+        "per_class_before": before.per_class_accuracy,
+        "per_class_after": after.per_class_accuracy,
         "lambda": res.report["lambda"],
         "epochs": res.report["epochs"],
         "acc_D": res.report["clean_set_accuracy"],
