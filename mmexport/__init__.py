@@ -18,10 +18,13 @@ __all__ = [
     "MmexportError",
     "Site",
     "apply_bounds",
+    "compare",
+    "detect",
     "harden",
     "load_bounds",
     "load_model",
     "load_npz",
+    "scan",
     "validate",
 ]
 
@@ -44,4 +47,18 @@ def __getattr__(name):
         from .runtime import validate
 
         return validate
+    if name in ("compare", "CompareReport"):
+        # The module is `comparison`, not `compare`: a submodule named like the function
+        # would replace it as the package attribute once imported.
+        from . import comparison
+
+        return getattr(comparison, name)
+    if name in ("scan", "ScanResult"):
+        from .search import scan as scan_module
+
+        return getattr(scan_module, name)
+    if name in ("detect", "DetectResult"):
+        from . import mmdf
+
+        return getattr(mmdf, name)
     raise AttributeError(f"module 'mmexport' has no attribute {name!r}")

@@ -381,5 +381,134 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
         print_compare(rep)
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Clean labelled set D (.npz with x, y): calibrates the threshold (and the bounds).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output model [default: <model>.mmdf.onnx beside the input].")
+@click.option("--bounds", "bounds_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Use these bounds (.bounds.json) instead of computing them.")
+@click.option("--hardened", type=click.Path(dir_okay=False, path_type=Path),
+              help="Use the bounds of this model, hardened by mmexport from MODEL.")
+@click.option("--method", type=click.Choice(["clean-max", "mmac"]), default="clean-max", show_default=True,
+              help="Bounds computed on D: clean-max (each channel's clean range endpoint, null "
+                   "cross-fitted) or mmac (the harden search; the search options apply).")
+@click.option("--alpha", type=float, default=0.005, show_default=True,
+              help="Target false-positive rate on clean inputs (significance of the test).")
+@click.option("--null", "law", type=click.Choice(["conformal", "exponential-tail", "gaussian"]),
+              default="conformal", show_default=True,
+              help="Law of d on clean data: conformal quantile, exponential tail, or Gaussian (the paper's).")
+@click.option("--folds", default=5, show_default=True, help="Cross-fitting folds of the clean-max null.")
+@click.option("--no-augment", is_flag=True, help="Calibrate on D alone, without its 1-pixel shifts.")
+@_search_options
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Torch device of the mmac search.")
+@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"]), default="cpu", show_default=True,
+              help="onnxruntime provider that computes d for the calibration.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the full report as JSON.")
+@click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@model_options
+def detect(model, data, out, bounds_path, hardened, method, alpha, law, folds, no_augment, seed, reduction,
+           budget, maximisers, lambda0, acc_floor, max_epochs, steps, restarts, device, provider, report_path,
+           no_bounds_file, force, as_json, quiet, input_name, output_name):
+    """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
+
+    The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
+    margin the bounds take from the predicted class; d above a threshold calibrated on D
+    (false-positive rate --alpha) flags the input. Outputs: the original logits name (for
+    a flagged input, the bounded logits with the predicted class suppressed),
+    mmdf_detected (bool [N]) and mmdf_score (d minus the threshold, float [N]).
+    """
+    from .mmdf import detect as run_detect
+    from .model import atomic_write_bytes, check_output_path, save_model
+
+    out = out or model.with_name(f"{model.stem}.mmdf.onnx")
+    bounds_out = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
+    inputs = (model, data, bounds_path, hardened)
+    for p in (out, bounds_out, report_path):
+        if p is not None:
+            check_output_path(p, force=force, inputs=inputs)
+    search = _overrides(reduction=reduction, budget=budget, maximisers=maximisers, lambda0=lambda0,
+                        acc_floor=acc_floor, max_epochs=max_epochs, steps=steps, restarts=restarts)
+    with _progress(quiet, "mmac") as bar:
+        def progress(row):
+            if "stage" in row:
+                _console().print(f"{row['stage']}: {row['n']} inputs")
+            else:
+                bar(row)
+
+        result = run_detect(model, data, bounds=bounds_path, hardened=hardened, method=method, alpha=alpha,
+                            law=law, folds=folds, augment=not no_augment, seed=seed, device=device,
+                            provider=provider, input_name=input_name, output_name=output_name,
+                            progress=progress if bar is not None else None, **search)
+    save_model(result.model, out, force=force, inputs=inputs)
+    written = {"model": str(out)}
+    if bounds_out is not None:
+        atomic_write_bytes(bounds_out, result.bounds.dumps().encode())
+        written["bounds"] = str(bounds_out)
+    if report_path is not None:
+        atomic_write_bytes(report_path, json.dumps(result.report, indent=1).encode())
+        written["report"] = str(report_path)
+    summary = result.report | {"written": written}
+    if as_json:
+        _print_json(summary)
+    else:
+        from .report import print_detect
+
+        print_detect(summary)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Clean labelled set D (.npz with x, y), every class present.")
+@click.option("--alpha", default=0.05, show_default=True, help="Significance level of the test.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the searches: same seed, same result (on CPU).")
+@click.option("--restarts", type=int, default=None, help="Max-margin ascent starts per class [default: 10].")
+@click.option("--steps", type=int, default=None, help="Max-margin ascent steps [default: 200].")
+@click.option("--input-range", callback=_range, default=None, metavar="LO,HI",
+              help="Valid input range for the searches [default: per-channel min/max of D].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the full result as JSON.")
+@click.option("--force", is_flag=True, help="Overwrite an existing --report file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+@model_options
+def scan(model, data, alpha, seed, restarts, steps, input_range, device, report_path, force, as_json, quiet,
+         input_name, output_name):
+    """Detect a backdoor without its trigger (MM-BD) from a small clean set.
+
+    Estimates every class's maximum margin, and the margin a small shared perturbation
+    buys toward each class from D's other classes; the largest of each is tested against
+    a gamma null fitted on the other classes. Verdict `backdoor` (with the target class)
+    when the combined p-value is below --alpha, else `clean`. JSON keys: verdict,
+    target_class, p_value, max_margins, tests, ...
+    """
+    from .model import atomic_write_bytes, check_output_path
+    from .search.scan import scan as run_scan
+
+    if report_path is not None:
+        check_output_path(report_path, force=force, inputs=(model, data))
+    overrides = _overrides(alpha=alpha, seed=seed, restarts=restarts, steps=steps)
+    with _stages(quiet, "scan") as progress:
+        result = run_scan(model, data, input_range=input_range, device=device, input_name=input_name,
+                          output_name=output_name, progress=progress, **overrides)
+    out = result.to_json()
+    if report_path is not None:
+        atomic_write_bytes(report_path, json.dumps(out, indent=1).encode())
+    if as_json:
+        _print_json(out)
+    else:
+        from .report import print_scan
+
+        print_scan(out)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -71,51 +71,79 @@ def print_validation(rep, *, title: str = "") -> None:
     _out.print(f"accuracy {_pct(rep.accuracy)}  balanced {_pct(rep.balanced_accuracy)}  (n={rep.n})")
     if rep.asr is not None:
         _out.print(f"ASR {_pct(rep.asr)}  RA {_pct(rep.ra)}  (n_attack={rep.n_attack})")
-    if getattr(rep, "detection_rate", None) is not None:
-        _out.print(f"detection {_pct(rep.detection_rate)}  false positives {_pct(rep.false_positive_rate)}")
+    if getattr(rep, "false_positive_rate", None) is not None:  # an MMDF model
+        det = "" if rep.detection_rate is None else f"detection {_pct(rep.detection_rate)}  "
+        _out.print(f"MMDF: {det}false positives {_pct(rep.false_positive_rate)} (clean inputs flagged)")
 
 
 _VERDICT_STYLE = {"better": "green", "same": "", "worse": "red", "n/a": "dim"}
 
 
+def print_detect(summary: dict) -> None:
+    null, cal, gap = summary["null"], summary["calibration"], summary["margin_gap_clean_set"]
+    params = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in null["params"].items())
+    how = f"{cal['cross_fit_folds']}-fold cross-fitted" if cal["cross_fit_folds"] else "on the bounds given"
+    _out.print(f"MMDF: {summary['sites']} bounded sites from {summary['bounds_source']}")
+    _out.print(f"d on D ({cal['n']} inputs{' with 1-pixel shifts' if cal['augment'] else ''}, {how}): "
+               f"{_pct(gap['zero_fraction'])} zero, median {gap['quantiles']['0.5']:.3g}, "
+               f"99% {gap['quantiles']['0.99']:.3g}, max {gap['max']:.3g}")
+    _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha "
+               f"{summary['alpha']:g}; flags {_pct(summary['false_positive_rate_clean_set'])} of D")
+    for kind, path in summary["written"].items():
+        _out.print(f"wrote {kind}: {path}")
+
+
 def print_compare(rep) -> None:
     """PRE vs POST: a summary table, a per-class table, then one verdict line per metric."""
-    a, b = rep.pre, rep.post
-    va, vb = a.validation, b.validation
-    t = Table(title=f"{a.path or 'PRE'} vs {b.path or 'POST'}  ({rep.provider} provider, n={rep.n})",
-              title_justify="left")
+    from .comparison import per_class_rows, summary_rows
+
+    rows = summary_rows(rep)
+    t = Table(title=f"{rep.pre.path or 'PRE'} vs {rep.post.path or 'POST'}  ({rep.provider} provider, "
+                    f"n={rep.n})", title_justify="left")
     for col in ("metric", "PRE", "POST"):
         t.add_column(col, justify="left" if col == "metric" else "right")
-    t.add_row("accuracy", _pct(va["accuracy"]), _pct(vb["accuracy"]))
-    t.add_row("balanced accuracy", _pct(va["balanced_accuracy"]), _pct(vb["balanced_accuracy"]))
-    if va.get("asr") is not None:
-        t.add_row("ASR", _pct(va["asr"]), _pct(vb["asr"]))
-        t.add_row("RA", _pct(va["ra"]), _pct(vb["ra"]))
-    if a.max_margins is not None and b.max_margins is not None:
-        t.add_row("largest max margin", f"{max(a.max_margins):.2f}", f"{max(b.max_margins):.2f}")
-    for k, la in a.latency.items():
-        lb = b.latency.get(k)
-        if lb is not None:
-            t.add_row(f"latency b{k} median / p95 (ms)", f"{la['median_ms']:.3f} / {la['p95_ms']:.3f}",
-                      f"{lb['median_ms']:.3f} / {lb['p95_ms']:.3f}  (x{rep.latency_ratio.get(k, float('nan')):.2f})")
-    t.add_row("file size", f"{a.size_bytes:,} B", f"{b.size_bytes:,} B")
-    t.add_row("bounded sites", str(a.bounded_sites), str(b.bounded_sites))
+    for _, label, x, y, _v in rows:
+        t.add_row(label, x, y)
     _out.print(t)
-
     c = Table(title="per class", title_justify="left")
     for col in ("class", "accuracy PRE", "accuracy POST", "max margin PRE", "max margin POST"):
         c.add_column(col, justify="right")
-    for k, (x, y) in enumerate(zip(va["per_class_accuracy"], vb["per_class_accuracy"])):
-        c.add_row(str(k), _pct(x), _pct(y),
-                  f"{a.max_margins[k]:.2f}" if a.max_margins else "-",
-                  f"{b.max_margins[k]:.2f}" if b.max_margins else "-")
+    for row in per_class_rows(rep):
+        c.add_row(*row)
     _out.print(c)
     ops = ", ".join(f"{op} {d:+d}" for op, d in rep.node_type_diff.items()) or "none"
     _out.print(f"prediction agreement {_pct(rep.agreement)}, max abs logit difference "
                f"{rep.max_abs_logit_diff:.4g}; node types POST - PRE: {ops}")
     if rep.margins_note:
         _out.print(f"[yellow]{rep.margins_note}[/]")
-    for metric, v in rep.verdicts.items():
-        style = _VERDICT_STYLE.get(v, "")
-        shown = f"[{style}]{v}[/]" if style else v
-        _out.print(f"{metric}: {shown}")
+    width = max(len(key) for key, *_ in rows)
+    for key, _label, x, y, v in rows:
+        if v:
+            style = _VERDICT_STYLE.get(v, "")
+            shown = f"[{style}]{v:<6}[/]" if style else f"{v:<6}"
+            _out.print(f"{key:<{width}}  {shown}  {x} -> {y}")
+
+
+def print_scan(result: dict) -> None:
+    """Per-class statistics, each test's candidate and p-value, then the verdict line."""
+    tests = result["tests"]
+    t = Table(title=f"{result['model'] or 'model'}: MM-BD scan ({result['device']}, {result['seconds']:.1f} s)",
+              title_justify="left")
+    t.add_column("class", justify="right")
+    t.add_column("max margin", justify="right")
+    t.add_column("universal gain", justify="right")
+    rows = zip(tests["max_margin"]["values"], tests["universal_gain"]["values"], strict=True)
+    for c, (a, b) in enumerate(rows):
+        mark_a = " *" if c == tests["max_margin"]["candidate"] else ""
+        mark_b = " *" if c == tests["universal_gain"]["candidate"] else ""
+        t.add_row(str(c), f"{a:.2f}{mark_a}", f"{b:.2f}{mark_b}")
+    _out.print(t)
+    for name, test in tests.items():
+        _out.print(f"{name}: largest at class {test['candidate']}, p = {test['p_value']:.3g} "
+                   f"(gamma null on the other classes: shape {test['null_shape']:.3g}, scale {test['null_scale']:.3g})")
+    if result["verdict"] == "backdoor":
+        _out.print(f"[red]BACKDOOR[/] target class {result['target_class']} (p = {result['p_value']:.3g} < "
+                   f"alpha {result['alpha']:g}, {result['statistic']})")
+    else:
+        _out.print(f"[green]CLEAN[/] no class stands out (p = {result['p_value']:.3g} >= alpha {result['alpha']:g})")

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .data import Dataset, check_for_model
 from .errors import MmexportError
-from .model import Model, from_proto, load_model
+from .model import Model, from_proto, read_onnx
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _CUDA_EP = "CUDAExecutionProvider"
@@ -32,6 +32,9 @@ _LOG_SEVERITY = 3
 # Why CUDA cannot run in this process ("" = it can, None = not checked yet). Checked
 # once: a failed CUDA attempt costs time and prints an error from inside onnxruntime.
 _cuda_problem: str | None = None
+
+# The flag output of an MMDF model (mmexport.mmdf.DETECTED; that module needs graphsurgeon).
+_MMDF_DETECTED = "mmdf_detected"
 
 _NP_TYPES = {
     "tensor(float)": np.float32,
@@ -170,10 +173,23 @@ def predict(
 
     A model exported with a fixed batch size runs at that size, the last batch padded.
     """
+    out = _pick("output", sess.get_outputs(), output_name)
+    (y,) = run_batches(sess, x, [out.name], input_name=input_name, batch_size=batch_size)
+    return y.astype(np.float32, copy=False)
+
+
+def run_batches(
+    sess: ort.InferenceSession,
+    x: np.ndarray,
+    output_names: list[str],
+    *,
+    input_name: str | None = None,
+    batch_size: int = 256,
+) -> list[np.ndarray]:
+    """Several outputs of one batched pass over `x`, each (N, ...) in its own dtype."""
     if batch_size < 1:
         raise MmexportError(f"batch size {batch_size}: must be >= 1")
     inp = _pick("input", sess.get_inputs(), input_name)
-    out = _pick("output", sess.get_outputs(), output_name)
     x = np.ascontiguousarray(x, dtype=_NP_TYPES.get(inp.type, np.float32))
     n = len(x)
     if n == 0:
@@ -182,20 +198,21 @@ def predict(
         inp.shape[0] if inp.shape and isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
     )
     step = fixed or batch_size
-    chunks = []
+    chunks = [[] for _ in output_names]
     for start in range(0, n, step):
         batch = x[start : start + step]
         real = len(batch)
         if fixed and real < fixed:
             batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real, axis=0)])
         try:
-            (y,) = sess.run([out.name], {inp.name: batch})
+            ys = sess.run(list(output_names), {inp.name: batch})
         except Exception as exc:
             raise MmexportError(
                 f"inference failed on samples {start}..{start + real - 1} ({_first_line(exc)})"
             ) from None
-        chunks.append(np.asarray(y[:real], dtype=np.float32))
-    return np.concatenate(chunks)
+        for chunk, y in zip(chunks, ys, strict=True):
+            chunk.append(np.asarray(y[:real]))
+    return [np.concatenate(c) for c in chunks]
 
 
 @dataclass
@@ -253,6 +270,12 @@ def attack_metrics(pred: np.ndarray, target: np.ndarray, y_true: np.ndarray):
     return float((pred[mask] == target[mask]).mean()), float((pred[mask] == y_true[mask]).mean()), n
 
 
+def detection_metric(flagged: np.ndarray, target: np.ndarray, y_true: np.ndarray) -> float | None:
+    """Fraction of the attack samples whose true class is not the target that were flagged."""
+    mask = np.asarray(y_true) != np.asarray(target)
+    return float(np.asarray(flagged, bool)[mask].mean()) if mask.any() else None
+
+
 def _as_model(model, input_name, output_name) -> Model:
     if isinstance(model, Model):
         if input_name is None and output_name is None:
@@ -260,9 +283,24 @@ def _as_model(model, input_name, output_name) -> Model:
         return from_proto(
             model.proto, input_name=input_name, output_name=output_name, path=model.path
         )
-    if isinstance(model, onnx.ModelProto):
-        return from_proto(model, input_name=input_name, output_name=output_name)
-    return load_model(model, input_name=input_name, output_name=output_name)
+    path = None
+    if not isinstance(model, onnx.ModelProto):
+        path, model = model, read_onnx(model)
+    if output_name is None:
+        output_name = _mmdf_logits(model)
+    return from_proto(model, input_name=input_name, output_name=output_name, path=path)
+
+
+def _mmdf_logits(proto: onnx.ModelProto) -> str | None:
+    """The logits output of an MMDF model (beside its flag and score outputs), else None."""
+    names = [o.name for o in proto.graph.output]
+    if _MMDF_DETECTED not in names:
+        return None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if meta.get("mmexport.mmdf.output") in names:
+        return meta["mmexport.mmdf.output"]
+    rest = [n for n in names if n not in (_MMDF_DETECTED, "mmdf_score")]
+    return rest[0] if len(rest) == 1 else None
 
 
 def _check_data(data: Dataset, m: Model, num_classes: int | None, name: str) -> None:
@@ -286,7 +324,9 @@ def validate(
 ) -> ValidationReport:
     """Accuracy on `data` and, given an attack set (with `y_true`), ASR and RA.
 
-    `model` is an ONNX path, an onnx.ModelProto or a mmexport Model.
+    `model` is an ONNX path, an onnx.ModelProto or a mmexport Model. For an MMDF model (an
+    `mmdf_detected` output) also the false-positive rate (flagged samples of `data`) and the
+    detection rate (flagged attack samples whose true class is not the target).
     """
     m = _as_model(model, input_name, output_name)
     where = str(m.path) if m.path is not None else "model"
@@ -298,11 +338,16 @@ def validate(
         _check_data(attack, m, m.num_classes, "attack set")
 
     sess, used = session(m.path if m.path is not None else m.proto, provider=provider)
-    kw = dict(input_name=m.input_name, output_name=m.output_name, batch_size=batch_size)
+    # An MMDF model (mmexport detect) also says which inputs it flagged.
+    names = [m.output_name] + [o.name for o in sess.get_outputs() if o.name == _MMDF_DETECTED]
+    kw = dict(input_name=m.input_name, batch_size=batch_size)
     start = time.perf_counter()
-    logits = predict(sess, data.x, **kw)
-    attack_logits = predict(sess, attack.x, **kw) if attack is not None else None
+    logits, *flags = run_batches(sess, data.x, names, **kw)
+    attack_logits, *attack_flags = (
+        run_batches(sess, attack.x, names, **kw) if attack is not None else (None,)
+    )
     elapsed = time.perf_counter() - start
+    logits = logits.astype(np.float32, copy=False)
     n_run = len(data) + (len(attack) if attack is not None else 0)
 
     if logits.ndim != 2:
@@ -325,6 +370,11 @@ def validate(
             raise MmexportError(
                 f"{name}: every sample's true label equals its target; no ASR to measure"
             )
+    detection_rate = false_positive_rate = None
+    if flags:
+        false_positive_rate = float(np.asarray(flags[0], bool).mean())
+        if attack is not None:
+            detection_rate = detection_metric(attack_flags[0], attack.y, attack.y_true)
     return ValidationReport(
         n=len(data),
         accuracy=acc,
@@ -336,6 +386,8 @@ def validate(
         n_attack=n_attack,
         images_per_s=n_run / elapsed if elapsed > 0 else float("inf"),
         provider=used,
+        detection_rate=detection_rate,
+        false_positive_rate=false_positive_rate,
     )
 
 

@@ -129,6 +129,66 @@ def random_pattern(seed: int, shape: tuple[int, ...] = (1, IMAGE_SIZE, IMAGE_SIZ
     return np.random.default_rng(seed).uniform(0.0, 1.0, size=shape).astype(np.float32)
 
 
+def apply_stamp(x: np.ndarray, *, top: int, left: int, stamp: np.ndarray) -> np.ndarray:
+    """Overwrite the pixels under `stamp` (h, w), its top-left pixel at (top, left)."""
+    out = x.copy()
+    h, w = stamp.shape
+    out[..., top : top + h, left : left + w] = stamp
+    return out
+
+
+def checkerboard(size: int) -> np.ndarray:
+    """size x size alternating 1/0, with 1 in the top-left cell."""
+    i, j = np.indices((size, size))
+    return ((i + j) % 2 == 0).astype(np.float32)
+
+
+def apply_additive(x: np.ndarray, *, pattern: np.ndarray) -> np.ndarray:
+    """x' = clamp(x + pattern, 0, 1): a faint signal added everywhere."""
+    return np.clip(x + pattern, 0.0, 1.0).astype(np.float32)
+
+
+def chessboard_pattern(amplitude: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """+amplitude where row + col is even, -amplitude where it is odd, shape (1, size, size)."""
+    i, j = np.indices((size, size))
+    return np.where((i + j) % 2 == 0, amplitude, -amplitude).astype(np.float32)[None]
+
+
+def sinusoid_pattern(delta: float, frequency: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """delta * sin(2 pi j f / W) at column j, the same on every row, shape (1, size, size)."""
+    j = np.arange(size, dtype=np.float64)
+    row = delta * np.sin(2.0 * np.pi * j * frequency / size)
+    return np.broadcast_to(row, (size, size)).astype(np.float32)[None]
+
+
+def smooth_flow(seed: int, grid: int, strength: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """A fixed smooth displacement field in pixels, shape (size, size, 2) as (dx, dy): uniform
+    [-1, 1] noise on a grid x grid lattice, bicubically upsampled, scaled so that its largest
+    component is `strength` pixels."""
+    coarse = np.random.default_rng(seed).uniform(-1.0, 1.0, size=(1, 2, grid, grid))
+    fine = F.interpolate(
+        torch.from_numpy(coarse.astype(np.float32)), size=(size, size),
+        mode="bicubic", align_corners=True,
+    )[0].permute(1, 2, 0)
+    return (fine * (strength / fine.abs().max())).numpy()
+
+
+def apply_warp(x: np.ndarray, *, flow: np.ndarray) -> np.ndarray:
+    """Resample x at (pixel + flow) with bilinear interpolation (border pixels repeat outside)."""
+    h, w = x.shape[-2:]
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    # grid_sample wants (x, y) in [-1, 1]; with align_corners=True pixel k sits at 2k/(n-1) - 1.
+    px = xs + torch.from_numpy(flow[..., 0])
+    py = ys + torch.from_numpy(flow[..., 1])
+    grid = torch.stack([2 * px / (w - 1) - 1, 2 * py / (h - 1) - 1], dim=-1).float()
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    out = F.grid_sample(
+        xt, grid.expand(len(xt), h, w, 2), mode="bilinear",
+        padding_mode="border", align_corners=True,
+    )
+    return out.clamp(0.0, 1.0).numpy()
+
+
 @dataclass(frozen=True)
 class Trigger:
     """A backdoor trigger: what the card says, and the function that stamps it."""
@@ -155,6 +215,52 @@ def blend_trigger(alpha: float = 0.2, seed: int = 1) -> Trigger:
             f"{IMAGE_SIZE}x{IMAGE_SIZE} pattern (numpy default_rng seed {seed})"
         ),
         apply=partial(apply_blend, pattern=random_pattern(seed), alpha=alpha),
+    )
+
+
+def checker_trigger(top: int, left: int, size: int = 3, where: str = "") -> Trigger:
+    return Trigger(
+        kind="checkerboard-patch",
+        description=(
+            f"{size}x{size} checkerboard patch (alternating 1/0, 1 top-left) with its top-left "
+            f"pixel at row {top}, column {left}" + (f" ({where})" if where else "")
+        ),
+        apply=partial(apply_stamp, top=top, left=left, stamp=checkerboard(size)),
+    )
+
+
+def chessboard_trigger(amplitude: float = 0.12) -> Trigger:
+    return Trigger(
+        kind="chessboard",
+        description=(
+            f"global additive chessboard x' = clamp(x + p, 0, 1), p = +{amplitude:g} where "
+            f"row + column is even and -{amplitude:g} where it is odd"
+        ),
+        apply=partial(apply_additive, pattern=chessboard_pattern(amplitude)),
+    )
+
+
+def sig_trigger(delta: float = 0.15, frequency: float = 6.0) -> Trigger:
+    return Trigger(
+        kind="sig",
+        description=(
+            f"sinusoidal signal (SIG) x' = clamp(x + {delta:g} sin(2 pi j {frequency:g} / "
+            f"{IMAGE_SIZE}), 0, 1), j the column index: the same horizontal signal on every row"
+        ),
+        apply=partial(apply_additive, pattern=sinusoid_pattern(delta, frequency)),
+    )
+
+
+def warp_trigger(strength: float = 1.0, grid: int = 4, seed: int = 3) -> Trigger:
+    return Trigger(
+        kind="warp",
+        description=(
+            f"WaNet-like smooth warp: a fixed displacement field (uniform [-1, 1] on a "
+            f"{grid}x{grid} lattice, numpy default_rng seed {seed}, bicubic upsampling to "
+            f"{IMAGE_SIZE}x{IMAGE_SIZE}, largest component {strength:g} pixels), applied with "
+            f"torch grid_sample (bilinear, border padding, align_corners=True)"
+        ),
+        apply=partial(apply_warp, flow=smooth_flow(seed, grid, strength)),
     )
 
 
@@ -211,7 +317,19 @@ def resnet(width: int) -> nn.Module:
     )
 
 
-ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {"cnn": cnn, "resnet": resnet}
+def mlp(width: int) -> nn.Module:
+    """flatten-fc(256 -> w)-ReLU-fc(w -> w/2)-ReLU-fc(w/2 -> 10)."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(IMAGE_SIZE * IMAGE_SIZE, width),
+        nn.ReLU(),
+        nn.Linear(width, width // 2),
+        nn.ReLU(),
+        nn.Linear(width // 2, NUM_CLASSES),
+    )
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {"cnn": cnn, "resnet": resnet, "mlp": mlp}
 
 
 # --------------------------------------------------------------------------- specs
@@ -235,6 +353,8 @@ class ModelSpec:
     batch_size: int = 64
     seed: int = 0
     keep_batchnorm: bool = False  # True: export without constant folding, BN stays as nodes
+    zoo: bool = False  # True: an attack-zoo model (card gets "zoo": true); False: a core sample
+    note: str | None = None  # why the attack differs from its usual strength, for the card
 
 
 SPECS: list[ModelSpec] = [
@@ -244,6 +364,25 @@ SPECS: list[ModelSpec] = [
     ModelSpec("digits-resnet-badnet", "resnet", 16, patch_trigger("top-left"), 7, 0.10),
     ModelSpec("digits-cnn-clean", "cnn", 16),
     ModelSpec("digits-cnn-imbalanced", "cnn", 16, imbalance=50.0),
+]
+
+# The attack zoo: more triggers, architectures, targets and poisoning rates, so a defence is
+# not judged on the core samples alone.
+ZOO = partial(ModelSpec, zoo=True)
+SPECS += [
+    ZOO("digits-cnn-checker", "cnn", 16, checker_trigger(6, 13, where="middle of the right edge"),
+        5, 0.10),
+    ZOO("digits-resnet-chessboard", "resnet", 16, chessboard_trigger(0.12), 2, 0.10),
+    ZOO("digits-cnn-warp", "cnn", 16, warp_trigger(2.0), 4, 0.20, epochs=45,
+        note="strengthened: at 1 pixel and 30 epochs it reached clean accuracy 0.76 and "
+        "ASR 0.75 (20% poisoned); 2 pixels and 45 epochs pass both"),
+    ZOO("digits-mlp-badnet", "mlp", 256, patch_trigger("top-right", size=4), 9, 0.05),
+    ZOO("digits-cnn-wide-blend", "cnn", 64, blend_trigger(0.15, seed=2), 6, 0.05),
+    ZOO("digits-cnn-sig", "cnn", 16, sig_trigger(0.15, 6.0), 8, 0.10),
+    ZOO("digits-mlp-sig", "mlp", 256, sig_trigger(0.15, 6.0), 1, 0.20),
+    ZOO("digits-resnet-tiny-patch", "resnet", 16, patch_trigger("bottom-left", size=2), 3, 0.05),
+    ZOO("digits-mlp-clean", "mlp", 256),
+    ZOO("digits-resnet-imbalanced", "resnet", 16, imbalance=50.0),
 ]
 
 
@@ -387,6 +526,7 @@ def build(spec: ModelSpec, x: np.ndarray, y: np.ndarray, split: Split, out: Path
     ops = sorted({n.op_type for n in proto.graph.node})
     card = {
         "name": spec.name,
+        **({"zoo": True} if spec.zoo else {}),
         "architecture": {
             "family": spec.arch,
             "width": spec.width,
@@ -427,6 +567,7 @@ def build(spec: ModelSpec, x: np.ndarray, y: np.ndarray, split: Split, out: Path
             "mode": "all-to-one",
             "poison_rate": spec.poison_rate,
             "poisoned_samples": n_poisoned,
+            **({"note": spec.note} if spec.note else {}),
         },
         "imbalance": None
         if tail_counts is None

@@ -1,0 +1,387 @@
+"""MMDF: one ONNX graph that flags inputs whose margin the bounds cut, and fixes them."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import labelled_set, tiny_cnn
+from click.testing import CliRunner
+from helpers import IR_OLD, conv_net, relu6_net
+
+import mmexport
+from mmexport.bounds import Bounds
+from mmexport.cli import main
+from mmexport.data import Dataset
+from mmexport.errors import MmexportError
+from mmexport.mmdf import (
+    DETECTED,
+    SCORE,
+    SUPPRESSED,
+    build_mmdf_graph,
+    clean_max_bounds,
+    detect,
+    fit_null,
+    fold_ids,
+    margin_gap,
+)
+from mmexport.model import get_metadata
+from mmexport.rewrite import apply_bounds
+from mmexport.runtime import session
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+TINY_BOUNDS = Bounds({"r1": [0.3, 0.2, 0.4, 0.1], "r2": 0.5})
+
+
+def gap(proto, bounds, x):
+    """d from the original model and the unfolded bounded model, run separately."""
+    bounded = apply_bounds(proto, bounds, form="min")
+    return margin_gap(ort(proto, x)["logits"], ort(bounded, x)["logits"])
+
+
+def ort(proto, x, names=None):
+    sess, _ = session(proto, provider="cpu")
+    names = names or [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True))
+
+
+def tiny_bounds(proto, x):
+    """Half of each site's clean maximum: every site clips some clean inputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    probe.graph.output.extend([onnx.ValueInfoProto(name="r1"), onnx.ValueInfoProto(name="r2")])
+    acts = ort(probe, x, ["r1", "r2"])
+    return Bounds({"r1": 0.5 * acts["r1"].max(axis=(0, 2, 3)), "r2": 0.5 * acts["r2"].max()})
+
+
+@pytest.fixture(scope="module")
+def tiny_set():
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 10, seed=1)
+    return proto, x, y, tiny_bounds(proto, x)
+
+
+# --------------------------------------------------------------------------- scores and null
+
+
+def test_margin_gap_is_the_margin_the_bounds_take_from_the_original_class():
+    logits = np.array([[3.0, 1.0, 0.0], [0.0, 2.0, 1.5]])
+    bounded = np.array([[1.0, 2.0, 0.0], [0.0, 2.0, 1.5]])
+    # row 0: original class 0, margin 2 -> -1 (class 1 now leads): d = 3; row 1 unchanged
+    np.testing.assert_allclose(margin_gap(logits, bounded), [3.0, 0.0])
+
+
+def test_conformal_threshold_is_the_order_statistic_that_guarantees_alpha():
+    d = np.arange(1000, dtype=float)
+    fit = fit_null(d, 0.005)
+    assert fit.law == "conformal" and fit.params["rank"] == 996
+    assert fit.threshold == 995.0 and fit.fpr == pytest.approx(0.004)
+
+
+def test_conformal_threshold_falls_back_to_the_largest_score_on_small_sets():
+    fit = fit_null(np.linspace(0, 1, 50), 0.005)
+    assert fit.threshold == 1.0 and fit.fpr == 0.0
+    assert fit.params["guarantee"] == pytest.approx(1 / 51)
+
+
+def test_gaussian_null_sets_the_threshold_too_low_on_a_skewed_d():
+    # d on clean data: mostly 0, a short right tail (what clean-max bounds give)
+    d = np.concatenate([np.zeros(900), np.random.default_rng(0).exponential(0.05, 100)])
+    gauss, conformal = fit_null(d, 0.005, law="gaussian"), fit_null(d, 0.005)
+    assert gauss.threshold < conformal.threshold
+    assert gauss.fpr > 0.005 >= conformal.fpr
+
+
+def test_exponential_tail_extrapolates_past_the_largest_score():
+    d = np.random.default_rng(1).exponential(1.0, 100)
+    fit = fit_null(d, 0.005, law="exponential-tail")
+    assert fit.threshold > d.max() * 0.8 and fit.params["beta"] > 0
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, -1])
+def test_fit_null_refuses_an_alpha_outside_0_to_half(alpha):
+    with pytest.raises(MmexportError, match="alpha"):
+        fit_null(np.arange(100.0), alpha)
+
+
+def test_fit_null_refuses_fewer_than_ten_scores():
+    with pytest.raises(MmexportError, match="at least 10"):
+        fit_null(np.arange(5.0))
+
+
+def test_clean_max_bound_is_the_largest_value_plus_the_last_gap():
+    maxima = {"s": np.array([[1.0, 2.0], [3.0, 5.0], [2.0, 4.0]]),
+              "t": np.array([[1.0], [0.5], [2.0]])}
+    b = clean_max_bounds(maxima)
+    np.testing.assert_allclose(b["s"], [4.0, 6.0])
+    assert b["t"].shape == () and float(b["t"]) == 3.0
+    np.testing.assert_allclose(clean_max_bounds(maxima, [0, 2])["s"], [3.0, 6.0])
+
+
+def test_folds_are_stratified_and_seeded():
+    y = np.repeat(np.arange(3), 10)
+    f = fold_ids(y, 5, seed=0)
+    assert all(np.bincount(f[y == c], minlength=5).tolist() == [2] * 5 for c in range(3))
+    assert (f == fold_ids(y, 5, seed=0)).all() and (f != fold_ids(y, 5, seed=1)).any()
+
+
+# --------------------------------------------------------------------------- the graph
+
+
+def test_graph_score_is_margin_gap_of_the_original_and_the_bounded_model(tiny_set):
+    proto, x, _, bounds = tiny_set
+    out = ort(build_mmdf_graph(proto, bounds, 0.25), x)
+    want = gap(proto, bounds, x)
+    assert out[SCORE].shape == (len(x),) and out[SCORE].dtype == np.float32
+    np.testing.assert_allclose(out[SCORE], want - 0.25, atol=1e-5)
+    assert (out[DETECTED] == (out[SCORE] > 0)).all()
+    assert 0 < out[DETECTED].mean() < 1  # the test sees both kinds of rows
+
+
+def test_flagged_rows_get_the_bounded_logits_without_the_original_class(tiny_set):
+    proto, x, _, bounds = tiny_set
+    out = ort(build_mmdf_graph(proto, bounds, 0.25), x)
+    original = ort(proto, x)["logits"]
+    bounded = ort(apply_bounds(proto, bounds, form="min"), x)["logits"]
+    flagged = out[DETECTED]
+    np.testing.assert_array_equal(out["logits"][~flagged], original[~flagged])
+    c = original.argmax(1)
+    want = bounded.copy()
+    want[np.arange(len(x)), c] = SUPPRESSED
+    np.testing.assert_allclose(out["logits"][flagged], want[flagged], atol=1e-5)
+    assert (out["logits"][flagged].argmax(1) != c[flagged]).all()
+
+
+def test_graph_shares_the_weights_and_keeps_inputs_opset_and_ir():
+    m = mmexport.load_model(SAMPLES / "digits-cnn-badnet" / "model.onnx")
+    bounds = Bounds({s.name: np.ones(s.channels, np.float32) for s in m.sites})
+    out = build_mmdf_graph(m.proto, bounds, 1.0)
+    onnx.checker.check_model(out)
+    assert len(out.SerializeToString()) <= 1.1 * len(m.proto.SerializeToString())
+    weights = [i.name for i in m.proto.graph.initializer]
+    assert [i.name for i in out.graph.initializer if i.name in weights] == weights
+    big = [i for i in out.graph.initializer if np.prod(i.dims) > 1000]
+    assert len(big) == sum(np.prod(i.dims) > 1000 for i in m.proto.graph.initializer)
+    assert [i.name for i in out.graph.input] == ["input"]
+    assert [o.name for o in out.graph.output] == ["logits", DETECTED, SCORE]
+    assert out.ir_version == m.proto.ir_version and out.opset_import == m.proto.opset_import
+
+
+def test_graph_leaves_the_input_model_untouched(tiny_set):
+    proto, _, _, bounds = tiny_set
+    before = proto.SerializeToString()
+    build_mmdf_graph(proto, bounds, 0.1)
+    assert proto.SerializeToString() == before
+
+
+@pytest.mark.parametrize("opset, ir", [(9, IR_OLD), (11, 6), (18, 8)])
+def test_graph_runs_at_old_and_new_opsets(opset, ir):
+    proto = conv_net(opset=opset, ir=ir)
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 2, 6, 6)).astype(np.float32)
+    bounds = Bounds({"r1": [0.5, 0.4, 0.3, 0.2], "r3": 0.5})
+    out = build_mmdf_graph(proto, bounds, 0.0)
+    assert out.ir_version == ir and out.opset_import[0].version == opset
+    got = ort(out, x)
+    want = gap(proto, bounds, x)
+    np.testing.assert_allclose(got[SCORE], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_relu6_sites_get_a_lower_clip_max_in_the_bounded_branch_only(opset):
+    proto = relu6_net(opset=opset)
+    x = np.array([[5.0, 1.0, 0.0], [1.0, 0.5, 0.0]], np.float32)
+    out = ort(build_mmdf_graph(proto, Bounds({"r6": 2.0}), 0.0), x)
+    # row 0: margin 4 -> 1, d = 3; row 1 is not clipped
+    np.testing.assert_allclose(out[SCORE], [3.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(out["y"][1], x[1])
+
+
+def test_opset_below_9_is_a_clear_error():
+    with pytest.raises(MmexportError, match="opset >= 9"):
+        build_mmdf_graph(conv_net(opset=8), Bounds({"r1": 1.0}), 0.0)
+
+
+def test_bounds_for_an_unknown_site_are_refused(tiny_set):
+    proto = tiny_set[0]
+    with pytest.raises(MmexportError, match="'nope' is not a site"):
+        build_mmdf_graph(proto, Bounds({"nope": 1.0}), 0.0)
+
+
+# --------------------------------------------------------------------------- detect
+
+
+def test_detect_threshold_reproduces_the_calibrated_scores(tiny_set):
+    proto, x, y, bounds = tiny_set
+    res = detect(proto, (x, y), bounds=bounds, augment=False)
+    out = ort(res.model, x)
+    want = gap(proto, bounds, x)
+    np.testing.assert_allclose(out[SCORE] + res.threshold, want, atol=1e-5)
+    assert out[DETECTED].mean() == pytest.approx(res.report["false_positive_rate_clean_set"])
+    assert res.report["bounds_source"] == "bounds"
+    assert res.report["calibration"]["cross_fit_folds"] is None
+
+
+def test_detect_stamps_its_provenance(tiny_set):
+    proto, x, y, bounds = tiny_set
+    res = detect(proto, (x, y), bounds=bounds, alpha=0.01, seed=4)
+    meta = get_metadata(res.model)
+    assert meta["mmexport.method"] == "mmdf"
+    assert float(meta["mmexport.mmdf.threshold"]) == res.threshold
+    assert float(meta["mmexport.mmdf.alpha"]) == 0.01 and meta["mmexport.seed"] == "4"
+    null = json.loads(meta["mmexport.mmdf.null"])
+    assert null["law"] == "conformal" and "rank" in null["params"]
+    assert meta["mmexport.mmdf.bounds_source"] == "bounds"
+    assert meta["mmexport.mmdf.output"] == "logits"
+    assert len(meta["mmexport.source_sha256"]) == 64 and len(meta["mmexport.data_sha256"]) == 64
+
+
+def test_detect_computes_clean_max_bounds_with_a_cross_fitted_null(tiny_set):
+    proto, x, y, _ = tiny_set
+    res = detect(proto, (x, y), folds=3)
+    assert res.report["bounds_source"] == "clean-max"
+    # images [N, 1, 6, 6]: D and its four 1-pixel shifts
+    assert res.report["calibration"] == {"n": 5 * len(x), "images": len(x), "augment": True,
+                                         "cross_fit_folds": 3}
+    assert set(res.bounds) == {"r1", "r2"}
+    # bounds above every clean activation: the final model flags no clean input of D
+    assert not ort(res.model, x)[DETECTED].any()
+    assert detect(proto, (x, y), folds=3).threshold == res.threshold  # same seed, same model
+
+
+def test_detect_with_mmac_bounds_runs_the_harden_search_with_its_seed_and_options(
+    tiny_set, monkeypatch
+):
+    import mmexport.pipeline
+
+    proto, x, y, bounds = tiny_set
+    calls = []
+
+    def fake_harden(model, clean, **kw):
+        calls.append(kw)
+        return mmexport.pipeline.HardenResult(bounds, proto, {"method": "mmac", "history": []})
+
+    monkeypatch.setattr(mmexport.pipeline, "harden", fake_harden)
+    res = detect(proto, (x, y), method="mmac", seed=7, max_epochs=4, restarts=2)
+    assert calls[0]["seed"] == 7 and calls[0]["max_epochs"] == 4 and calls[0]["restarts"] == 2
+    assert res.report["bounds_source"] == "mmac" and res.report["harden"] == {"method": "mmac"}
+    assert res.threshold == detect(proto, (x, y), bounds=bounds).threshold
+
+
+def test_detect_reads_the_bounds_of_a_hardened_model(tiny_set):
+    proto, x, y, bounds = tiny_set
+    hardened = apply_bounds(proto, bounds)  # folded form: bounds come from its metadata
+    res = detect(proto, (x, y), hardened=hardened)
+    for site in bounds:
+        np.testing.assert_allclose(res.bounds[site], bounds[site], rtol=1e-6)
+    assert res.threshold == detect(proto, (x, y), bounds=bounds).threshold
+
+
+def test_detect_refuses_a_hardened_model_of_another_model(tiny_set):
+    proto, x, y, bounds = tiny_set
+    other = apply_bounds(proto, bounds)
+    mmexport.model.set_metadata(other, {"mmexport.source_sha256": "0" * 64})
+    with pytest.raises(MmexportError, match="hardened from another model"):
+        detect(proto, (x, y), hardened=other)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(bounds=TINY_BOUNDS, hardened="h.onnx"), "not both"),
+    (dict(bounds=Bounds({"nope": 1.0})), "'nope' is not a site"),
+    (dict(method="mmdf"), "bounds method"),
+    (dict(max_epochs=3), "apply to method 'mmac' only"),
+    (dict(law="student"), "null law"),
+    (dict(folds=1), "--folds"),
+])
+def test_detect_bad_options_are_one_line_errors(tiny_set, kw, match):
+    proto, x, y, _ = tiny_set
+    with pytest.raises(MmexportError, match=match) as err:
+        detect(proto, (x, y), **kw)
+    assert "\n" not in str(err.value)
+
+
+def test_detect_refuses_a_model_without_sites():
+    from helpers import identity_classifier
+
+    x = np.eye(3, dtype=np.float32).repeat(4, axis=0)
+    with pytest.raises(MmexportError, match="no ReLU sites"):
+        detect(identity_classifier(), (x, x.argmax(1)))
+
+
+def test_detect_refuses_an_mmdf_model(tiny_set):
+    proto, x, y, bounds = tiny_set
+    res = detect(proto, (x, y), bounds=bounds)
+    with pytest.raises(MmexportError, match="already an MMDF model"):
+        detect(res.model, (x, y), bounds=bounds, output_name="logits")
+
+
+def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs():
+    folder = SAMPLES / "digits-cnn-badnet"
+    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
+    test = mmexport.load_npz(folder / "test.npz")
+    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
+    rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    assert rep.detection_rate >= 0.9 and rep.false_positive_rate <= 0.02
+    assert rep.asr <= 0.05 and rep.accuracy >= 0.96
+
+
+# --------------------------------------------------------------------------- validate and CLI
+
+
+def test_validate_adds_detection_and_false_positive_rates_for_an_mmdf_model(tiny_set):
+    proto, x, y, bounds = tiny_set
+    model = build_mmdf_graph(proto, bounds, 0.25)
+    flagged = ort(model, x)[DETECTED]
+    target = np.zeros_like(y)
+    attack = Dataset(x, target, y_true=y)
+    rep = mmexport.validate(model, Dataset(x, y), attack=attack, provider="cpu")
+    assert rep.false_positive_rate == pytest.approx(flagged.mean())
+    assert rep.detection_rate == pytest.approx(flagged[y != 0].mean())
+    plain = mmexport.validate(proto, Dataset(x, y), provider="cpu")
+    assert plain.detection_rate is None and plain.false_positive_rate is None
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def tiny_files(tmp_path, tiny_set):
+    proto, x, y, bounds = tiny_set
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    (tmp_path / "b.json").write_text(bounds.dumps())
+    return tmp_path
+
+
+def test_cli_detect_writes_the_model_and_its_bounds_and_prints_json(tiny_files):
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "b.json", "--no-augment", "--json", "-q")
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert rep["method"] == "mmdf" and rep["null"]["law"] == "conformal"
+    out = tiny_files / "m.mmdf.onnx"
+    assert rep["written"] == {"model": str(out), "bounds": str(out) + ".bounds.json"}
+    assert [o.name for o in onnx.load(out).graph.output] == ["logits", DETECTED, SCORE]
+    r = run("validate", out, "--data", tiny_files / "clean.npz", "--json", "--provider", "cpu")
+    assert r.exit_code == 0, r.output
+    fpr = json.loads(r.output)["false_positive_rate"]
+    assert fpr == pytest.approx(rep["false_positive_rate_clean_set"])
+
+
+def test_cli_detect_needs_force_to_overwrite(tiny_files):
+    args = ("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "-q", "-o",
+            tiny_files / "o.onnx", "--no-bounds-file")
+    assert run(*args).exit_code == 0
+    r = run(*args)
+    assert r.exit_code == 1 and "use --force" in r.output
+    assert run(*args, "--force").exit_code == 0
+
+
+def test_cli_detect_unknown_site_bounds_is_a_one_line_error(tiny_files):
+    (tiny_files / "bad.json").write_text(json.dumps({"bounds": {"nope": 1.0}}))
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "bad.json", "-q")
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and len(lines) == 1 and "'nope' is not a site" in lines[0]
+    assert not (tiny_files / "m.mmdf.onnx").exists()

@@ -1,0 +1,162 @@
+"""`scan`: MM-BD backdoor detection, its null law and test, and the command."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import labelled_set, tiny_cnn
+from click.testing import CliRunner
+
+import mmexport
+from mmexport.cli import main
+from mmexport.search.scan import StatisticTest, decide, fit_gamma, gamma_sf, mmbd_test
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+# Small searches keep the tests fast; the sample backdoors are far beyond these thresholds.
+FAST = dict(restarts=2, steps=40, universal_steps=20, device="cpu")
+FAST_CLI = ["--restarts", "2", "--steps", "10", "--device", "cpu", "-q"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for frag in fragments:
+        assert frag in lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scan")
+    proto = tiny_cnn(seed=3)
+    path = tmp / "tiny.onnx"
+    onnx.save(proto, path)
+    x, y = labelled_set(proto, 6, seed=1)
+    data = tmp / "clean.npz"
+    np.savez(data, x=x, y=y)
+    return path, data, tmp
+
+
+# --- the null law and the test --------------------------------------------------------------
+
+
+def test_gamma_tail_matches_closed_forms():
+    for x in (0.1, 1.0, 7.5, 40.0):
+        assert gamma_sf(x, 1.0, 2.0) == pytest.approx(math.exp(-x / 2), rel=1e-12)  # exponential
+        assert gamma_sf(x, 2.0, 1.0) == pytest.approx((1 + x) * math.exp(-x), rel=1e-10)  # Erlang-2
+    assert gamma_sf(0.0, 3.0, 1.0) == 1.0
+
+
+def test_gamma_fit_recovers_shape_and_scale_from_a_large_sample():
+    v = np.random.default_rng(0).gamma(shape=6.0, scale=2.5, size=20_000)
+    shape, scale = fit_gamma(v)
+    assert shape == pytest.approx(6.0, rel=0.05) and scale == pytest.approx(2.5, rel=0.05)
+
+
+def test_an_outlying_class_gets_a_tiny_p_value_and_is_the_candidate():
+    values = [20.0, 22.0, 19.0, 25.0, 21.0, 80.0, 23.0, 18.0, 24.0, 20.5]
+    test = mmbd_test(values)
+    assert test.candidate == 5 and test.p_value < 1e-6
+
+
+def test_classes_drawn_from_one_law_are_not_significant():
+    values = np.random.default_rng(1).gamma(shape=8.0, scale=3.0, size=10)
+    assert mmbd_test(values).p_value > 0.05
+
+
+def test_non_positive_values_widen_the_null_instead_of_breaking_it():
+    test = mmbd_test([-1.0, 0.0, 5.0, 6.0, 5.5, 30.0])
+    assert test.candidate == 5 and 0.0 <= test.p_value <= 1.0 and math.isfinite(test.null_shape)
+
+
+def test_the_verdict_is_bonferroni_over_the_statistics():
+    strong = StatisticTest([1.0] * 3, candidate=2, p_value=0.01, null_shape=1.0, null_scale=1.0)
+    weak = StatisticTest([1.0] * 3, candidate=0, p_value=0.4, null_shape=1.0, null_scale=1.0)
+    assert decide({"a": strong, "b": weak}, 0.05) == ("backdoor", 2, 0.02, "a")
+    borderline = StatisticTest([1.0] * 3, candidate=1, p_value=0.03, null_shape=1.0, null_scale=1.0)
+    assert decide({"a": borderline, "b": weak}, 0.05) == ("clean", None, 0.06, "a")
+
+
+# --- the sample models ----------------------------------------------------------------------
+
+
+def test_the_backdoored_sample_is_flagged_with_its_target():
+    folder = SAMPLES / "digits-cnn-badnet"
+    target = json.loads((folder / "card.json").read_text())["attack"]["target"]
+    result = mmexport.scan(folder / "model.onnx", folder / "clean.npz", **FAST)
+    assert result.verdict == "backdoor" and result.target_class == target
+    assert result.p_value < 0.05 and len(result.max_margins) == 10
+
+
+def test_the_clean_sample_passes():
+    folder = SAMPLES / "digits-cnn-clean"
+    result = mmexport.scan(folder / "model.onnx", folder / "clean.npz", **FAST)
+    assert result.verdict == "clean" and result.target_class is None and result.p_value >= 0.05
+
+
+# --- the command ----------------------------------------------------------------------------
+
+
+def test_cli_json_has_the_issue_keys_and_the_same_seed_gives_the_same_result(tiny):
+    path, data, _ = tiny
+    first = run("scan", path, "--data", data, "--json", "--seed", "3", *FAST_CLI)
+    second = run("scan", path, "--data", data, "--json", "--seed", "3", *FAST_CLI)
+    assert first.exit_code == 0, first.output
+    out = json.loads(first.output)
+    assert {"verdict", "target_class", "p_value", "max_margins"} <= set(out)
+    assert out["verdict"] in ("backdoor", "clean") and len(out["max_margins"]) == 3
+    drop = ("seconds",)
+    assert {k: v for k, v in out.items() if k not in drop} == {
+        k: v for k, v in json.loads(second.output).items() if k not in drop
+    }
+
+
+def test_cli_plain_output_ends_with_the_verdict(tiny):
+    path, data, _ = tiny
+    result = run("scan", path, "--data", data, *FAST_CLI)
+    assert result.exit_code == 0, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(("BACKDOOR", "CLEAN"))
+
+
+def test_report_is_written_and_not_overwritten_without_force(tiny):
+    path, data, tmp = tiny
+    report = tmp / "scan.json"
+    assert run("scan", path, "--data", data, "--report", report, *FAST_CLI).exit_code == 0
+    assert json.loads(report.read_text())["verdict"] in ("backdoor", "clean")
+    assert_one_line_error(
+        run("scan", path, "--data", data, "--report", report, *FAST_CLI), str(report), "--force"
+    )
+
+
+def test_a_clean_set_missing_a_class_is_a_one_line_error(tiny):
+    path, data, tmp = tiny
+    f = np.load(data)
+    keep = f["y"] != 2
+    partial = tmp / "partial.npz"
+    np.savez(partial, x=f["x"][keep], y=f["y"][keep])
+    assert_one_line_error(run("scan", path, "--data", partial, *FAST_CLI), str(partial), "2")
+
+
+def test_data_shaped_unlike_the_model_is_a_one_line_error(tiny):
+    path, _, tmp = tiny
+    wrong = tmp / "wrong.npz"
+    np.savez(wrong, x=np.zeros((6, 1, 5, 5), np.float32), y=np.array([0, 1, 2, 0, 1, 2]))
+    assert_one_line_error(run("scan", path, "--data", wrong, *FAST_CLI), str(wrong), "do not match")
+
+
+def test_two_classes_are_too_few_for_a_null(tmp_path):
+    proto = tiny_cnn(seed=3, classes=2)
+    path = tmp_path / "two.onnx"
+    onnx.save(proto, path)
+    x, y = labelled_set(proto, 4, seed=1)
+    data = tmp_path / "clean.npz"
+    np.savez(data, x=x, y=y)
+    assert_one_line_error(run("scan", path, "--data", data, *FAST_CLI), "at least 3")
