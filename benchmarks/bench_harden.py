@@ -36,16 +36,25 @@ def main() -> int:
         wanted = set(args.models.split(","))
         folders = [f for f in folders if f.name in wanted]
     rows = []
-    print(f"harden wall time, default settings, device {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(
+        f"harden wall time, default settings, device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    )
     print(f"{'model':28} {'seconds':>8} {'epochs':>7} {'sites':>6}")
     for f in folders:
         t0 = time.perf_counter()
         res = harden(f / "model.onnx", f / "clean.npz", device=args.device)
         seconds = time.perf_counter() - t0
         (out / "bounds" / f"{f.name}.bounds.json").write_text(res.bounds.dumps())
-        rows.append({"model": f.name, "seconds": seconds, "epochs": res.report["epochs"],
-                     "sites": res.report["sites"], "device": args.device})
+        rows.append(
+            {
+                "model": f.name,
+                "seconds": seconds,
+                "epochs": res.report["epochs"],
+                "sites": res.report["sites"],
+                "device": args.device,
+            }
+        )
         print(f"{f.name:28} {seconds:8.1f} {res.report['epochs']:7d} {res.report['sites']:6d}", flush=True)
     (out / "harden.json").write_text(json.dumps(rows, indent=1))
     lines = ["| model | harden seconds | epochs | sites |", "|---|---:|---:|---:|"]

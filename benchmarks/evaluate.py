@@ -36,8 +36,9 @@ def evaluate(folder: Path, overrides: dict, granularity: str, method: str) -> di
     attack = load_npz(folder / "attack.npz", attack=True) if (folder / "attack.npz").exists() else None
     before = validate(folder / "model.onnx", test, attack=attack, provider="cpu")
     t0 = time.perf_counter()
-    res = harden(folder / "model.onnx", folder / "clean.npz", method=method, granularity=granularity,
-                 device="cpu", **overrides)
+    res = harden(
+        folder / "model.onnx", folder / "clean.npz", method=method, granularity=granularity, device="cpu", **overrides
+    )
     seconds = time.perf_counter() - t0
     after = validate(res.model, test, attack=attack, provider="cpu")
     return {
@@ -80,8 +81,11 @@ def main() -> None:
     ap.add_argument("--granularity", default="channel")
     ap.add_argument("--method", default="mmac")
     ap.add_argument("--out", default="", help="write rows as JSON here")
-    ap.add_argument("--oracle", action="store_true",
-                    help="also measure the oracle limit per backdoored model (benchmarks/oracle.py)")
+    ap.add_argument(
+        "--oracle",
+        action="store_true",
+        help="also measure the oracle limit per backdoored model (benchmarks/oracle.py)",
+    )
     ap.add_argument("--report", default="", help="write Markdown + JSON tables into this folder")
     args = ap.parse_args()
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -91,7 +95,10 @@ def main() -> None:
         folders = [f for f in folders if f.name in wanted]
     rows = []
     print(f"settings: {overrides or 'defaults'} granularity={args.granularity} method={args.method}")
-    print(f"{'model':28} {'acc':>11} {'bal':>11} {'ASR':>11} {'RA':>5} {'lambda':>7} {'ep':>4} {'s':>6}  mm(max/med) before->after")
+    print(
+        f"{'model':28} {'acc':>11} {'bal':>11} {'ASR':>11} {'RA':>5} {'lambda':>7} {'ep':>4} {'s':>6}  "
+        "mm(max/med) before->after"
+    )
     for f in folders:
         r = evaluate(f, overrides, args.granularity, args.method)
         rows.append(r)
@@ -121,17 +128,24 @@ def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     slim = [{k: v for k, v in r.items() if k != "history"} for r in rows]
     (folder / "eval-defence.json").write_text(
-        json.dumps({"settings": overrides, "method": args.method, "granularity": args.granularity,
-                    "rows": slim}, indent=1))
+        json.dumps(
+            {"settings": overrides, "method": args.method, "granularity": args.granularity, "rows": slim}, indent=1
+        )
+    )
     head = "| model | ACC | ASR | RA | oracle ACC / ASR | seconds |"
-    lines = [f"settings: {overrides or 'defaults'}, method {args.method}, granularity {args.granularity}",
-             "", head, "|---|---|---|---:|---|---:|"]
+    lines = [
+        f"settings: {overrides or 'defaults'}, method {args.method}, granularity {args.granularity}",
+        "",
+        head,
+        "|---|---|---|---:|---|---:|",
+    ]
     for r in slim:
-        orc = (f"{fmt(r.get('oracle_acc'))} / {fmt(r.get('oracle_asr'))}"
-               if r.get("oracle_acc") is not None else "-")
-        lines.append(f"| {r['model']} | {fmt(r['acc_before'])} -> {fmt(r['acc_after'])} | "
-                     f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {orc} | "
-                     f"{r['seconds']:.0f} |")
+        orc = f"{fmt(r.get('oracle_acc'))} / {fmt(r.get('oracle_asr'))}" if r.get("oracle_acc") is not None else "-"
+        lines.append(
+            f"| {r['model']} | {fmt(r['acc_before'])} -> {fmt(r['acc_after'])} | "
+            f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {orc} | "
+            f"{r['seconds']:.0f} |"
+        )
     (folder / "eval-defence.md").write_text("\n".join(lines) + "\n")
 
 

@@ -23,13 +23,14 @@ from mmexport.model import load_model  # noqa: E402
 from mmexport.search.bounds_search import initial_bounds  # noqa: E402
 
 
-def oracle(folder: Path, *, epochs: int = 300, weight: float = 1.0, lr: float = 0.02, seed: int = 0,
-           max_drop: float = 0.03) -> dict:
+def oracle(
+    folder: Path, *, epochs: int = 300, weight: float = 1.0, lr: float = 0.02, seed: int = 0, max_drop: float = 0.03
+) -> dict:
     torch.manual_seed(seed)
     engine = Engine(load_model(folder / "model.onnx"))
     clean, test = load_npz(folder / "clean.npz"), load_npz(folder / "test.npz")
     attack = load_npz(folder / "attack.npz", attack=True)
-    x, y = torch.from_numpy(clean.x), torch.from_numpy(clean.y)
+    x = torch.from_numpy(clean.x)
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(attack))
     fit_i, eval_i = order[: len(order) // 2], order[len(order) // 2 :]

@@ -97,6 +97,4 @@ def check_bounds_for_sites(bounds: Bounds, sites, *, where: str = "bounds") -> N
         if site is None:
             raise MmexportError(f"{where}: key {k!r} is not a site of the model")
         if v.ndim == 1 and site.channels is not None and v.shape[0] != site.channels:
-            raise MmexportError(
-                f"{where}: site {k!r} has {site.channels} channels but {v.shape[0]} bounds"
-            )
+            raise MmexportError(f"{where}: site {k!r} has {site.channels} channels but {v.shape[0]} bounds")

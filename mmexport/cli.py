@@ -115,10 +115,13 @@ def _search_options(f):
                      help="L2 radius of the universal perturbations, as a fraction of the input box's norm "
                           "[default: 0.2]."),
         click.option("--acc-floor", type=float, default=None,
-                     help="Fraction of the clean set's originally-correct samples that must stay correct (checked on D and its 1-pixel shifts) [default: 0.98]."),
-        click.option("--max-epochs", type=int, default=None, help="Upper limit on bound-update epochs [default: 150; mmom: 60]."),
+                     help="Fraction of the clean set's originally-correct samples that must stay correct "
+                          "(checked on D and its 1-pixel shifts) [default: 0.98]."),
+        click.option("--max-epochs", type=int, default=None,
+                     help="Upper limit on bound-update epochs [default: 150; mmom: 60]."),
         click.option("--steps", type=int, default=None, help="Ascent steps per epoch on the maximisers [default: 5]."),
-        click.option("--restarts", type=int, default=None, help="Ascent points (universal: clean images per class) [default: 10]."),
+        click.option("--restarts", type=int, default=None,
+                     help="Ascent points (universal: clean images per class) [default: 10]."),
     ]
     for opt in opts:
         f = opt(f)
@@ -153,8 +156,8 @@ def _overrides(**kw) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
-def harden(model, data, out, method, granularity, form, seed, reduction, budget, maximisers, lambda0, acc_floor, max_epochs, steps,
-           restarts, input_range, device, report_path, no_bounds_file, force, as_json, quiet,
+def harden(model, data, out, method, granularity, form, seed, reduction, budget, maximisers, lambda0, acc_floor,
+           max_epochs, steps, restarts, input_range, device, report_path, no_bounds_file, force, as_json, quiet,
            input_name, output_name):
     """Search bounds on a clean set and write a hardened ONNX model.
 
@@ -162,16 +165,17 @@ def harden(model, data, out, method, granularity, form, seed, reduction, budget,
     Settings and provenance are stored in its metadata_props; the bounds also go to
     <out>.bounds.json (keyed by site tensor name).
     """
+    from .model import atomic_write_bytes, check_output_path, save_model
     from .pipeline import default_output
     from .pipeline import harden as run_harden
-    from .model import atomic_write_bytes, check_output_path, save_model
 
     out = out or default_output(model, method)
     bounds_path = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
     for p in (out, bounds_path, report_path):
         if p is not None:
             check_output_path(p, force=force, inputs=(model, data))
-    overrides = _overrides(seed=seed, reduction=reduction, budget=budget, maximisers=maximisers, lambda0=lambda0, acc_floor=acc_floor,
+    overrides = _overrides(seed=seed, reduction=reduction, budget=budget, maximisers=maximisers, lambda0=lambda0,
+                           acc_floor=acc_floor,
                            max_epochs=max_epochs, steps=steps, restarts=restarts)
     with _progress(quiet, method) as progress:
         result = run_harden(model, data, method=method, granularity=granularity, form=form, input_range=input_range,

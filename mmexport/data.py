@@ -87,13 +87,11 @@ def check_for_model(data: Dataset, input_shape: tuple, num_classes: int | None, 
         want = tuple(input_shape[1:])
         got = tuple(data.x.shape[1:])
         ok = len(want) == len(got) and all(
-            not isinstance(w, int) or w <= 0 or w == g for w, g in zip(want, got)
+            not isinstance(w, int) or w <= 0 or w == g for w, g in zip(want, got, strict=True)
         )
         if not ok:
             shown = ", ".join(str(w) if isinstance(w, int) and w > 0 else "?" for w in want)
-            raise MmexportError(
-                f"{where}: samples shaped {got} do not match the model input (N, {shown})"
-            )
+            raise MmexportError(f"{where}: samples shaped {got} do not match the model input (N, {shown})")
     if num_classes is not None:
         for key, labels in (("y", data.y), ("y_true", data.y_true)):
             if labels is None:
@@ -101,8 +99,7 @@ def check_for_model(data: Dataset, input_shape: tuple, num_classes: int | None, 
             bad = (labels < 0) | (labels >= num_classes)
             if bad.any():
                 raise MmexportError(
-                    f"{where}: key {key!r} has labels outside 0..{num_classes - 1} "
-                    f"(e.g. {int(labels[bad][0])})"
+                    f"{where}: key {key!r} has labels outside 0..{num_classes - 1} (e.g. {int(labels[bad][0])})"
                 )
 
 

@@ -20,9 +20,7 @@ def describe(model: Model) -> dict:
     inits = {i.name for i in g.initializer}
     return {
         "path": str(model.path) if model.path else None,
-        "inputs": [
-            {"name": vi.name, "shape": _shape(_dims(vi))} for vi in g.input if vi.name not in inits
-        ],
+        "inputs": [{"name": vi.name, "shape": _shape(_dims(vi))} for vi in g.input if vi.name not in inits],
         "outputs": [{"name": vi.name, "shape": _shape(_dims(vi))} for vi in g.output],
         "input": model.input_name,
         "output": model.output_name,
@@ -32,9 +30,7 @@ def describe(model: Model) -> dict:
         "num_classes": model.num_classes,
         "nodes": len(g.node),
         "sites": [{"name": s.name, "node": s.node, "op": s.op, "channels": s.channels} for s in model.sites],
-        "unsupported_ops": [
-            {"op": op, "node": node} for op, node in sorted(unsupported_ops(model.proto).items())
-        ],
+        "unsupported_ops": [{"op": op, "node": node} for op, node in sorted(unsupported_ops(model.proto).items())],
     }
 
 
@@ -88,7 +84,7 @@ def verify(
         outs, _ = engine.run(torch.from_numpy(x), outputs=names)
     per_output = []
     passed = True
-    for name, ref in zip(names, ort_out):
+    for name, ref in zip(names, ort_out, strict=True):
         got = outs[name].detach().cpu().numpy()
         ref = np.asarray(ref)
         if got.shape != ref.shape:

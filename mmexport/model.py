@@ -109,9 +109,7 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):
         return ()
-    return tuple(
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-    )
+    return tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim)
 
 
 def _choose(kind: str, names: list[str], wanted: str | None, where: str) -> str:
@@ -149,9 +147,7 @@ def from_proto(
     except Exception:
         inferred = proto
     shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(
-        inferred.graph.output
-    ):
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         shapes[vi.name] = _dims(vi)
     return Model(
         proto=proto,
@@ -164,9 +160,7 @@ def from_proto(
     )
 
 
-def load_model(
-    path: str | os.PathLike, *, input_name: str | None = None, output_name: str | None = None
-) -> Model:
+def load_model(path: str | os.PathLike, *, input_name: str | None = None, output_name: str | None = None) -> Model:
     """Read, check and wrap an ONNX classifier."""
     return from_proto(read_onnx(path), input_name=input_name, output_name=output_name, path=path)
 

@@ -84,9 +84,7 @@ def prepare(model: Model, clean: Dataset) -> int:
         raise MmexportError(f"{where}: no ReLU sites to bound (no Relu or Clip(min=0) nodes)")
     k = model.num_classes
     if k is None:
-        raise MmexportError(
-            f"{model.path or 'model'}: output {model.output_name!r} has no static class dimension"
-        )
+        raise MmexportError(f"{model.path or 'model'}: output {model.output_name!r} has no static class dimension")
     check_for_model(clean, model.input_shape, k)
     check_every_class(clean, k)
     return k

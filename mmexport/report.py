@@ -47,7 +47,7 @@ def print_harden(summary: dict) -> None:
     t.add_column("class")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
-    for c, (b, a) in enumerate(zip(mb, ma)):
+    for c, (b, a) in enumerate(zip(mb, ma, strict=True)):
         t.add_row(str(c), f"{b:.2f}", f"{a:.2f}")
     _out.print(t)
     _out.print(f"{summary['method'].upper()}: {summary['sites']} sites bounded, lambda {summary['lambda']:.3g}, "

@@ -92,8 +92,24 @@ def test_several_inputs_need_a_choice(tmp_path):
 def test_harden_writes_model_bounds_and_provenance(tiny, tmp_path):
     path, data = tiny
     out = tmp_path / "hard.onnx"
-    args = ["harden", path, "--data", data, "-o", out, "--max-epochs", "4", "--restarts", "2",
-            "--steps", "2", "--seed", "1", "--json", "-q"]
+    args = [
+        "harden",
+        path,
+        "--data",
+        data,
+        "-o",
+        out,
+        "--max-epochs",
+        "4",
+        "--restarts",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--json",
+        "-q",
+    ]
     result = run(*args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)

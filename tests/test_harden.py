@@ -50,9 +50,18 @@ def test_harden_api_returns_a_drop_in_model_with_provenance():
     assert [o.name for o in out.graph.output] == ["logits"]
     onnx.checker.check_model(out)
     meta = get_metadata(out)
-    for key in ("mmexport.version", "mmexport.method", "mmexport.settings", "mmexport.seed",
-                "mmexport.source_sha256", "mmexport.data_sha256", "mmexport.lambda",
-                "mmexport.clean_set_accuracy", "mmexport.max_margins_before", "mmexport.max_margins_after"):
+    for key in (
+        "mmexport.version",
+        "mmexport.method",
+        "mmexport.settings",
+        "mmexport.seed",
+        "mmexport.source_sha256",
+        "mmexport.data_sha256",
+        "mmexport.lambda",
+        "mmexport.clean_set_accuracy",
+        "mmexport.max_margins_before",
+        "mmexport.max_margins_after",
+    ):
         assert key in meta
     assert len(res.report["max_margins_before"]) == 3
     engine = Engine(from_proto(proto))

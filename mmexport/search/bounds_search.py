@@ -12,7 +12,6 @@ falls below; the best feasible bounds (lowest margin objective with the floor me
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -220,9 +219,7 @@ def fit_bounds(
         )
     if config.maximisers in ("universal", "both"):
         sets.append(
-            UniversalMaximisers(
-                box, x, y, num_classes, generator=gen, budget=config.budget, batch=config.restarts
-            )
+            UniversalMaximisers(box, x, y, num_classes, generator=gen, budget=config.budget, batch=config.restarts)
         )
     if not sets:
         raise ValueError(f"unknown maximisers {config.maximisers!r}")

@@ -58,7 +58,9 @@ def fit_mmom(
         for k, out_idx in enumerate(held):
             mask = torch.ones(len(y), dtype=torch.bool)
             mask[torch.from_numpy(out_idx)] = False
-            res = fit_bounds(engine, x[mask], y[mask], box, num_classes, replace(cfg, lambda0=lam, seed=config.seed + k))
+            res = fit_bounds(
+                engine, x[mask], y[mask], box, num_classes, replace(cfg, lambda0=lam, seed=config.seed + k)
+            )
             bounds = {n: torch.from_numpy(v).to(x.device) for n, v in res.bounds.items()}
             with torch.no_grad():
                 pred = engine(x[~mask], bounds).argmax(1)
