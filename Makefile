@@ -28,8 +28,11 @@ demo: install
 	@echo "== before: $(SAMPLE)"
 	$(MMEXPORT) validate $(SAMPLE)/model.onnx --data $(SAMPLE)/test.npz --attack $(SAMPLE)/attack.npz
 	$(MMEXPORT) harden $(SAMPLE)/model.onnx --data $(SAMPLE)/clean.npz -o $(DEMO_OUT)/model.mmac.onnx --force
-	@echo "== after: $(DEMO_OUT)/model.mmac.onnx"
+	@echo "== after MMAC (bounds in the graph): $(DEMO_OUT)/model.mmac.onnx"
 	$(MMEXPORT) validate $(DEMO_OUT)/model.mmac.onnx --data $(SAMPLE)/test.npz --attack $(SAMPLE)/attack.npz
+	$(MMEXPORT) detect $(SAMPLE)/model.onnx --data $(SAMPLE)/clean.npz -o $(DEMO_OUT)/model.mmdf.onnx --force
+	@echo "== after MMDF (detect and fix at test time): $(DEMO_OUT)/model.mmdf.onnx"
+	$(MMEXPORT) validate $(DEMO_OUT)/model.mmdf.onnx --data $(SAMPLE)/test.npz --attack $(SAMPLE)/attack.npz
 
 samples: install
 	$(PY) sample_models/build.py

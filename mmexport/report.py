@@ -43,7 +43,8 @@ def print_inspect(info: dict) -> None:
 
 def print_harden(summary: dict) -> None:
     mb, ma = summary["max_margins_before"], summary["max_margins_after"]
-    t = Table(title="per-class max margin (fresh search)", title_justify="left")
+    _out.print("per-class max margin (fresh, equal-seeded search)")
+    t = Table()
     t.add_column("class")
     t.add_column("before", justify="right")
     t.add_column("after", justify="right")
@@ -62,7 +63,8 @@ def print_harden(summary: dict) -> None:
 
 
 def print_validation(rep, *, title: str = "") -> None:
-    t = Table(title=f"{title}  ({rep.provider} provider, {rep.images_per_s:.0f} images/s)", title_justify="left")
+    _out.print(f"[bold]{title}[/]  ({rep.provider} provider, {rep.images_per_s:.0f} images/s)")
+    t = Table()
     t.add_column("class")
     t.add_column("accuracy", justify="right")
     for c, a in enumerate(rep.per_class_accuracy):
