@@ -95,3 +95,22 @@ def labelled_set(model: onnx.ModelProto, n_per_class: int, seed: int = 0):
     x, y = np.concatenate(xs), np.concatenate(ys)
     pick = np.concatenate([np.flatnonzero(y == c)[:n_per_class] for c in range(classes)])
     return x[pick], y[pick].astype(np.int64)
+
+
+def run_cli(*args):
+    """Invoke the `mmexport` command in-process; arguments may be paths or numbers."""
+    from click.testing import CliRunner
+
+    from mmexport.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit 1, no traceback, exactly one line on the output, starting 'error: ', naming the fragments."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    for frag in fragments:
+        assert frag in lines[0]

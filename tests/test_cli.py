@@ -5,24 +5,8 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import labelled_set, tiny_cnn, two_input_model, unsupported_model
-from click.testing import CliRunner
-
-from mmexport.cli import main
-
-
-def run(*args):
-    result = CliRunner().invoke(main, [str(a) for a in args])
-    return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for frag in fragments:
-        assert frag in lines[0]
+from builders import assert_one_line_error, labelled_set, tiny_cnn, two_input_model, unsupported_model
+from builders import run_cli as run
 
 
 @pytest.fixture

@@ -8,12 +8,11 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from builders import labelled_set, tiny_cnn
-from click.testing import CliRunner
+from builders import assert_one_line_error, labelled_set, tiny_cnn
+from builders import run_cli as run
 
 import mmexport
 from mmexport.bounds import Bounds
-from mmexport.cli import main
 from mmexport.comparison import verdict
 from mmexport.data import Dataset
 from mmexport.rewrite import apply_bounds
@@ -36,16 +35,8 @@ FAST_CLI = [
 ORT_CLI = ["--no-margins", "--runs", "2", "--provider", "cpu", "-q"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for frag in fragments:
-        assert frag in lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import numpy as np
 import onnx
 import pytest
 from builders import labelled_set, tiny_cnn
-from click.testing import CliRunner
+from builders import run_cli as run
 from helpers import IR_OLD, conv_net, relu6_net
 
 import mmexport
 from mmexport.bounds import Bounds
-from mmexport.cli import main
 from mmexport.data import Dataset
 from mmexport.errors import MmexportError
 from mmexport.mmdf import (
@@ -341,8 +340,6 @@ def test_validate_adds_detection_and_false_positive_rates_for_an_mmdf_model(tiny
     assert plain.detection_rate is None and plain.false_positive_rate is None
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture

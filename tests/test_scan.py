@@ -7,11 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import labelled_set, tiny_cnn
-from click.testing import CliRunner
+from builders import assert_one_line_error, labelled_set, tiny_cnn
+from builders import run_cli as run
 
 import mmexport
-from mmexport.cli import main
 from mmexport.search.scan import StatisticTest, decide, fit_gamma, gamma_sf, mmbd_test
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -20,16 +19,8 @@ FAST = dict(restarts=2, steps=40, universal_steps=20, device="cpu")
 FAST_CLI = ["--restarts", "2", "--steps", "10", "--device", "cpu", "-q"]
 
 
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for frag in fragments:
-        assert frag in lines[0]
 
 
 @pytest.fixture(scope="module")
