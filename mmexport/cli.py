@@ -198,12 +198,14 @@ def harden(model, data, out, method, granularity, form, seed, reduction, budget,
         print_harden(summary)
 
 
-class _progress:
-    """A rich progress line per accuracy check: epoch, lambda, accuracy on D, max margins, time."""
+class _stages:
+    """A rich progress bar over named stages (compare) or search steps (scan); None when quiet."""
 
-    def __init__(self, quiet: bool, method: str):
+    transient = True
+
+    def __init__(self, quiet: bool, title: str):
         self.quiet = quiet
-        self.method = method
+        self.title = title
 
     def __enter__(self):
         if self.quiet:
@@ -211,10 +213,27 @@ class _progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                           TimeElapsedColumn(), console=_console(), transient=False)
+                           TimeElapsedColumn(), console=_console(), transient=self.transient)
         self._p.__enter__()
-        self._task = None
+        self._task = self._p.add_task(self.title, total=None, info="")
         return self._update
+
+    def _update(self, info: str, done: int | None = None, total: int | None = None) -> None:
+        self._p.update(self._task, info=info, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self._p.__exit__(*exc)
+        return False
+
+
+class _progress(_stages):
+    """One line per accuracy check of the bound search: epoch, lambda, accuracy on D, objective."""
+
+    transient = False
+
+    def __init__(self, quiet: bool, method: str):
+        super().__init__(quiet, method.upper())
 
     def _update(self, row: dict) -> None:
         if "cv" in row:
@@ -224,14 +243,7 @@ class _progress:
             return
         info = (f"epoch {row['epoch']}  lambda {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
                 f"margin objective {row['objective']:.2f}")
-        if self._task is None:
-            self._task = self._p.add_task(self.method.upper(), total=row.get("max_epochs"), info=info)
-        self._p.update(self._task, completed=row["epoch"], total=row.get("max_epochs"), info=info)
-
-    def __exit__(self, *exc):
-        if not self.quiet:
-            self._p.__exit__(*exc)
-        return False
+        super()._update(info, row["epoch"], row.get("max_epochs"))
 
 
 @main.command()
@@ -283,33 +295,6 @@ def validate(model, data, attack, provider, batch_size, as_json, input_name, out
         from .report import print_validation
 
         print_validation(rep, title=str(model))
-
-
-class _stages:
-    """A rich progress bar over named stages (compare) or search steps (scan); None when quiet."""
-
-    def __init__(self, quiet: bool, title: str):
-        self.quiet = quiet
-        self.title = title
-
-    def __enter__(self):
-        if self.quiet:
-            return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                           TimeElapsedColumn(), console=_console(), transient=True)
-        self._p.__enter__()
-        self._task = self._p.add_task(self.title, total=None, info="")
-        return self._update
-
-    def _update(self, info: str, done: int | None = None, total: int | None = None) -> None:
-        self._p.update(self._task, info=info, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        if not self.quiet:
-            self._p.__exit__(*exc)
-        return False
 
 
 def _check_plot_available() -> None:

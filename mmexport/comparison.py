@@ -79,6 +79,18 @@ def _as_model(model, input_name, output_name) -> Model:
     return load_model(model, input_name=input_name, output_name=output_name)
 
 
+def _side(m, types: Counter, rep, max_margins, latency) -> Side:
+    return Side(
+        path=str(m.path) if m.path else None,
+        size_bytes=_size(m),
+        node_types=dict(sorted(types.items())),
+        bounded_sites=count_bounded_sites(m.proto)["total"],
+        validation=rep.to_json(),
+        max_margins=max_margins,
+        latency=latency,
+    )
+
+
 def _size(m: Model) -> int:
     if m.path is not None and Path(m.path).is_file():
         return os.path.getsize(m.path)
@@ -320,24 +332,8 @@ def compare(
         if types_b[t] != types_a[t]
     }
 
-    side_a = Side(
-        path=str(a.path) if a.path else None,
-        size_bytes=_size(a),
-        node_types=dict(sorted(types_a.items())),
-        bounded_sites=count_bounded_sites(a.proto)["total"],
-        validation=rep_a.to_json(),
-        max_margins=mm_a,
-        latency=lat_a,
-    )
-    side_b = Side(
-        path=str(b.path) if b.path else None,
-        size_bytes=_size(b),
-        node_types=dict(sorted(types_b.items())),
-        bounded_sites=count_bounded_sites(b.proto)["total"],
-        validation=rep_b.to_json(),
-        max_margins=mm_b,
-        latency=lat_b,
-    )
+    side_a = _side(a, types_a, rep_a, mm_a, lat_a)
+    side_b = _side(b, types_b, rep_b, mm_b, lat_b)
     tol_rate = max(RATE_TOLERANCE, 1.0 / len(data))
     return CompareReport(
         pre=side_a,
