@@ -119,6 +119,7 @@ def main() -> None:
             r["oracle_acc"], r["oracle_asr"] = o.get("acc"), o.get("asr")
             print(f"{'':28} oracle: ACC {fmt(r['oracle_acc'])} ASR {fmt(r['oracle_asr'])}", flush=True)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"settings": overrides, "rows": rows}, indent=1))
     if args.report:
         write_report(Path(args.report), overrides, args, rows)
