@@ -45,6 +45,21 @@ def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=float))
 
 
+def _write_outputs(result, out: Path, bounds_path, report_path, *, force: bool, inputs) -> dict:
+    """Write the model, its bounds file and the full report (each atomically); returns the paths."""
+    from .model import atomic_write_bytes, save_model
+
+    save_model(result.model, out, force=force, inputs=inputs)
+    written = {"model": str(out)}
+    if bounds_path is not None:
+        atomic_write_bytes(bounds_path, result.bounds.dumps().encode())
+        written["bounds"] = str(bounds_path)
+    if report_path is not None:
+        atomic_write_bytes(report_path, json.dumps(result.report, indent=1).encode())
+        written["report"] = str(report_path)
+    return written
+
+
 def model_options(f):
     f = click.option("--output", "output_name", metavar="NAME", help="Logits output (when the graph has several).")(f)
     f = click.option("--input", "input_name", metavar="NAME", help="Model input (when the graph has several).")(f)
@@ -165,7 +180,7 @@ def harden(model, data, out, method, granularity, form, seed, reduction, budget,
     Settings and provenance are stored in its metadata_props; the bounds also go to
     <out>.bounds.json (keyed by site tensor name).
     """
-    from .model import atomic_write_bytes, check_output_path, save_model
+    from .model import check_output_path
     from .pipeline import default_output
     from .pipeline import harden as run_harden
 
@@ -181,14 +196,7 @@ def harden(model, data, out, method, granularity, form, seed, reduction, budget,
         result = run_harden(model, data, method=method, granularity=granularity, form=form, input_range=input_range,
                             device=device, input_name=input_name, output_name=output_name,
                             progress=progress, **overrides)
-    save_model(result.model, out, force=force, inputs=(model, data))
-    written = {"model": str(out)}
-    if bounds_path is not None:
-        atomic_write_bytes(bounds_path, result.bounds.dumps().encode())
-        written["bounds"] = str(bounds_path)
-    if report_path is not None:
-        atomic_write_bytes(report_path, json.dumps(result.report, indent=1).encode())
-        written["report"] = str(report_path)
+    written = _write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
     summary = {k: v for k, v in result.report.items() if k != "history"} | {"written": written}
     if as_json:
         _print_json(summary)
@@ -414,7 +422,7 @@ def detect(model, data, out, bounds_path, hardened, method, alpha, law, folds, n
     mmdf_detected (bool [N]) and mmdf_score (d minus the threshold, float [N]).
     """
     from .mmdf import detect as run_detect
-    from .model import atomic_write_bytes, check_output_path, save_model
+    from .model import check_output_path
 
     out = out or model.with_name(f"{model.stem}.mmdf.onnx")
     bounds_out = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
@@ -435,14 +443,7 @@ def detect(model, data, out, bounds_path, hardened, method, alpha, law, folds, n
                             law=law, folds=folds, augment=not no_augment, seed=seed, device=device,
                             provider=provider, input_name=input_name, output_name=output_name,
                             progress=progress if bar is not None else None, **search)
-    save_model(result.model, out, force=force, inputs=inputs)
-    written = {"model": str(out)}
-    if bounds_out is not None:
-        atomic_write_bytes(bounds_out, result.bounds.dumps().encode())
-        written["bounds"] = str(bounds_out)
-    if report_path is not None:
-        atomic_write_bytes(report_path, json.dumps(result.report, indent=1).encode())
-        written["report"] = str(report_path)
+    written = _write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
     summary = result.report | {"written": written}
     if as_json:
         _print_json(summary)
