@@ -153,8 +153,9 @@ def _overrides(**kw) -> dict:
               help="Clean labelled set D (.npz with x, y): tens of images per class.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output model [default: <model>.<method>.onnx beside the input].")
-@click.option("--method", type=click.Choice(["mmac", "mmom"]), default="mmac", show_default=True,
-              help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training).")
+@click.option("--method", type=click.Choice(["mmac", "mmom", "mmom-refit"]), default="mmac", show_default=True,
+              help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training); "
+                   "mmom-refit: MMOM, then the last linear layer re-fitted on D (long-tailed models).")
 @click.option("--granularity", type=click.Choice(["channel", "layer"]), default="channel", show_default=True,
               help="One bound per channel, or one per site.")
 @click.option("--form", type=click.Choice(["auto", "fold", "min"]), default="auto", show_default=True,

@@ -105,6 +105,26 @@ def initializer_names(graph: onnx.GraphProto) -> set[str]:
     return {init.name for init in graph.initializer}
 
 
+def replace_initializers(proto: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of `proto` with the named initializers set to new values of the same shape.
+
+    How re-fitted or fine-tuned weights go back into a model: names, graph and IR stay.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    by_name = {init.name: init for init in out.graph.initializer}
+    for name, value in values.items():
+        init = by_name.get(name)
+        if init is None:
+            raise MmexportError(f"no initializer named {name!r} to replace")
+        old = numpy_helper.to_array(init)
+        value = np.asarray(value)
+        if value.shape != old.shape:
+            raise MmexportError(f"initializer {name!r}: new shape {value.shape} differs from {old.shape}")
+        init.CopyFrom(numpy_helper.from_array(value.astype(old.dtype), name))
+    return out
+
+
 def _dims(value_info: onnx.ValueInfoProto) -> tuple:
     t = value_info.type.tensor_type
     if not t.HasField("shape"):

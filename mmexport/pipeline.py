@@ -19,12 +19,13 @@ from .data import Dataset, check_every_class, check_for_model, load_npz
 from .engine import Engine
 from .errors import MmexportError
 from .model import Model, from_proto, load_model, set_metadata, sha256_bytes
+from .refit import find_classifier, refit, write_classifier
 from .rewrite import apply_bounds, count_bounded_sites
 from .search.bounds_search import REDUCTIONS, SearchConfig, fit_bounds
 from .search.margins import input_box, max_margins
 from .search.mmom import fit_mmom
 
-METHODS = ("mmac", "mmom")
+METHODS = ("mmac", "mmom", "mmom-refit")
 # MMOM fits at a fixed, cross-validated lambda: eleven short fits instead of one long one.
 MMOM_EPOCHS = 60
 
@@ -122,9 +123,10 @@ def harden(
     unknown = set(overrides) - set(SearchConfig.__dataclass_fields__)
     if unknown:
         raise MmexportError(f"unknown search option(s): {', '.join(sorted(unknown))}")
-    if method == "mmom" and "max_epochs" not in overrides:
+    mmom = method in ("mmom", "mmom-refit")
+    if mmom and "max_epochs" not in overrides:
         overrides["max_epochs"] = MMOM_EPOCHS
-    cfg = replace(cfg, method=method, granularity=granularity, **overrides)
+    cfg = replace(cfg, method="mmom" if mmom else method, granularity=granularity, **overrides)
     if cfg.reduction not in REDUCTIONS:
         raise MmexportError(f"unknown reduction {cfg.reduction!r}; choose from {', '.join(REDUCTIONS)}")
     if not 0.0 < cfg.acc_floor <= 1.0:
@@ -137,6 +139,8 @@ def harden(
         )
     clean = as_dataset(clean_set)
     k = prepare(m, clean)
+    if method == "mmom-refit":
+        find_classifier(m)  # fail before the search if there is no last layer to refit
     dev = resolve_device(device)
     engine = Engine(m, device=dev)
     x = torch.from_numpy(clean.x).to(dev)
@@ -144,7 +148,7 @@ def harden(
     box = input_box(x, input_range).to(dev)
 
     cv = None
-    if method == "mmom":
+    if mmom:
         result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress)
     else:
         result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
@@ -154,9 +158,14 @@ def harden(
     probe = dict(restarts=cfg.restarts, steps=max(cfg.warmup_steps, 100), seed=cfg.seed + 1, clean_x=x)
     zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
     mm_before = max_margins(engine, box, k, **probe)
+    source, refit_table = m.proto, None
+    if method == "mmom-refit":
+        w, b, refit_table = refit(engine, x, y, k, bounds=zb, seed=cfg.seed)
+        source = write_classifier(m, w, b)
+        engine = Engine(from_proto(source, input_name=m.input_name, output_name=m.output_name), device=dev)
     mm_after = max_margins(engine, box, k, bounds=zb, **probe)
 
-    hardened, forms = apply_bounds(m.proto, result.bounds, sites=m.sites, form=form, report=True)
+    hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
     settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None}
     report = {
         "mmexport_version": __version__,
@@ -183,6 +192,8 @@ def harden(
     }
     if cv is not None:
         report["cross_validation"] = cv
+    if refit_table is not None:
+        report["refit"] = refit_table
     result.bounds.meta = {k_: report[k_] for k_ in ("method", "seed", "model_sha256", "data_sha256")}
     set_metadata(
         hardened,

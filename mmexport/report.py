@@ -54,6 +54,15 @@ def print_harden(summary: dict) -> None:
     _out.print(f"{summary['method'].upper()}: {summary['sites']} sites bounded, lambda {summary['lambda']:.3g}, "
                f"clean-set accuracy kept {_pct(summary['clean_set_accuracy'])}, {summary['epochs']} epochs, "
                f"{summary['seconds']:.1f} s on {summary['device']}")
+    refit = summary.get("refit")
+    if refit:
+        kept = refit[-1]
+        top = max(refit[:-1], key=lambda r: (r["balanced_accuracy"], r["penalty"]))
+        if top["balanced_accuracy"] > kept["balanced_accuracy"]:
+            _out.print(f"last layer re-fitted on D: penalty {top['penalty']:g}, held-out balanced accuracy "
+                       f"{_pct(kept['balanced_accuracy'])} -> {_pct(top['balanced_accuracy'])}")
+        else:
+            _out.print(f"last layer kept: no re-fit beat it on held-out D ({_pct(kept['balanced_accuracy'])})")
     forms = summary.get("site_forms") or {}
     for site in forms.get("sites", []):
         why = f" ({site['reason']})" if site.get("reason") else ""

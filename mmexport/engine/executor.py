@@ -146,6 +146,7 @@ class Engine(torch.nn.Module):
         used = {i for _, ins, _, _ in steps for i in ins}
         wanted = {vi.name for vi in graph.output}
         self._const_slots: list[tuple[int, str]] = []
+        self._const_names: dict[str, str] = {}
         for name, value in static.items():
             if name in wanted:
                 slot(name)
@@ -156,6 +157,7 @@ class Engine(torch.nn.Module):
             if not value.is_floating_point():
                 self._host_buffers.append(buffer)
             self._const_slots.append((self._slots[name], buffer))
+            self._const_names[name] = buffer
         for vi in graph.output:
             if vi.name not in self._slots:
                 raise MmexportError(f"{self._where}: graph output {vi.name!r} is never produced")
@@ -198,6 +200,19 @@ class Engine(torch.nn.Module):
         for slot, buffer in self._const_slots:
             self._template[slot] = self._buffers[buffer]
         return self
+
+    def constants(self) -> dict[str, torch.Tensor]:
+        """The float tensors the graph reads at run time, by ONNX name, as live buffers.
+
+        Fine-tuning a weight means setting `requires_grad` on its entry and stepping it in
+        place; `rewrite.replace_initializers` writes the result back. Tensors that only feed
+        constant-folded nodes are not here (their folded results are, under their own names).
+        """
+        return {
+            name: self._buffers[buffer]
+            for name, buffer in self._const_names.items()
+            if self._buffers[buffer].is_floating_point()
+        }
 
     @property
     def device(self) -> torch.device:

@@ -37,7 +37,8 @@ class SearchConfig:
     restarts: int = 10  # ascent points per class
     clean_fraction: float = 0.5  # share of ascent starts taken from clean images of D
     warmup_steps: int = 100  # ascent steps before the first bound update
-    steps: int = 5  # ascent steps per epoch (warm-started)
+    steps: int = 5  # ascent steps per refresh of the maximisers (warm-started)
+    refresh_every: int = 1  # epochs between refreshes (the paper's code: 300 steps every 100 epochs)
     step_size: float = 0.02  # signed-gradient ascent step, fraction of the input range
     max_epochs: int = 150
     lr: float = 0.02  # Adam on the relative bounds s
@@ -249,7 +250,8 @@ def fit_bounds(
         for ms in sets:
             if isinstance(ms, UniversalMaximisers):
                 ms.resample()
-            ms.ascend(engine, bounds_now, config.steps)
+            if config.refresh_every == 1 or (epoch > 1 and (epoch - 1) % config.refresh_every == 0):
+                ms.ascend(engine, bounds_now, config.steps)
 
         bounds = current()
         if config.method == "mmom":
