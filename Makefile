@@ -37,12 +37,14 @@ demo: install
 samples: install
 	$(PY) sample_models/build.py
 
+# One report, bench-results/bench.md (+ .json): defences vs peers, harden time vs the paper's
+# schedule, latency of hardened and MMDF models; then the folded-bounds latency table.
 bench: install
-	$(PY) benchmarks/bench_harden.py
+	$(PY) benchmarks/bench_defences.py --out bench-results
 	$(PY) benchmarks/bench_latency.py --bounds bench-results/bounds
 
 eval-defence: install
-	$(PY) benchmarks/evaluate.py --oracle --report bench-results
+	$(PY) benchmarks/evaluate.py --oracle --detect --report bench-results
 
 lint: install
 	$(VENV)/bin/ruff check mmexport tests sample_models benchmarks

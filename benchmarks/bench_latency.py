@@ -192,6 +192,9 @@ def main() -> int:
     for folder in folders:
         proto = onnx.load(str(folder / "model.onnx"))
         clean = np.load(folder / "clean.npz")["x"].astype(np.float32)
+        if args.bounds and not (Path(args.bounds) / f"{folder.name}.bounds.json").exists():
+            print(f"{folder.name}: no bounds in {args.bounds}, skipped")
+            continue
         bounds = bounds_for(folder, proto, clean, args)
         models, report = variants(proto, bounds)
         diff = agreement(models, clean)

@@ -31,7 +31,7 @@ def parse_value(v: str):
     return v
 
 
-def evaluate(folder: Path, overrides: dict, granularity: str, method: str) -> dict:
+def evaluate(folder: Path, overrides: dict, granularity: str, method: str, detect_too: bool = False) -> dict:
     test = load_npz(folder / "test.npz")
     attack = load_npz(folder / "attack.npz", attack=True) if (folder / "attack.npz").exists() else None
     before = validate(folder / "model.onnx", test, attack=attack, provider="cpu")
@@ -41,7 +41,21 @@ def evaluate(folder: Path, overrides: dict, granularity: str, method: str) -> di
     )
     seconds = time.perf_counter() - t0
     after = validate(res.model, test, attack=attack, provider="cpu")
-    return {
+    mmdf = {}
+    if detect_too:
+        from mmexport.mmdf import detect
+
+        t1 = time.perf_counter()
+        det = detect(folder / "model.onnx", folder / "clean.npz", device="cpu")
+        rep = validate(det.model, test, attack=attack, provider="cpu")
+        mmdf = {
+            "mmdf_acc": rep.accuracy,
+            "mmdf_asr": rep.asr,
+            "mmdf_detection": rep.detection_rate,
+            "mmdf_fpr": rep.false_positive_rate,
+            "mmdf_seconds": time.perf_counter() - t1,
+        }
+    return mmdf | {
         "model": folder.name,
         "acc_before": before.accuracy,
         "acc_after": after.accuracy,
@@ -87,6 +101,7 @@ def main() -> None:
         help="also measure the oracle limit per backdoored model (benchmarks/oracle.py)",
     )
     ap.add_argument("--report", default="", help="write Markdown + JSON tables into this folder")
+    ap.add_argument("--detect", action="store_true", help="also build and measure MMDF (mmexport detect)")
     args = ap.parse_args()
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     folders = sorted(p.parent for p in (ROOT / "sample_models").glob("*/model.onnx"))
@@ -100,7 +115,7 @@ def main() -> None:
         "mm(max/med) before->after"
     )
     for f in folders:
-        r = evaluate(f, overrides, args.granularity, args.method)
+        r = evaluate(f, overrides, args.granularity, args.method, args.detect)
         rows.append(r)
         import statistics as st
 
@@ -112,6 +127,9 @@ def main() -> None:
             f"{max(mb):.1f}/{st.median(mb):.1f} -> {max(ma):.1f}/{st.median(ma):.1f}",
             flush=True,
         )
+        if "mmdf_acc" in r:
+            print(f"{'':28} MMDF: ACC {fmt(r['mmdf_acc'])} ASR {fmt(r['mmdf_asr'])} "
+                  f"det {fmt(r['mmdf_detection'])} FPR {fmt(r['mmdf_fpr'])}", flush=True)
         if args.oracle and r["asr_before"] is not None:
             from oracle import oracle
 
@@ -133,18 +151,23 @@ def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
             {"settings": overrides, "method": args.method, "granularity": args.granularity, "rows": slim}, indent=1
         )
     )
-    head = "| model | ACC | ASR | RA | oracle ACC / ASR | seconds |"
+    head = "| model | ACC | ASR | RA | oracle ACC / ASR | MMDF ACC / ASR / det / FPR | seconds |"
     lines = [
         f"settings: {overrides or 'defaults'}, method {args.method}, granularity {args.granularity}",
         "",
         head,
-        "|---|---|---|---:|---|---:|",
+        "|---|---|---|---:|---|---|---:|",
     ]
     for r in slim:
         orc = f"{fmt(r.get('oracle_acc'))} / {fmt(r.get('oracle_asr'))}" if r.get("oracle_acc") is not None else "-"
+        mmdf = (
+            " / ".join(fmt(r[k]) for k in ("mmdf_acc", "mmdf_asr", "mmdf_detection", "mmdf_fpr"))
+            if "mmdf_acc" in r
+            else "-"
+        )
         lines.append(
             f"| {r['model']} | {fmt(r['acc_before'])} -> {fmt(r['acc_after'])} | "
-            f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {orc} | "
+            f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {orc} | {mmdf} | "
             f"{r['seconds']:.0f} |"
         )
     (folder / "eval-defence.md").write_text("\n".join(lines) + "\n")
