@@ -1,0 +1,187 @@
+"""The peer defences of benchmarks/peers.py on tiny models: what each writes, and that it runs in onnxruntime."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from builders import labelled_set, tiny_cnn
+from onnx import numpy_helper
+
+from mmexport.engine import Engine
+from mmexport.model import from_proto, replace_initializers
+from mmexport.rewrite import extract_bounds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import peers  # noqa: E402
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def ort_run(proto: onnx.ModelProto, x: np.ndarray, extra: tuple[str, ...] = ()) -> list[np.ndarray]:
+    """Logits (and any named intermediate tensors) under onnxruntime CPU."""
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for name in extra:
+        model.graph.output.append(onnx.ValueInfoProto(name=name))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def ort_accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    return float((ort_run(proto, x)[0].argmax(1) == y).mean())
+
+
+def inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+
+
+def test_registry_names_every_peer():
+    assert set(peers.PEERS) == {"activation-clipping", "fine-pruning", "clp", "fine-tuning"}
+
+
+# --- CLP --------------------------------------------------------------------------------------
+
+
+def test_channel_lipschitz_is_the_spectral_norm_of_each_kernel():
+    w = np.random.default_rng(0).normal(size=(5, 3, 3, 3)).astype(np.float32)
+    want = [np.linalg.norm(w[k].reshape(3, 9), 2) for k in range(5)]
+    np.testing.assert_allclose(peers.channel_lipschitz(w), want, rtol=1e-5)
+
+
+def test_clp_zeroes_exactly_the_planted_outlier_channel():
+    proto = tiny_cnn(0)
+    w = inits(proto)["w1"].copy()
+    w[2] *= 100.0  # one channel far more input-sensitive than its layer
+    proto = replace_initializers(proto, {"w1": w})
+    # 4 channels: the largest z-score possible is sqrt(3), so u = 3 could never fire here.
+    out, info = peers.clp(proto, None, None, u=1.5)
+    new, old = inits(out), inits(proto)
+    assert info["pruned_channels"] == {"conv1": [2]}
+    assert not new["w1"][2].any() and new["b1"][2] == 0
+    np.testing.assert_array_equal(np.delete(new["w1"], 2, 0), np.delete(old["w1"], 2, 0))
+    np.testing.assert_array_equal(np.delete(new["b1"], 2), np.delete(old["b1"], 2))
+    for name in ("w2", "b2", "w3", "b3"):
+        np.testing.assert_array_equal(new[name], old[name])
+    x = np.random.default_rng(1).uniform(0, 1, (8, 1, 6, 6)).astype(np.float32)
+    _, r1 = ort_run(out, x, ("r1",))
+    assert not r1[:, 2].any()
+
+
+def test_clp_leaves_a_layer_without_outliers_alone():
+    proto = tiny_cnn(0)
+    out, info = peers.clp(proto, None, None)
+    assert info["pruned"] == 0 and info["conv_layers"] == 1
+    for name, value in inits(proto).items():
+        np.testing.assert_array_equal(inits(out)[name], value)
+
+
+# --- fine-pruning -----------------------------------------------------------------------------
+
+
+def test_last_conv_site_per_architecture():
+    assert peers._last_conv_site(from_proto(tiny_cnn(0))) == "r1"
+    resnet = from_proto(onnx.load(str(SAMPLES / "digits-resnet-badnet" / "model.onnx")))
+    assert peers._last_conv_site(resnet) == "/4/Relu_1_output_0"  # after the last residual Add
+    mlp = from_proto(onnx.load(str(SAMPLES / "digits-mlp-badnet" / "model.onnx")))
+    assert peers._last_conv_site(mlp) == mlp.sites[-1].name
+
+
+def test_fine_pruning_zeroes_its_pruned_channels_in_onnxruntime():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 10)
+    out, info = peers.fine_pruning(proto, x, y, max_drop=0.5, epochs=3)
+    onnx.checker.check_model(out)
+    assert info["site"] == "r1" and info["pruned"] >= 1
+    assert info["accuracy_D_pruned"] >= info["accuracy_D_before"] - 0.5
+    logits, r1 = ort_run(out, x, ("r1",))
+    assert not r1[:, info["pruned_channels"]].any()
+    kept = [c for c in range(4) if c not in info["pruned_channels"]]
+    assert r1[:, kept].any()
+    # ORT agrees with the engine run of the pruned, fine-tuned weights.
+    np.testing.assert_allclose(logits, Engine(from_proto(out))(torch.from_numpy(x)).numpy(), atol=1e-4)
+
+
+def test_fine_pruning_stops_before_the_accuracy_drop():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 10)
+    _, strict = peers.fine_pruning(proto, x, y, max_drop=0.0, epochs=1)
+    assert strict["accuracy_D_pruned"] == strict["accuracy_D_before"]
+    _, loose = peers.fine_pruning(proto, x, y, max_drop=1.0, epochs=1)
+    assert loose["pruned"] == 4  # any drop allowed: every channel goes
+
+
+# --- fine-tuning ------------------------------------------------------------------------------
+
+
+def test_fine_tuning_changes_weights_and_raises_accuracy_on_d():
+    teacher, student = tiny_cnn(0), tiny_cnn(1)
+    x, y = labelled_set(teacher, 10)  # labels the student gets partly wrong
+    before = ort_accuracy(student, x, y)
+    out, info = peers.fine_tuning(student, x, y, epochs=15)
+    assert info["tensors"] == 6
+    assert any(not np.array_equal(inits(out)[k], v) for k, v in inits(student).items())
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in student.graph.node]
+    assert ort_accuracy(out, x, y) > before
+    again, _ = peers.fine_tuning(student, x, y, epochs=15)
+    for name, value in inits(out).items():
+        np.testing.assert_array_equal(inits(again)[name], value)  # deterministic given the seed
+
+
+def test_fine_tuning_leaves_the_input_model_untouched():
+    proto = tiny_cnn(0)
+    snapshot = proto.SerializeToString()
+    x, y = labelled_set(proto, 5)
+    peers.fine_tuning(proto, x, y, epochs=1)
+    assert proto.SerializeToString() == snapshot
+
+
+# --- activation clipping ----------------------------------------------------------------------
+
+
+def test_activation_clipping_writes_bounds_and_keeps_d():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 10)
+    out, info = peers.activation_clipping(proto, x, y, max_epochs=30)
+    bounds = extract_bounds(out)
+    assert set(bounds) == {"r1", "r2"}
+    assert info["mean_relative_bound"] < 1.0  # the bounds shrank below D's maxima
+    engine = Engine(from_proto(proto))
+    _, acts = engine.run(torch.from_numpy(x), record=["r1", "r2"], outputs=["logits"])
+    for site, z in bounds.items():
+        a = acts[site].detach()
+        z0 = (a.transpose(0, 1).reshape(a.shape[1], -1).max(1).values if a.dim() > 2 else a.max(0).values).numpy()
+        assert (z <= z0 + 1e-5).all()
+    assert ort_accuracy(out, x, y) >= 0.98  # labelled_set: every sample of D starts correct
+
+
+def test_activation_clipping_falls_back_to_the_data_maxima_when_nothing_is_feasible():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 5)
+    out, info = peers.activation_clipping(proto, x, y, max_epochs=2, lambda0=1e6, lr=0.5)
+    assert info["backoffs"] == 1 and info["mean_relative_bound"] == 1.0
+    np.testing.assert_allclose(ort_run(out, x)[0], ort_run(proto, x)[0], atol=1e-5)
+
+
+def test_peers_return_models_with_the_original_io():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 3)
+    for name, fn in peers.PEERS.items():
+        kwargs = {"max_epochs": 2} if name == "activation-clipping" else {}
+        kwargs.update({"epochs": 1} if name in ("fine-pruning", "fine-tuning") else {})
+        out, info = fn(proto, x, y, seed=0, **kwargs)
+        assert isinstance(out, onnx.ModelProto) and isinstance(info, dict), name
+        assert [i.name for i in out.graph.input] == ["input"] and [o.name for o in out.graph.output] == ["logits"]
+        assert ort_run(out, x)[0].shape == (len(x), 3), name
