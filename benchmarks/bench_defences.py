@@ -99,7 +99,7 @@ def timed(fn):
 # --- 1. backdoor defences ----------------------------------------------------------------
 
 
-def defences(folder: Path, seed: int, bounds_dir: Path) -> tuple[list[dict], dict]:
+def defences(folder: Path, seed: int, bounds_dir: Path, device: str) -> tuple[list[dict], dict]:
     """Rows for one model, and the models to time (original, channel, layer, MMDF)."""
     model = folder / "model.onnx"
     original = onnx.load(str(model))
@@ -108,12 +108,12 @@ def defences(folder: Path, seed: int, bounds_dir: Path) -> tuple[list[dict], dic
     protos = {"original": original}
 
     for gran in ("channel", "layer"):
-        res, s = timed(lambda g=gran: harden(model, clean, granularity=g, device="cpu", seed=seed))
+        res, s = timed(lambda g=gran: harden(model, clean, granularity=g, device=device, seed=seed))
         protos[gran] = res.model
         rows.append({"defence": f"mmac-{gran}", "seconds": s, **measure(res.model, folder)})
         if gran == "channel":
             (bounds_dir / f"{folder.name}.bounds.json").write_text(res.bounds.dumps())
-    res, s = timed(lambda: detect(model, clean, seed=seed, device="cpu"))
+    res, s = timed(lambda: detect(model, clean, seed=seed, device=device))
     protos["mmdf"] = res.model
     rows.append({"defence": "mmdf", "seconds": s, **measure(res.model, folder)})
 
@@ -158,13 +158,13 @@ def logit_adjusted(folder: Path, x: np.ndarray) -> tuple[onnx.ModelProto, dict]:
     return write_classifier(m, w, b - np.log(prior)), {"prior": prior.round(4).tolist()}
 
 
-def long_tail(folder: Path, seed: int) -> list[dict]:
+def long_tail(folder: Path, seed: int, device: str) -> list[dict]:
     model = folder / "model.onnx"
     clean = load_npz(folder / "clean.npz")
     m = load_model(model)
     rows = [{"method": "none", "seconds": 0.0, **measure(m.proto, folder)}]
     for method in ("mmom", "mmom-refit"):
-        res, s = timed(lambda me=method: harden(model, clean, method=me, device="cpu", seed=seed))
+        res, s = timed(lambda me=method: harden(model, clean, method=me, device=device, seed=seed))
         rows.append({"method": method, "seconds": s, **measure(res.model, folder)})
     (proto, info), s = timed(lambda: tau_normalised(folder, clean.x, clean.y))
     rows.append({"method": "tau-normalisation", "seconds": s, "info": info, **measure(proto, folder)})
@@ -184,9 +184,9 @@ def long_tail(folder: Path, seed: int) -> list[dict]:
 # --- 3. schedule --------------------------------------------------------------------------
 
 
-def schedule(folder: Path, seed: int, default_row: dict) -> dict:
+def schedule(folder: Path, seed: int, default_row: dict, device: str) -> dict:
     clean = load_npz(folder / "clean.npz")
-    res, s = timed(lambda: harden(folder / "model.onnx", clean, device="cpu", seed=seed, **PAPER_SCHEDULE))
+    res, s = timed(lambda: harden(folder / "model.onnx", clean, device=device, seed=seed, **PAPER_SCHEDULE))
     paper = {"seconds": s, **measure(res.model, folder)}
     return {
         "model": folder.name,
@@ -232,8 +232,10 @@ def markdown(result: dict) -> str:
         "# mmexport benchmark",
         "",
         f"torch {env['torch']} ({env['torch_threads']} threads), onnxruntime {env['onnxruntime']} CPU, "
-        f"{env['cpu_count']} logical CPUs, seed {env['seed']}. All accuracies measured under onnxruntime "
-        "on the sample's test set (ASR, RA on its attack set); every defence saw only clean.npz.",
+        f"{env['cpu_count']} logical CPUs, searches on {env.get('device', 'cpu')}"
+        f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, seed {env['seed']}. "
+        "All accuracies measured under onnxruntime on the sample's test set (ASR, RA on its attack set); "
+        "every defence saw only clean.npz.",
         "",
         "## 1. Backdoor defences",
         "",
@@ -310,6 +312,8 @@ def main() -> int:
     ap.add_argument("--models", default="", help="comma-separated sample folders (default: all)")
     ap.add_argument("--speed-models", default=",".join(SPEED_MODELS), help="models for the schedule comparison")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
+                    help="torch device of mmexport's searches (peers run on the CPU; onnxruntime always CPU)")
     ap.add_argument("--runs", type=int, default=200, help="latency rounds per batch size")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
@@ -332,6 +336,8 @@ def main() -> int:
             "cpu": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(),
             "seed": args.seed,
+            "device": args.device,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "latency_runs": args.runs,
             "ort_threads": args.threads,
         },
@@ -345,14 +351,14 @@ def main() -> int:
         if c.get("imbalance"):
             counts = np.asarray(c["imbalance"]["train_per_class"])
             rarest = [int(i) for i in np.argsort(counts, kind="stable")[:2]]
-            rows = long_tail(folder, args.seed)
+            rows = long_tail(folder, args.seed, args.device)
             result["long_tail"][folder.name] = {"rarest": rarest, "rows": rows}
             for r in rows:
                 print(f"{folder.name:26} {r['method']:20} ACC {pct(r['acc'])} bal {pct(r['bal'])} "
                       f"rarest {pct(r['per_class'][rarest[0]])}/{pct(r['per_class'][rarest[1]])} "
                       f"{r['seconds']:.0f}s", flush=True)
             continue
-        rows, protos = defences(folder, args.seed, out / "bounds")
+        rows, protos = defences(folder, args.seed, out / "bounds", args.device)
         result["efficacy"][folder.name] = rows
         for r in rows:
             det = f" det {pct(r['detection'])} FPR {pct(r['fpr'])}" if r["detection"] is not None else ""
@@ -361,7 +367,7 @@ def main() -> int:
         x = np.load(folder / "clean.npz")["x"].astype(np.float32)
         result["latency"] += latency(folder.name, protos, x, args.runs, args.threads)
         if folder.name in speed:
-            row = schedule(folder, args.seed, next(r for r in rows if r["defence"] == "mmac-channel"))
+            row = schedule(folder, args.seed, next(r for r in rows if r["defence"] == "mmac-channel"), args.device)
             result["schedule"].append(row)
             print(f"{folder.name:26} schedule: defaults {row['defaults']['seconds']:.0f}s vs paper "
                   f"{row['paper']['seconds']:.0f}s (ASR {pct(row['paper']['asr'])})", flush=True)
