@@ -122,10 +122,12 @@ def _search_options(f):
         click.option("--reduction", type=click.Choice(["mean", "max", "excess", "softmax"]), default=None,
                      help="How per-class max margins combine into the objective [default: max]."),
         click.option("--lambda0", type=float, default=None, help="Starting weight of the margin term."),
-        click.option("--maximisers", type=click.Choice(["universal", "points", "both"]), default=None,
+        click.option("--maximisers", type=click.Choice(["universal", "points", "both", "masked", "universal+masked"]),
+                     default=None,
                      help="Where margins are maximised: one norm-bounded perturbation per class shared by "
                           "the clean images (universal), free points in the input box (points, the paper's "
-                          "choice), or both [default: universal]."),
+                          "choice), both of those, one stamped pattern of bounded area per class (masked), or "
+                          "universal and masked together [default: universal]."),
         click.option("--budget", type=float, default=None,
                      help="L2 radius of the universal perturbations, as a fraction of the input box's norm "
                           "[default: 0.2]."),

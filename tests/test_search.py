@@ -9,6 +9,7 @@ from mmexport.engine import Engine
 from mmexport.model import from_proto
 from mmexport.search.bounds_search import SearchConfig, fit_bounds, initial_bounds, reduce_margins
 from mmexport.search.margins import (
+    MaskedMaximisers,
     Maximisers,
     UniversalMaximisers,
     input_box,
@@ -63,6 +64,28 @@ def test_universal_perturbations_stay_within_their_budget(setup):
     norms = uni.delta.flatten(1).norm(dim=1)
     assert float(norms.max()) <= uni.radius * (1 + 1e-5)
     assert float(norms.min()) > 0
+
+
+def test_masked_maximisers_stamp_within_the_area_and_raise_the_margins(setup):
+    engine, x, y = setup
+    box = input_box(x)
+    mx = MaskedMaximisers(box, x, y, 3, generator=torch.Generator().manual_seed(0), area=0.1, batch=4)
+    with torch.no_grad():
+        start = margins(engine(mx.x), mx.classes).mean()
+    after = mx.ascend(engine, None, 20).mean()
+    assert float(after) > float(start)
+    assert mx.mask.shape == (3, 1, 6, 6)  # one mask per class, shared over image channels
+    assert float(mx.mask.min()) >= 0 and float(mx.mask.max()) <= 1
+    assert float(mx.mask.flatten(1).sum(1).max()) <= mx.area * (1 + 1e-5)
+    assert mx.area == pytest.approx(0.1 * 36)
+    stamped = mx.x
+    assert bool((stamped >= box.lo - 1e-6).all() and (stamped <= box.hi + 1e-6).all())
+
+
+def test_universal_and_masked_maximisers_run_together(setup):
+    engine, x, y = setup
+    res = fit_bounds(engine, x, y, input_box(x), 3, SearchConfig(maximisers="universal+masked", **FAST))
+    assert set(res.bounds) == {s.name for s in engine.sites}
 
 
 def test_initial_bounds_are_the_clean_maxima_so_nothing_is_clipped(setup):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..bounds import Bounds
-from .margins import Box, Maximisers, UniversalMaximisers, margins
+from .margins import Box, MaskedMaximisers, Maximisers, UniversalMaximisers, margins
 
 REDUCTIONS = ("mean", "max", "excess", "softmax")
 # After a back-off lambda still grows this much per feasible check: the floor is probed
@@ -52,8 +52,11 @@ class SearchConfig:
     controller: str = "floor"  # "floor": lambda rises until the accuracy floor binds; "fixed"
     optimiser: str = "adam"  # "adam", or "ngd": normalised gradient descent
     augment: bool = True  # logit term also on shifted/mixed-up D; floor checked on shifted D
-    maximisers: str = "universal"  # "points" (free ascent), "universal" (shared perturbations of D), "both"
+    # "points" (free ascent), "universal" (shared perturbations of D), "both", "masked" (stamped
+    # patterns of bounded area), "universal+masked"
+    maximisers: str = "universal"
     budget: float = 0.2  # L2 radius of universal perturbations, as a fraction of the box's norm
+    mask_area: float = 0.05  # largest mask area of the masked maximisers, fraction of the image
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -218,9 +221,13 @@ def fit_bounds(
                 step_size=config.step_size,
             )
         )
-    if config.maximisers in ("universal", "both"):
+    if config.maximisers in ("universal", "both", "universal+masked"):
         sets.append(
             UniversalMaximisers(box, x, y, num_classes, generator=gen, budget=config.budget, batch=config.restarts)
+        )
+    if config.maximisers in ("masked", "universal+masked"):
+        sets.append(
+            MaskedMaximisers(box, x, y, num_classes, generator=gen, area=config.mask_area, batch=config.restarts)
         )
     if not sets:
         raise ValueError(f"unknown maximisers {config.maximisers!r}")

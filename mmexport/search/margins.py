@@ -197,3 +197,63 @@ class UniversalMaximisers:
     @property
     def restarts(self) -> int:
         return self.batch
+
+
+class MaskedMaximisers(UniversalMaximisers):
+    """One stamped pattern per class: x' = (1 - m) * x + m * p, the mask's area bounded.
+
+    Patch triggers are sparse: an L2 budget lets the ascent spread its change over the whole
+    image, where it finds dense adversarial directions rather than the patch. A mask whose
+    total area is at most `area` of the image (Neural-Cleanse-like) can only buy margin by
+    stamping a few pixels, so it looks for what a patch trigger does.
+    """
+
+    def __init__(
+        self,
+        box: Box,
+        clean_x: torch.Tensor,
+        clean_y: torch.Tensor,
+        num_classes: int,
+        *,
+        generator: torch.Generator,
+        area: float = 0.05,
+        batch: int = 20,
+        step_size: float = 0.1,
+    ):
+        super().__init__(box, clean_x, clean_y, num_classes, generator=generator, batch=batch)
+        shape = tuple(box.lo.shape)
+        mask_shape = (1, *shape[1:]) if len(shape) >= 2 else shape  # shared over image channels
+        self.area = area * float(torch.tensor(mask_shape).prod())
+        self.mask = torch.full((num_classes, *mask_shape), area, device=clean_x.device)
+        self.pattern = box.uniform(num_classes, generator)
+        self.mask_step = step_size
+        self.pattern_step = step_size * (box.hi - box.lo)
+
+    def _stamp(self, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        m = mask.repeat_interleave(self.batch, dim=0)
+        p = pattern.repeat_interleave(self.batch, dim=0)
+        return (1 - m) * self.clean_x[self.index] + m * p
+
+    def _project_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        mask = mask.clamp(0.0, 1.0)
+        total = mask.flatten(1).sum(dim=1).clamp_min(1e-12)
+        scale = (self.area / total).clamp(max=1.0)
+        return mask * scale.view(-1, *([1] * (mask.dim() - 1)))
+
+    def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
+        """Signed-gradient ascent on mask and pattern of each class's mean margin."""
+        mask, pattern = self.mask, self.pattern
+        for _ in range(steps):
+            mask = mask.detach().requires_grad_(True)
+            pattern = pattern.detach().requires_grad_(True)
+            m = margins(engine(self._stamp(mask, pattern), bounds), self.classes)
+            gm, gp = torch.autograd.grad(m.sum(), (mask, pattern))
+            mask = self._project_mask(mask.detach() + self.mask_step * gm.sign())
+            pattern = self.box.clamp(pattern.detach() + self.pattern_step * gp.sign())
+        self.mask, self.pattern = mask.detach(), pattern.detach()
+        with torch.no_grad():
+            return margins(engine(self.x, bounds), self.classes)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self._stamp(self.mask, self.pattern)
