@@ -127,7 +127,7 @@ def _search_options(f):
                      help="Where margins are maximised: one norm-bounded perturbation per class shared by "
                           "the clean images (universal), free points in the input box (points, the paper's "
                           "choice), both of those, one stamped pattern of bounded area per class (masked), or "
-                          "universal and masked together [default: universal]."),
+                          "universal and masked together [default: universal+masked]."),
         click.option("--budget", type=float, default=None,
                      help="L2 radius of the universal perturbations, as a fraction of the input box's norm "
                           "[default: 0.2]."),

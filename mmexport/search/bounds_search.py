@@ -54,7 +54,7 @@ class SearchConfig:
     augment: bool = True  # logit term also on shifted/mixed-up D; floor checked on shifted D
     # "points" (free ascent), "universal" (shared perturbations of D), "both", "masked" (stamped
     # patterns of bounded area), "universal+masked"
-    maximisers: str = "universal"
+    maximisers: str = "universal+masked"
     budget: float = 0.2  # L2 radius of universal perturbations, as a fraction of the box's norm
     mask_area: float = 0.05  # largest mask area of the masked maximisers, fraction of the image
     seed: int = 0
