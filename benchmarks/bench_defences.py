@@ -317,6 +317,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=200, help="latency rounds per batch size")
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
+    ap.add_argument("--update", action="store_true",
+                    help="re-run only --models into the existing <out>/bench.json, keeping its other rows")
     args = ap.parse_args()
     if os.environ.get("THREADS"):
         torch.set_num_threads(int(os.environ["THREADS"]))
@@ -346,6 +348,15 @@ def main() -> int:
         "schedule": [],
         "latency": [],
     }
+    if args.update and (out / "bench.json").exists():
+        # Rows of the models run now are replaced; every other row keeps the settings it was run with.
+        old = json.loads((out / "bench.json").read_text())
+        names = {f.name for f in folders}
+        result["efficacy"] = {k: v for k, v in old["efficacy"].items() if k not in names}
+        result["long_tail"] = {k: v for k, v in old["long_tail"].items() if k not in names}
+        result["schedule"] = [r for r in old["schedule"] if r["model"] not in names]
+        result["latency"] = [r for r in old["latency"] if r["model"] not in names]
+        result["env"]["updated_models"] = sorted(names)
     for folder in folders:
         c = card(folder)
         if c.get("imbalance"):

@@ -141,3 +141,14 @@ def test_mmom_refit_without_a_linear_head_fails_before_searching(tmp_path):
     r = run_cli("harden", path, "--data", tmp_path / "d.npz", "--method", "mmom-refit", "-q")
     assert_one_line_error(r, "'out'", "Gemm")
     assert not (tmp_path / "m.mmom-refit.onnx").exists()
+
+
+def test_mmom_searches_universal_perturbations_unless_told_otherwise():
+    proto = tiny_cnn(seed=2)
+    x, y = labelled_set(proto, 6, seed=0)
+    res = mmexport.harden(proto, (x, y), method="mmom", **FAST)
+    assert res.report["settings"]["maximisers"] == "universal"
+    assert res.report["settings"]["method"] == "mmom"
+    res = mmexport.harden(proto, (x, y), method="mmom", maximisers="masked", **FAST)
+    assert res.report["settings"]["maximisers"] == "masked"
+    assert mmexport.harden(proto, (x, y), **FAST).report["settings"]["maximisers"] == "universal+masked"
