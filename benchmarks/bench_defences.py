@@ -235,7 +235,9 @@ def markdown(result: dict) -> str:
         f"{env['cpu_count']} logical CPUs, searches on {env.get('device', 'cpu')}"
         f"{' (' + env['gpu'] + ')' if env.get('gpu') else ''}, seed {env['seed']}. "
         "All accuracies measured under onnxruntime on the sample's test set (ASR, RA on its attack set); "
-        "every defence saw only clean.npz.",
+        "every defence saw only clean.npz."
+        + (f" Rows of {', '.join(env['updated_models'])} were re-run later (--update)." if env.get("updated_models")
+           else ""),
         "",
         "## 1. Backdoor defences",
         "",
