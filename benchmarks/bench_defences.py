@@ -48,8 +48,9 @@ from mmexport.engine import Engine  # noqa: E402
 from mmexport.mmdf import detect  # noqa: E402
 from mmexport.model import load_model  # noqa: E402
 from mmexport.pipeline import harden  # noqa: E402
-from mmexport.refit import _weights, find_classifier, refit, write_classifier  # noqa: E402
+from mmexport.refit import classifier_weights, features, find_classifier, refit, write_classifier  # noqa: E402
 from mmexport.runtime import validate  # noqa: E402
+from mmexport.search.mmom import balanced_accuracy  # noqa: E402
 
 # The reference schedule of the authors' mmac.py, in our search's terms.
 PAPER_SCHEDULE = dict(
@@ -130,12 +131,8 @@ def tau_normalised(folder: Path, x: np.ndarray, y: np.ndarray) -> tuple[onnx.Mod
     """Kang et al. 2020: rows of the last layer divided by ||w_k||^tau, tau chosen on D."""
     m = load_model(folder / "model.onnx")
     clf = find_classifier(m)
-    w, b = _weights(m, clf)
-    engine = Engine(m)
-    from mmexport.refit import features
-    from mmexport.search.mmom import balanced_accuracy
-
-    f = features(engine, torch.from_numpy(x), clf)
+    w, b = classifier_weights(m, clf)
+    f = features(Engine(m), torch.from_numpy(x), clf)
     norms = np.linalg.norm(w, axis=1, keepdims=True)
     best = None
     for tau in TAUS:
@@ -152,7 +149,7 @@ def logit_adjusted(folder: Path, x: np.ndarray) -> tuple[onnx.ModelProto, dict]:
     softmax on D (the training frequencies are unknown to the user)."""
     m = load_model(folder / "model.onnx")
     clf = find_classifier(m)
-    w, b = _weights(m, clf)
+    w, b = classifier_weights(m, clf)
     with torch.no_grad():
         prior = torch.softmax(Engine(m)(torch.from_numpy(x)).double(), 1).mean(0).numpy()
     return write_classifier(m, w, b - np.log(prior)), {"prior": prior.round(4).tolist()}

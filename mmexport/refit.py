@@ -22,7 +22,7 @@ import torch
 from onnx import numpy_helper
 
 from .errors import MmexportError
-from .model import Model, replace_initializers
+from .model import Model, initializer_names, replace_initializers
 from .search.mmom import balanced_accuracy, stratified_folds
 
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 weight on the refitted matrix, per feature
@@ -39,13 +39,10 @@ class Classifier:
     transposed: bool  # Gemm transB=1: weight is [K, F]
 
 
-def _const_name(graph: onnx.GraphProto, name: str) -> str | None:
-    return name if name in {i.name for i in graph.initializer} else None
-
-
 def find_classifier(model: Model) -> Classifier:
     """The Gemm, or MatMul (+ Add), that produces the logits from constant weights."""
     graph = model.proto.graph
+    inits = initializer_names(graph)
     producer = {o: n for n in graph.node for o in n.output}
     where = model.path or "model"
     name = model.output_name
@@ -63,8 +60,8 @@ def find_classifier(model: Model) -> Classifier:
         raise fail("no node produces it")
     bias = None
     if node.op_type == "Add":
-        consts = [i for i in node.input if _const_name(graph, i)]
-        others = [i for i in node.input if not _const_name(graph, i)]
+        consts = [i for i in node.input if i in inits]
+        others = [i for i in node.input if i not in inits]
         if len(consts) != 1 or len(others) != 1:
             raise fail(f"node {node.name!r} (Add) is not a bias addition")
         bias, node = consts[0], producer.get(others[0])
@@ -74,20 +71,19 @@ def find_classifier(model: Model) -> Classifier:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
             raise fail(f"node {node.name!r} (Gemm) has transA/alpha/beta set")
-        weight = _const_name(graph, node.input[1])
-        bias = _const_name(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if weight is None or (len(node.input) > 2 and node.input[2] and bias is None):
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        if node.input[1] not in inits or (has_bias and node.input[2] not in inits):
             raise fail(f"node {node.name!r} (Gemm) has weights computed at run time")
-        return Classifier(node.input[0], weight, bias, bool(attrs.get("transB", 0)))
+        bias = node.input[2] if has_bias else None
+        return Classifier(node.input[0], node.input[1], bias, bool(attrs.get("transB", 0)))
     if node.op_type == "MatMul":
-        weight = _const_name(graph, node.input[1])
-        if weight is None:
+        if node.input[1] not in inits:
             raise fail(f"node {node.name!r} (MatMul) has weights computed at run time")
-        return Classifier(node.input[0], weight, bias, False)
+        return Classifier(node.input[0], node.input[1], bias, False)
     raise fail(f"it comes from node {node.name!r} ({node.op_type})")
 
 
-def _weights(model: Model, clf: Classifier) -> tuple[np.ndarray, np.ndarray]:
+def classifier_weights(model: Model, clf: Classifier) -> tuple[np.ndarray, np.ndarray]:
     """(W [K, F], b [K]) as float64."""
     inits = {i.name: i for i in model.proto.graph.initializer}
     w = numpy_helper.to_array(inits[clf.weight]).astype(np.float64)
@@ -156,7 +152,7 @@ def refit(
     or the model's own layer when no refit beats it on held-out data (a clean model)."""
     model = engine.model
     clf = find_classifier(model)
-    w0, b0 = _weights(model, clf)
+    w0, b0 = classifier_weights(model, clf)
     f = features(engine, x, clf, bounds).cpu()
     y = y.cpu()
     if f.shape[1] != w0.shape[1]:

@@ -36,7 +36,13 @@ def make_onnx_model(
     )
 
 
-def ort_run(proto: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+def ort_run(proto: onnx.ModelProto, x: np.ndarray, extra: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """Every graph output (and the `extra` intermediate tensors) under onnxruntime CPU, by name."""
+    if extra:
+        tapped = onnx.ModelProto()
+        tapped.CopyFrom(proto)
+        tapped.graph.output.extend(onnx.ValueInfoProto(name=name) for name in extra)
+        proto = tapped
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     feeds = {session.get_inputs()[0].name: x.astype(np.float32)}

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from builders import labelled_set, tiny_cnn
+from conftest import ort_run
 from onnx import numpy_helper
 
 from mmexport.engine import Engine
@@ -30,18 +30,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def ort_run(proto: onnx.ModelProto, x: np.ndarray, extra: tuple[str, ...] = ()) -> list[np.ndarray]:
-    """Logits (and any named intermediate tensors) under onnxruntime CPU."""
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    for name in extra:
-        model.graph.output.append(onnx.ValueInfoProto(name=name))
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})
-
-
 def ort_accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    return float((ort_run(proto, x)[0].argmax(1) == y).mean())
+    return float((ort_run(proto, x)["logits"].argmax(1) == y).mean())
 
 
 def inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -76,7 +66,7 @@ def test_clp_zeroes_exactly_the_planted_outlier_channel():
     for name in ("w2", "b2", "w3", "b3"):
         np.testing.assert_array_equal(new[name], old[name])
     x = np.random.default_rng(1).uniform(0, 1, (8, 1, 6, 6)).astype(np.float32)
-    _, r1 = ort_run(out, x, ("r1",))
+    r1 = ort_run(out, x, ("r1",))["r1"]
     assert not r1[:, 2].any()
 
 
@@ -106,7 +96,8 @@ def test_fine_pruning_zeroes_its_pruned_channels_in_onnxruntime():
     onnx.checker.check_model(out)
     assert info["site"] == "r1" and info["pruned"] >= 1
     assert info["accuracy_D_pruned"] >= info["accuracy_D_before"] - 0.5
-    logits, r1 = ort_run(out, x, ("r1",))
+    run = ort_run(out, x, ("r1",))
+    logits, r1 = run["logits"], run["r1"]
     assert not r1[:, info["pruned_channels"]].any()
     kept = [c for c in range(4) if c not in info["pruned_channels"]]
     assert r1[:, kept].any()
@@ -172,7 +163,7 @@ def test_activation_clipping_falls_back_to_the_data_maxima_when_nothing_is_feasi
     x, y = labelled_set(proto, 5)
     out, info = peers.activation_clipping(proto, x, y, max_epochs=2, lambda0=1e6, lr=0.5)
     assert info["backoffs"] == 1 and info["mean_relative_bound"] == 1.0
-    np.testing.assert_allclose(ort_run(out, x)[0], ort_run(proto, x)[0], atol=1e-5)
+    np.testing.assert_allclose(ort_run(out, x)["logits"], ort_run(proto, x)["logits"], atol=1e-5)
 
 
 def test_peers_return_models_with_the_original_io():
@@ -184,4 +175,4 @@ def test_peers_return_models_with_the_original_io():
         out, info = fn(proto, x, y, seed=0, **kwargs)
         assert isinstance(out, onnx.ModelProto) and isinstance(info, dict), name
         assert [i.name for i in out.graph.input] == ["input"] and [o.name for o in out.graph.output] == ["logits"]
-        assert ort_run(out, x)[0].shape == (len(x), 3), name
+        assert ort_run(out, x)["logits"].shape == (len(x), 3), name

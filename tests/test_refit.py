@@ -5,6 +5,8 @@ import onnx
 import pytest
 import torch
 from builders import assert_one_line_error, labelled_set, run_cli, tiny_cnn
+from conftest import ort_run
+from helpers import make_model
 from onnx import TensorProto, helper, numpy_helper
 
 import mmexport
@@ -17,10 +19,7 @@ FAST = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=4, check_every=2)
 
 
 def ort_logits(proto: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    return ort_run(proto, x)["logits"]
 
 
 def biased(proto: onnx.ModelProto, shift: float) -> onnx.ModelProto:
@@ -49,16 +48,12 @@ def matmul_head() -> onnx.ModelProto:
         helper.make_node("Add", ["m", "b2"], ["a"]),
         helper.make_node("Identity", ["a"], ["logits"]),
     ]
-    graph = helper.make_graph(
+    return make_model(
         nodes,
-        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 5])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
 
 
 def test_find_classifier_reads_gemm_and_matmul_heads():

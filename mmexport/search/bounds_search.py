@@ -255,7 +255,7 @@ def fit_bounds(
         with torch.no_grad():
             bounds_now = {k: v.detach() for k, v in current().items()}
         for ms in sets:
-            if isinstance(ms, UniversalMaximisers):
+            if isinstance(ms, (UniversalMaximisers, MaskedMaximisers)):
                 ms.resample()
             if config.refresh_every == 1 or (epoch > 1 and (epoch - 1) % config.refresh_every == 0):
                 ms.ascend(engine, bounds_now, config.steps)

@@ -122,7 +122,36 @@ def max_margins(
     return maxi.per_class(maxi.ascend(engine, bounds, steps), "max")
 
 
-class UniversalMaximisers:
+class _OnCleanImages:
+    """Per class, a batch of D's images of the other classes that a shared change is applied to."""
+
+    def __init__(self, clean_x: torch.Tensor, clean_y: torch.Tensor, num_classes: int, *, generator, batch: int):
+        self.num_classes = num_classes
+        self.clean_x = clean_x
+        self.generator = generator
+        self.batch = batch
+        # For each class, indices of clean images of the other classes.
+        self.pools = [torch.nonzero(clean_y != c).flatten() for c in range(num_classes)]
+        self.classes = torch.arange(num_classes, device=clean_x.device).repeat_interleave(batch)
+        self.resample()
+
+    def resample(self) -> None:
+        picks = []
+        for pool in self.pools:
+            i = torch.randint(0, len(pool), (self.batch,), generator=self.generator)
+            picks.append(pool[i.to(pool.device)])
+        self.index = torch.cat(picks)
+
+    def per_class(self, m: torch.Tensor, how: str = "mean") -> torch.Tensor:
+        m = m.view(self.num_classes, self.batch)
+        return m.max(dim=1).values if how == "max" else m.mean(dim=1)
+
+    @property
+    def restarts(self) -> int:
+        return self.batch
+
+
+class UniversalMaximisers(_OnCleanImages):
     """One additive perturbation per class, applied to clean images of the other classes.
 
     A backdoor is a shortcut: one small input change that sends natural images of every
@@ -144,24 +173,10 @@ class UniversalMaximisers:
         step_size: float = 0.1,
     ):
         self.box = box
-        self.num_classes = num_classes
         self.radius = budget * float((box.hi - box.lo).norm())
         self.step = step_size * self.radius
         self.delta = torch.zeros((num_classes, *box.lo.shape), device=clean_x.device)
-        self.clean_x = clean_x
-        self.generator = generator
-        self.batch = batch
-        # For each class, indices of clean images of the other classes.
-        self.pools = [torch.nonzero(clean_y != c).flatten() for c in range(num_classes)]
-        self.classes = torch.arange(num_classes, device=clean_x.device).repeat_interleave(batch)
-        self.resample()
-
-    def resample(self) -> None:
-        picks = []
-        for pool in self.pools:
-            i = torch.randint(0, len(pool), (self.batch,), generator=self.generator)
-            picks.append(pool[i.to(pool.device)])
-        self.index = torch.cat(picks)
+        super().__init__(clean_x, clean_y, num_classes, generator=generator, batch=batch)
 
     def inputs(self, delta: torch.Tensor) -> torch.Tensor:
         d = delta.repeat_interleave(self.batch, dim=0)
@@ -186,20 +201,12 @@ class UniversalMaximisers:
         with torch.no_grad():
             return margins(engine(self.inputs(self.delta), bounds), self.classes)
 
-    def per_class(self, m: torch.Tensor, how: str = "mean") -> torch.Tensor:
-        m = m.view(self.num_classes, self.batch)
-        return m.max(dim=1).values if how == "max" else m.mean(dim=1)
-
     @property
     def x(self) -> torch.Tensor:
         return self.inputs(self.delta)
 
-    @property
-    def restarts(self) -> int:
-        return self.batch
 
-
-class MaskedMaximisers(UniversalMaximisers):
+class MaskedMaximisers(_OnCleanImages):
     """One stamped pattern per class: x' = (1 - m) * x + m * p, the mask's area bounded.
 
     Patch triggers are sparse: an L2 budget lets the ascent spread its change over the whole
@@ -220,7 +227,8 @@ class MaskedMaximisers(UniversalMaximisers):
         batch: int = 20,
         step_size: float = 0.1,
     ):
-        super().__init__(box, clean_x, clean_y, num_classes, generator=generator, batch=batch)
+        super().__init__(clean_x, clean_y, num_classes, generator=generator, batch=batch)
+        self.box = box
         shape = tuple(box.lo.shape)
         mask_shape = (1, *shape[1:]) if len(shape) >= 2 else shape  # shared over image channels
         self.area = area * float(torch.tensor(mask_shape).prod())
