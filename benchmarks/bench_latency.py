@@ -5,7 +5,7 @@ max activation on the model's `clean.npz` (or read from `--bounds DIR/<model>.bo
 and written three ways:
 
 - min:   Relu + Min(., Z[C,1,1]) per site (`apply_bounds(form="min")`);
-- fold:  the bounds folded into the weights, a scalar Clip per site, Min only where no exact
+- fold:  the bounds folded into the weights, a unit clip per site, Min only where no exact
          folding exists (`apply_bounds(form="fold")`);
 - layer: one scalar per site, the largest of its channel bounds: Clip(0, z).
 

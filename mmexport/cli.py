@@ -161,7 +161,7 @@ def _overrides(**kw) -> dict:
 @click.option("--granularity", type=click.Choice(["channel", "layer"]), default="channel", show_default=True,
               help="One bound per channel, or one per site.")
 @click.option("--form", type=click.Choice(["auto", "fold", "min"]), default="auto", show_default=True,
-              help="auto/fold: fold per-channel bounds into the weights where exact (a fused scalar Clip), "
+              help="auto/fold: fold per-channel bounds into the weights where exact (a fused unit clip), "
                    "Min elsewhere; min: always a Min node after the site.")
 @_search_options
 @click.option("--input-range", callback=_range, default=None, metavar="LO,HI",

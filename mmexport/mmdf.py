@@ -54,7 +54,7 @@ from . import __version__
 from .bounds import Bounds, check_bounds_for_sites, load_bounds
 from .data import Dataset, check_for_model
 from .errors import MmexportError
-from .model import Model, clip_range, get_metadata, onnx_opset, set_metadata, sha256_bytes
+from .model import Model, get_metadata, onnx_opset, set_metadata, sha256_bytes, site_max
 from .rewrite import (
     BOUND_PREFIX,
     _Namer,
@@ -370,7 +370,7 @@ def _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype, 
         graph.nodes.append(copy)
         if bounded_here:
             orig = site_nodes[site]
-            hi = clip_range(proto.graph, orig, opset)[1] if orig.op_type == "Clip" else np.inf
+            hi = site_max(proto.graph, orig, opset)
             rank = site_info[site].rank or len(node.outputs[0].shape or ())
             _write_site(graph, copy, bounds[site], rank=rank, dtype=dtype, clip_hi=hi,
                         fresh=fresh, opset=opset)

@@ -1,7 +1,8 @@
 """Load and save ONNX models; find the model's input, logits output and clipping sites.
 
-A *site* is a ReLU-like node whose output we may bound from above: every `Relu`, and
-every `Clip` whose lower bound is 0 (ReLU6). A site is named by its output tensor, the
+A *site* is a ReLU-like node whose output we may bound from above: every `Relu`, every
+`Clip` whose lower bound is 0 (ReLU6), and every `HardSigmoid(alpha=1, beta=0)`, which is
+clip(x, 0, 1) (the form a folded bound takes, `mmexport.fold`). A site is named by its output tensor, the
 same keying Polygraphy's SetUpperBound uses, so bounds files travel between tools.
 """
 
@@ -26,7 +27,7 @@ DEFAULT_IR_VERSION = 10
 
 @dataclass(frozen=True)
 class Site:
-    """One bounded activation: the output tensor of a Relu or a Clip(min=0)."""
+    """One bounded activation: the output tensor of a Relu, a Clip(min=0) or a unit clip."""
 
     name: str
     node: str
@@ -221,13 +222,35 @@ def clip_range(graph: onnx.GraphProto, node: onnx.NodeProto, opset: int) -> tupl
     return lo, hi
 
 
+def is_unit_clip(node) -> bool:
+    """A HardSigmoid with alpha 1 and beta 0: max(0, min(1, x)), a ReLU bounded at 1.
+
+    Takes an onnx NodeProto or a graphsurgeon Node."""
+    if isinstance(node, onnx.NodeProto):
+        op, attrs = node.op_type, {a.name: a.f for a in node.attribute}
+    else:
+        op, attrs = node.op, node.attrs
+    if op != "HardSigmoid":
+        return False
+    return float(attrs.get("alpha", 0.2)) == 1.0 and float(attrs.get("beta", 0.5)) == 0.0
+
+
+def site_max(graph: onnx.GraphProto, node: onnx.NodeProto, opset: int) -> float:
+    """The upper end a site already has: inf for a Relu, the max of a Clip (NaN when computed
+    at run time), 1 for a unit clip."""
+    if node.op_type == "Clip":
+        return clip_range(graph, node, opset)[1]
+    return 1.0 if is_unit_clip(node) else np.inf
+
+
 def find_sites(proto: onnx.ModelProto, shapes: dict[str, tuple] | None = None) -> list[Site]:
-    """Every Relu and every Clip with min 0, in graph order, named by output tensor."""
+    """Every Relu, every Clip with min 0 and every unit clip, in graph order, named by
+    output tensor."""
     shapes = shapes or {}
     opset = onnx_opset(proto)
     sites = []
     for node in proto.graph.node:
-        if node.op_type == "Relu":
+        if node.op_type == "Relu" or is_unit_clip(node):
             pass
         elif node.op_type == "Clip":
             lo, _ = clip_range(proto.graph, node, opset)

@@ -113,7 +113,7 @@ def harden(
     """Search bounds on the clean set and return the bounded ONNX model.
 
     `form`: how per-channel bounds are written: "auto" folds them into the weights where
-    that is exact (a scalar Clip(0, 1) that onnxruntime runs cheaply) and uses Min
+    that is exact (a unit clip, clip(x, 0, 1), that onnxruntime fuses) and uses Min
     elsewhere; "min" always uses Min after the site.
     `model`: path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y).
     Keyword overrides (restarts, steps, max_epochs, acc_floor, seed, reduction, lambda0, ...)

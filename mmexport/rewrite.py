@@ -8,8 +8,9 @@ reads it:
 - a scalar bound turns a Relu into `Clip(x, 0, z)`, or lowers the max of a ReLU6 Clip.
 
 These are the unfolded form (`form="min"`). The default form folds per-channel bounds into
-the neighbouring weights so the site is a scalar `Clip(0, 1)` that onnxruntime fuses into
-the Conv (mmexport.fold), writing `Min` only where no exact folding exists.
+the neighbouring weights so the site is a unit clip, `HardSigmoid(alpha=1, beta=0)` =
+clip(x, 0, 1) exactly, that onnxruntime fuses into the Conv or Gemm before it (mmexport.fold),
+writing `Min` only where no exact folding exists.
 
 Everything mmexport adds is named `mmexport/bound/<t>` (nodes and initializers), so a
 hardened model can be recognised and its bounds read back (`count_bounded_sites`,
@@ -26,7 +27,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from .bounds import Bounds, check_bounds_for_sites
 from .errors import MmexportError
-from .model import _dims, clip_range, find_sites, onnx_opset
+from .model import _dims, find_sites, is_unit_clip, onnx_opset, site_max
 
 BOUND_PREFIX = "mmexport/bound/"
 
@@ -90,7 +91,7 @@ def _apply_unfolded(proto: onnx.ModelProto, bounds: Bounds, sites):
         node = _site_node(producers, name)
         dtype = helper.tensor_dtype_to_np_dtype(elem_types.get(name, onnx.TensorProto.FLOAT))
         rank = by_name[name].rank or len(node.outputs[0].shape or ())
-        hi = clip_range(proto.graph, site_nodes[name], opset)[1] if node.op == "Clip" else np.inf
+        hi = site_max(proto.graph, site_nodes[name], opset)
         forms[name] = _write_site(graph, node, value, rank=rank, dtype=dtype, clip_hi=hi,
                                   fresh=fresh, opset=opset)
 
@@ -105,7 +106,7 @@ def _apply_unfolded(proto: onnx.ModelProto, bounds: Bounds, sites):
 
 def _site_node(producers: dict, name: str) -> gs.Node:
     node = producers.get(name)
-    if node is None or node.op not in ("Relu", "Clip"):
+    if node is None or not (node.op in ("Relu", "Clip") or is_unit_clip(node)):
         found = node.op if node is not None else "no node"
         raise MmexportError(f"site {name!r}: produced by {found}, expected Relu or Clip")
     return node
@@ -194,8 +195,29 @@ def _relu_to_clip(node: gs.Node, z: float, dtype, fresh, opset: int) -> None:
         node.inputs.append(gs.Constant(fresh(BOUND_PREFIX + t + "/max"), np.array(z, dtype)))
 
 
+def _relu_to_unit_clip(node: gs.Node, fresh) -> None:
+    """Relu or Clip -> HardSigmoid(alpha=1, beta=0) = clip(x, 0, 1), exactly: onnxruntime
+    fuses it into a Conv (also after a residual Add) and a Gemm, where it fuses no Clip."""
+    t = node.outputs[0].name
+    node.op = "HardSigmoid"
+    node.name = fresh(BOUND_PREFIX + t, "node")
+    _keep_first_input(node)
+    node.attrs.clear()
+    node.attrs["alpha"] = 1.0
+    node.attrs["beta"] = 0.0
+
+
+def _keep_first_input(node: gs.Node) -> None:
+    # graphsurgeon's input list keeps tensors' consumer lists in step; it has no slice delete.
+    while len(node.inputs) > 1:
+        node.inputs.pop()
+
+
 def _lower_clip_max(node: gs.Node, hi: float, dtype, fresh, opset: int) -> None:
     t = node.outputs[0].name
+    if node.op == "HardSigmoid":  # a unit clip: becomes Clip(0, hi)
+        _relu_to_clip(node, hi, dtype, fresh, opset)
+        return
     node.name = fresh(BOUND_PREFIX + t, "node")
     if opset < _CLIP_INPUTS_OPSET:
         node.attrs["max"] = hi
@@ -245,32 +267,36 @@ def _bound_nodes(proto: onnx.ModelProto):
     return [
         n
         for n in proto.graph.node
-        if n.name.startswith(BOUND_PREFIX) and n.op_type in ("Min", "Clip") and n.output
+        if n.name.startswith(BOUND_PREFIX) and n.op_type in ("Min", "Clip", "HardSigmoid") and n.output
     ]
 
 
-def _folded_forms(proto: onnx.ModelProto) -> tuple[dict, dict]:
-    """(forms, bounds) a folded model records in metadata_props; empty for other models."""
+def _folded_forms(proto: onnx.ModelProto) -> tuple[dict, dict, dict]:
+    """(forms, bounds, site by bound tensor) a folded model records in metadata_props; empty
+    for other models. A bound moved past a MaxPool writes the pool's tensor, not the site."""
     from .fold import read_fold_metadata
 
     meta = read_fold_metadata(proto)
     if meta is None:
-        return {}, {}
-    return dict(meta.get("forms", {})), dict(meta["bounds"])
+        return {}, {}, {}
+    site_of = {t: site for site, t in dict(meta.get("at", {})).items()}
+    return dict(meta.get("forms", {})), dict(meta["bounds"]), site_of
 
 
 def count_bounded_sites(proto: onnx.ModelProto) -> dict:
     """How many bounds mmexport wrote: {'total', 'min' (Min nodes), 'clip' (scalar Clips),
-    'fold' (Clips whose per-channel bound is folded into the weights), 'sites'}."""
+    'fold' (Clips / unit clips whose per-channel bound is folded into the weights), 'sites'}."""
     nodes = _bound_nodes(proto)
-    forms, _ = _folded_forms(proto)
-    folded = [n for n in nodes if n.op_type == "Clip" and forms.get(n.output[0]) == "fold"]
+    forms, _, site_of = _folded_forms(proto)
+    sites = [site_of.get(n.output[0], n.output[0]) for n in nodes]
+    scalar = [s for n, s in zip(nodes, sites, strict=True) if n.op_type in ("Clip", "HardSigmoid")]
+    folded = [s for s in scalar if forms.get(s) == "fold"]
     return {
         "total": len(nodes),
         "min": sum(n.op_type == "Min" for n in nodes),
-        "clip": sum(n.op_type == "Clip" for n in nodes) - len(folded),
+        "clip": len(scalar) - len(folded),
         "fold": len(folded),
-        "sites": [n.output[0] for n in nodes],
+        "sites": sites,
     }
 
 
@@ -282,15 +308,15 @@ def extract_bounds(proto: onnx.ModelProto) -> Bounds:
     """
     inits = {i.name: i for i in proto.graph.initializer}
     opset = onnx_opset(proto)
-    _, recorded = _folded_forms(proto)
+    _, recorded, site_of = _folded_forms(proto)
     values = {}
     for node in _bound_nodes(proto):
-        site = node.output[0]
+        site = site_of.get(node.output[0], node.output[0])
         if site in recorded:
             values[site] = np.asarray(recorded[site], dtype=np.float32)
             continue
-        if node.op_type == "Clip":
-            values[site] = np.float32(clip_range(proto.graph, node, opset)[1])
+        if node.op_type in ("Clip", "HardSigmoid"):
+            values[site] = np.float32(site_max(proto.graph, node, opset))
             continue
         z = next((inits[i] for i in node.input if i in inits), None)
         if z is None:

@@ -72,6 +72,8 @@ ELEMENTWISE = [
     case("Identity", unary("Identity")),
     case("LeakyRelu-default", unary("LeakyRelu")),
     case("LeakyRelu-alpha", unary("LeakyRelu", alpha=0.2)),
+    case("HardSigmoid-default", unary("HardSigmoid")),
+    case("HardSigmoid-unit-clip", unary("HardSigmoid", alpha=1.0, beta=0.0)),
     binary("Add", f32(5)),
     binary("Add", f32(3, 1, 1)),
     binary("Sub", f32(1, 3, 5, 1)),

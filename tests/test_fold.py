@@ -16,9 +16,10 @@ from helpers import IR_OLD, conv_net, make_model
 from onnx import TensorProto, helper, numpy_helper
 
 from mmexport.bounds import Bounds
+from mmexport.engine import Engine
 from mmexport.errors import MmexportError
 from mmexport.fold import METADATA_KEY, fold_bounds, read_fold_metadata
-from mmexport.model import find_sites
+from mmexport.model import find_sites, from_proto
 from mmexport.rewrite import _value_types, apply_bounds, count_bounded_sites, extract_bounds
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "sample_models").glob("*/model.onnx"))
@@ -92,17 +93,69 @@ def test_sample_model_folded_matches_min_form(path):
     assert report.count("fold") >= 1
 
 
-def test_sample_cnn_folds_every_site_into_a_clip_of_one():
-    path = next(p for p in SAMPLES if p.parent.name == "digits-cnn-badnet")
-    model = onnx.load(str(path))
-    x = np.load(path.parent / "clean.npz")["x"].astype(np.float32)
+def sample(name):
+    path = next(p for p in SAMPLES if p.parent.name == name)
+    return onnx.load(str(path)), np.load(path.parent / "clean.npz")["x"].astype(np.float32)
+
+
+def test_sample_cnn_folds_every_site_into_a_unit_clip_after_its_pool():
+    model, x = sample("digits-cnn-badnet")
     folded, report = fold_and_compare(model, random_bounds(model, x), x)
     assert report.counts == {"fold": 3, "clip": 0, "min": 0}
-    assert "Min" not in ops(folded) and "Relu" not in ops(folded)
-    values = inits(folded)
+    # Conv sites keep the Relu (fused inside the conv kernel) and clip the pooled tensor.
+    assert ops(folded) == [
+        "Conv", "Relu", "MaxPool", "HardSigmoid", "Conv", "Relu", "MaxPool", "HardSigmoid",
+        "Flatten", "Gemm", "HardSigmoid", "Gemm",
+    ]  # fmt: skip
+    assert [bool(s.at) for s in report.sites] == [True, True, False]
     for node in folded.graph.node:
-        if node.op_type == "Clip":
-            assert [float(values[i]) for i in node.input[1:]] == [0.0, 1.0]
+        if node.op_type == "HardSigmoid":
+            assert {a.name: a.f for a in node.attribute} == {"alpha": 1.0, "beta": 0.0}
+    counted = count_bounded_sites(folded)
+    assert counted["fold"] == 3 and counted["sites"] == [s.site for s in report.sites]
+    back = extract_bounds(folded)
+    assert set(back) == {s.site for s in report.sites}
+
+
+def optimized_ops(model: onnx.ModelProto, tmp_path) -> list[str]:
+    """The node types onnxruntime runs after its (hardware-independent) fusions."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return ops(onnx.load(str(tmp_path / "optimized.onnx")))
+
+
+@pytest.mark.parametrize("name", ["digits-cnn-badnet", "digits-mlp-badnet"])
+def test_onnxruntime_fuses_every_folded_bound_not_moved_past_a_pool(name, tmp_path):
+    # A Clip after a Gemm stays a node of its own in onnxruntime; the unit clip fuses.
+    model, x = sample(name)
+    folded, report = fold_and_compare(model, random_bounds(model, x), x)
+    before, after = optimized_ops(model, tmp_path), optimized_ops(folded, tmp_path)
+    moved = sum(bool(s.at) for s in report.sites)
+    assert len(after) == len(before) + moved
+    assert after.count("HardSigmoid") == moved
+    assert not {"Clip", "Min", "Relu"} & set(after)
+
+
+def test_a_folded_model_can_be_hardened_again(tmp_path):
+    # Its unit clips are sites (ReLUs bounded at 1): bounds below 1 go onto them.
+    model, x = sample("digits-cnn-badnet")
+    folded, _ = fold_and_compare(model, random_bounds(model, x), x)
+    sites = find_sites(folded, _value_types(folded)[0])
+    assert [s.op for s in sites] == ["Relu", "HardSigmoid"] * 2 + ["HardSigmoid"]
+    engine = Engine(from_proto(folded))
+    got = engine(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, run(folded, x), rtol=0, atol=1e-4)
+    units = [s for s in sites if s.op == "HardSigmoid"]
+    names = {s.name for s in units}
+    again = Bounds({k: v for k, v in random_bounds(folded, x, lo=0.5, hi=0.9).items() if k in names})
+    refolded, report = fold_and_compare(folded, again, x)
+    assert report.count("min") == 0
+    scalar = Bounds({s.name: np.float32(0.5) for s in units})
+    clipped = apply_bounds(folded, scalar, form="min")
+    assert ops(clipped).count("Clip") == 3 and "HardSigmoid" not in ops(clipped)
+    assert np.abs(run(clipped, x) - run(folded, x)).max() > 0
 
 
 # --------------------------------------------------------------------------- classic graphs

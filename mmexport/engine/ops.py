@@ -204,6 +204,14 @@ def identity(node):
     return lambda x: x
 
 
+@op("HardSigmoid")
+def hard_sigmoid(node):
+    alpha, beta = float(node.attr("alpha", 0.2)), float(node.attr("beta", 0.5))
+    if alpha == 1.0 and beta == 0.0:  # a unit clip (a folded bound): exact, no multiply
+        return lambda x: torch.clamp(x, 0.0, 1.0)
+    return lambda x: torch.clamp(x * alpha + beta, 0.0, 1.0)
+
+
 @op("LeakyRelu")
 def leaky_relu(node):
     alpha = float(node.attr("alpha", 0.01))
