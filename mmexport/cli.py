@@ -394,6 +394,12 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--method", type=click.Choice(["clean-max", "mmac"]), default="clean-max", show_default=True,
               help="Bounds computed on D: clean-max (each channel's clean range endpoint, null "
                    "cross-fitted) or mmac (the harden search; the search options apply).")
+@click.option("--statistic", type=click.Choice(["margin+features", "margin"]), default="margin+features",
+              show_default=True,
+              help="margin: the paper's test (the margin gap d). margin+features: also flag inputs whose "
+                   "per-site channel means lie far from their predicted class on D (class-conditional "
+                   "Gaussian, cross-fitted); catches triggers that stay inside the clean range "
+                   "(blends, global patterns). alpha is split between the two tests.")
 @click.option("--alpha", type=float, default=0.005, show_default=True,
               help="Target false-positive rate on clean inputs (significance of the test).")
 @click.option("--null", "law", type=click.Choice(["conformal", "exponential-tail", "gaussian"]),
@@ -413,16 +419,18 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
-def detect(model, data, out, bounds_path, hardened, method, alpha, law, folds, no_augment, seed, reduction,
+def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, law, folds, no_augment, seed, reduction,
            budget, maximisers, lambda0, acc_floor, max_epochs, steps, restarts, device, provider, report_path,
            no_bounds_file, force, as_json, quiet, input_name, output_name):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
     The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
     margin the bounds take from the predicted class; d above a threshold calibrated on D
-    (false-positive rate --alpha) flags the input. Outputs: the original logits name (for
-    a flagged input, the bounded logits with the predicted class suppressed),
-    mmdf_detected (bool [N]) and mmdf_score (d minus the threshold, float [N]).
+    (false-positive rate --alpha) flags the input; by default an input is also flagged
+    when its activations lie far from its predicted class on D (--statistic). Outputs: the
+    original logits name (for a flagged input, the bounded logits with the predicted class
+    suppressed), mmdf_detected (bool [N]), mmdf_score (d minus its threshold, float [N])
+    and, with the feature test, mmdf_feature_score (feature score minus its threshold).
     """
     from .mmdf import detect as run_detect
     from .model import check_output_path
@@ -442,7 +450,8 @@ def detect(model, data, out, bounds_path, hardened, method, alpha, law, folds, n
             else:
                 bar(row)
 
-        result = run_detect(model, data, bounds=bounds_path, hardened=hardened, method=method, alpha=alpha,
+        result = run_detect(model, data, bounds=bounds_path, hardened=hardened, method=method,
+                            statistic=statistic, alpha=alpha,
                             law=law, folds=folds, augment=not no_augment, seed=seed, device=device,
                             provider=provider, input_name=input_name, output_name=output_name,
                             progress=progress if bar is not None else None, **search)

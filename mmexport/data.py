@@ -117,3 +117,12 @@ def save_npz(path: str | os.PathLike, data: Dataset) -> None:
     if data.y_true is not None:
         arrays["y_true"] = data.y_true.astype(np.int64)
     np.savez_compressed(path, **arrays)
+
+
+def as_dataset(data, *, attack: bool = False) -> Dataset:
+    """A Dataset from a Dataset, an .npz path or an (x, y) pair: what the API takes."""
+    if isinstance(data, Dataset):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        return Dataset(np.asarray(data[0], np.float32), np.asarray(data[1], np.int64))
+    return load_npz(data, attack=attack)

@@ -52,8 +52,9 @@ from onnx import helper
 
 from . import __version__
 from .bounds import Bounds, check_bounds_for_sites, load_bounds
-from .data import Dataset, check_for_model
+from .data import Dataset, as_dataset, check_for_model
 from .errors import MmexportError
+from .features import FeatureFit, fit_features, site_feature_arrays, write_feature_score
 from .model import Model, get_metadata, onnx_opset, set_metadata, sha256_bytes, site_max
 from .rewrite import (
     BOUND_PREFIX,
@@ -66,6 +67,7 @@ from .rewrite import (
 
 DETECTED = "mmdf_detected"
 SCORE = "mmdf_score"
+FEATURE_SCORE = "mmdf_feature_score"
 BRANCH_PREFIX = "mmdf/bounded/"
 DECISION_PREFIX = "mmdf/"
 METHOD = "mmdf"
@@ -78,6 +80,10 @@ SUPPRESSED = -1e9
 _ROUNDING = 1e-5
 LAWS = ("conformal", "exponential-tail", "gaussian")
 BOUNDS_METHODS = ("clean-max", "mmac")
+# "margin": the paper's test, the margin gap alone. "margin+features": also flag an input
+# whose site activations lie far from its predicted class on D (mmexport.features); the
+# false-positive budget alpha is split evenly between the two tests.
+STATISTICS = ("margin+features", "margin")
 
 
 # --------------------------------------------------------------------------- scores
@@ -257,11 +263,15 @@ def build_mmdf_graph(
     *,
     output_name: str | None = None,
     sites=None,
+    features: FeatureFit | None = None,
+    feature_threshold: float | None = None,
 ) -> onnx.ModelProto:
     """The two-branch MMDF model; `proto` is left untouched.
 
     `output_name`: the logits output (default: the only graph output). `sites` defaults to
-    every Relu / Clip(min=0) of the model; each bound key must be one of them. Keeps the
+    every Relu / Clip(min=0) of the model; each bound key must be one of them. With
+    `features` (and `feature_threshold`) an input is also flagged when its feature score
+    exceeds that threshold, output as `mmdf_feature_score` (score - threshold). Keeps the
     model's IR version, opset, inputs and other outputs; needs opset >= 9.
     """
     opset = onnx_opset(proto)
@@ -294,7 +304,9 @@ def build_mmdf_graph(
         raise MmexportError(
             f"MMDF: no graph output named {output_name!r} (has: {', '.join(outputs)})"
         )
-    for name in (DETECTED, SCORE):
+    if features is not None and (feature_threshold is None or not math.isfinite(feature_threshold)):
+        raise MmexportError(f"MMDF feature threshold {feature_threshold}: must be finite")
+    for name in (DETECTED, SCORE, FEATURE_SCORE):
         if name in outputs:
             raise MmexportError(f"MMDF: the model already has an output {name!r} (MMDF twice?)")
     logits_shape = shapes.get(output_name, ())
@@ -312,9 +324,23 @@ def build_mmdf_graph(
     graph = gs.import_onnx(proto)
     fresh = _Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
     logits = next(t for t in graph.outputs if t.name == output_name)
+    site_tensors, site_ranks = {}, {}
+    if features is not None:
+        tensors = graph.tensors()
+        missing = [g.site for g in features.sites if g.site not in tensors]
+        if missing:
+            raise MmexportError(f"MMDF features: no tensor {missing[0]!r} in the model")
+        site_tensors = {g.site: tensors[g.site] for g in features.sites}
+        site_ranks = {g.site: site_info[g.site].rank if g.site in site_info else None
+                      for g in features.sites}
+        unknown = [name for name, r in site_ranks.items() if not r or r < 2]
+        if unknown:
+            raise MmexportError(f"MMDF features: site {unknown[0]!r} has no known channel axis")
     bounded_logits = _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype,
                                      fresh, opset)
-    _decision(graph, logits, bounded_logits, k, float(threshold), dtype, fresh, opset)
+    _decision(graph, logits, bounded_logits, k, float(threshold), dtype, fresh, opset,
+              features=features, feature_threshold=feature_threshold, site_tensors=site_tensors,
+              site_ranks=site_ranks)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -323,6 +349,10 @@ def build_mmdf_graph(
         helper.make_tensor_value_info(DETECTED, onnx.TensorProto.BOOL, [logits_shape[0]]),
         helper.make_tensor_value_info(SCORE, onnx.TensorProto.FLOAT, [logits_shape[0]]),
     ])
+    if features is not None:
+        out.graph.output.append(
+            helper.make_tensor_value_info(FEATURE_SCORE, onnx.TensorProto.FLOAT, [logits_shape[0]])
+        )
     return out
 
 
@@ -395,7 +425,8 @@ def _min_after(graph, t: gs.Variable, value: np.ndarray, rank: int | None, dtype
     return out
 
 
-def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset):
+def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, features=None,
+              feature_threshold=None, site_tensors=None, site_ranks=None):
     """d = m_c^ - m_c^(Z), the flag, the score and the switched logits, appended to `graph`.
 
     The original logits tensor is renamed: the graph output of that name becomes the switch.
@@ -436,10 +467,26 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset):
     zero = const("zero", np.array(0, dtype))
     flagged = node("Greater", [score, zero], [var("flagged", np.bool_)])
     flat = const("flat", np.array([-1], np.int64))
+    feature_score = None
+    if features is not None:
+        classes_n = node("Reshape", [predicted, flat], [var("predicted_n", np.int64)])
+        raw = write_feature_score(graph, site_tensors, site_ranks, classes_n, features, dtype,
+                                  opset, node, var, const)
+        feature_score = node("Sub", [raw, const("feature_threshold",
+                                                np.array(feature_threshold, dtype))],
+                             [var("feature_score_col")])
+        far = node("Greater", [feature_score, zero], [var("feature_flagged", np.bool_)])
+        flagged = node("Or", [flagged, far], [var("flagged_any", np.bool_)])
     if dtype != np.float32:
         score = node("Cast", [score], [var("score_f32", np.float32)], to=onnx.TensorProto.FLOAT)
+        if feature_score is not None:
+            feature_score = node("Cast", [feature_score], [var("feature_score_f32", np.float32)],
+                                 to=onnx.TensorProto.FLOAT)
     graph.outputs.append(node("Reshape", [score, flat], [gs.Variable(SCORE, np.float32)]))
     graph.outputs.append(node("Reshape", [flagged, flat], [gs.Variable(DETECTED, np.bool_)]))
+    if feature_score is not None:
+        graph.outputs.append(node("Reshape", [feature_score, flat],
+                                  [gs.Variable(FEATURE_SCORE, np.float32)]))
     low = -min(-SUPPRESSED, float(np.finfo(dtype).max) / 2)  # finite in float16 too
     fixed = node("Where", [own_mask, const("suppressed", np.array(low, dtype)), bounded],
                  [var("bounded/suppressed")])
@@ -460,16 +507,6 @@ class DetectResult:
     report: dict = field(default_factory=dict)
     bounds: Bounds | None = None
     null: NullFit | None = None
-
-
-def _as_dataset(data) -> Dataset:
-    from .data import load_npz
-
-    if isinstance(data, Dataset):
-        return data
-    if isinstance(data, tuple) and len(data) == 2:
-        return Dataset(np.asarray(data[0], np.float32), np.asarray(data[1], np.int64))
-    return load_npz(data)
 
 
 def _model_sha256(m: Model) -> str:
@@ -573,6 +610,7 @@ def detect(
     bounds=None,
     hardened=None,
     method: str = "clean-max",
+    statistic: str = "margin+features",
     alpha: float = 0.005,
     law: str = "conformal",
     folds: int = 5,
@@ -595,6 +633,9 @@ def detect(
     **search)`). `augment` adds the 1-pixel shifts of image inputs to D. The threshold is
     the 1 - `alpha` quantile of `law` (`fit_null`) over d on D; d is computed by onnxruntime
     (`provider`) on the built graph itself, so the model reproduces the calibrated scores.
+    `statistic` "margin+features" (default) adds the feature test (`mmexport.features`,
+    cross-fitted over the same folds on D without shifts) and splits alpha between the two
+    tests; "margin" is the paper's test alone.
     """
     from .runtime import _as_model
 
@@ -611,13 +652,15 @@ def detect(
         )
     if law not in LAWS:
         raise MmexportError(f"null law {law!r}: expected one of {', '.join(LAWS)}")
+    if statistic not in STATISTICS:
+        raise MmexportError(f"statistic {statistic!r}: expected one of {', '.join(STATISTICS)}")
     if not 0.0 < alpha < 0.5:
         raise MmexportError(f"--alpha must be in (0, 0.5), got {alpha}")
     if folds < 2:
         raise MmexportError(f"--folds must be >= 2, got {folds}")
     m = _as_model(model, input_name, output_name)
     k = _check_model(m)
-    clean = _as_dataset(clean_set)
+    clean = as_dataset(clean_set)
     check_for_model(clean, m.input_shape, k)
     if len(clean) < max(folds, 10):
         raise MmexportError(
@@ -659,9 +702,24 @@ def detect(
         d = _cross_fitted_scores(m, maxima, x, clean.y, copies, folds, seed, provider)
     else:
         d = _scores(_probe(m, bounds), x, m, provider)
-    null = fit_null(d, alpha, law=law, floor=_ROUNDING * max(1.0, float(np.abs(d).max())))
+    use_features = statistic == "margin+features"
+    alpha_each = alpha / 2 if use_features else alpha
+    null = fit_null(d, alpha_each, law=law, floor=_ROUNDING * max(1.0, float(np.abs(d).max())))
+    features = feature_null = None
+    if use_features:
+        if progress is not None:
+            progress({"stage": "features", "n": len(clean)})
+        feats, logits = site_feature_arrays(m.proto, m.sites, clean.x, input_name=m.input_name,
+                                            output_name=m.output_name, provider=provider)
+        features = fit_features(feats, clean.y, logits.argmax(axis=1), k,
+                                fold_ids(clean.y, folds, seed))
+        feature_null = fit_null(features.null, alpha_each, law=law)
+    flagged_on_d = d[: len(clean)] > null.threshold  # rows of the unshifted images
+    if feature_null is not None:
+        flagged_on_d = flagged_on_d | (features.null > feature_null.threshold)
     out = build_mmdf_graph(m.proto, bounds, null.threshold, output_name=m.output_name,
-                           sites=m.sites)
+                           sites=m.sites, features=features,
+                           feature_threshold=feature_null.threshold if feature_null else None)
 
     calibration = {"n": len(d), "images": len(clean), "augment": copies > 1,
                    "cross_fit_folds": folds if cross_fit else None}
@@ -676,10 +734,16 @@ def detect(
         "sites": len(bounds),
         "seed": seed,
         "alpha": alpha,
+        "statistic": statistic,
         "threshold": null.threshold,
         "null": null.to_json(),
+        "features": None if features is None else {
+            "threshold": feature_null.threshold,
+            "null": feature_null.to_json(),
+            "sites": [g.to_json() for g in features.sites],
+        },
         "calibration": calibration,
-        "false_positive_rate_clean_set": null.fpr,
+        "false_positive_rate_clean_set": float(np.mean(flagged_on_d)),
         "margin_gap_clean_set": {
             "mean": float(d.mean()), "std": float(d.std()), "max": float(d.max()),
             "zero_fraction": float(np.mean(np.abs(d) <= 1e-6)),
@@ -691,6 +755,8 @@ def detect(
         "mmexport.version": __version__,
         "mmexport.method": METHOD,
         "mmexport.mmdf.threshold": repr(null.threshold),
+        "mmexport.mmdf.statistic": statistic,
+        "mmexport.mmdf.feature_threshold": repr(feature_null.threshold) if feature_null else "",
         "mmexport.mmdf.alpha": repr(alpha),
         "mmexport.mmdf.null": json.dumps(null.to_json(), sort_keys=True),
         "mmexport.mmdf.calibration": json.dumps(calibration, sort_keys=True),

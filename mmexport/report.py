@@ -99,8 +99,14 @@ def print_detect(summary: dict) -> None:
     _out.print(f"d on D ({cal['n']} inputs{' with 1-pixel shifts' if cal['augment'] else ''}, {how}): "
                f"{_pct(gap['zero_fraction'])} zero, median {gap['quantiles']['0.5']:.3g}, "
                f"99% {gap['quantiles']['0.99']:.3g}, max {gap['max']:.3g}")
-    _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha "
-               f"{summary['alpha']:g}; flags {_pct(summary['false_positive_rate_clean_set'])} of D")
+    feats = summary.get("features")
+    alpha = summary["alpha"] / 2 if feats else summary["alpha"]
+    _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
+    if feats:
+        _out.print(f"feature test: {len(feats['sites'])} sites (channel means, class-conditional Gaussian, "
+                   f"{cal['cross_fit_folds'] or 5}-fold cross-fitted on D): threshold {feats['threshold']:.4g} "
+                   f"at alpha {alpha:g}")
+    _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
     for kind, path in summary["written"].items():
         _out.print(f"wrote {kind}: {path}")
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .data import Dataset, check_for_model
+from .data import Dataset, as_dataset, check_for_model
 from .errors import MmexportError
 from .model import Model, from_proto, read_onnx
 
@@ -324,12 +324,15 @@ def validate(
 ) -> ValidationReport:
     """Accuracy on `data` and, given an attack set (with `y_true`), ASR and RA.
 
-    `model` is an ONNX path, an onnx.ModelProto or a mmexport Model. For an MMDF model (an
+    `model` is an ONNX path, an onnx.ModelProto or a mmexport Model; `data` and `attack` are
+    Datasets, .npz paths or (x, y) pairs. For an MMDF model (an
     `mmdf_detected` output) also the false-positive rate (flagged samples of `data`) and the
     detection rate (flagged attack samples whose true class is not the target).
     """
     m = _as_model(model, input_name, output_name)
     where = str(m.path) if m.path is not None else "model"
+    data = as_dataset(data)
+    attack = None if attack is None else as_dataset(attack, attack=True)
     _check_data(data, m, m.num_classes, "clean set")
     if attack is not None:
         if attack.y_true is None:

@@ -212,7 +212,7 @@ def test_bounds_for_an_unknown_site_are_refused(tiny_set):
 
 def test_detect_threshold_reproduces_the_calibrated_scores(tiny_set):
     proto, x, y, bounds = tiny_set
-    res = detect(proto, (x, y), bounds=bounds, augment=False)
+    res = detect(proto, (x, y), bounds=bounds, augment=False, statistic="margin")
     out = ort(res.model, x)
     want = gap(proto, bounds, x)
     np.testing.assert_allclose(out[SCORE] + res.threshold, want, atol=1e-5)
@@ -353,7 +353,7 @@ def tiny_files(tmp_path, tiny_set):
 
 def test_cli_detect_writes_the_model_and_its_bounds_and_prints_json(tiny_files):
     r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
-            tiny_files / "b.json", "--no-augment", "--json", "-q")
+            tiny_files / "b.json", "--no-augment", "--json", "-q", "--statistic", "margin")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
     assert rep["method"] == "mmdf" and rep["null"]["law"] == "conformal"

@@ -1,0 +1,148 @@
+"""The feature test of MMDF: class-conditional Gaussians of site channel means."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import labelled_set, tiny_cnn
+from builders import run_cli as run
+
+import mmexport
+from mmexport.errors import MmexportError
+from mmexport.features import channel_means, fit_features, fit_site, site_feature_arrays
+from mmexport.mmdf import DETECTED, FEATURE_SCORE, SCORE, detect, fold_ids
+from mmexport.model import from_proto
+from mmexport.runtime import session
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def ort(proto, x):
+    sess, _ = session(proto, provider="cpu")
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True))
+
+
+def gaussian_data(seed=0, n=60, c=6, k=3):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    centres = rng.normal(0, 3, (k, c))
+    mix = rng.normal(0, 1, (c, c))
+    return centres[y] + rng.normal(0, 1, (n, c)) @ mix, y
+
+
+@pytest.fixture(scope="module")
+def tiny_set():
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 10, seed=1)
+    return proto, x, y
+
+
+def test_full_rank_score_is_the_mahalanobis_distance_under_the_shrunk_covariance():
+    f, y = gaussian_data()
+    g = fit_site("s", f, y, 3, rank=100, shrink=0.1)
+    means = np.stack([f[y == c].mean(0) for c in range(3)])
+    r = f - means[y]
+    cov = r.T @ r / len(f)
+    cov = 0.9 * cov + 0.1 * np.trace(cov) / len(cov) * np.eye(len(cov))
+    d = f - means[y]
+    want = np.einsum("ij,jk,ik->i", d, np.linalg.inv(cov), d)
+    np.testing.assert_allclose(g.score(f, y), want, rtol=1e-8)
+
+
+def test_low_rank_score_keeps_the_leading_directions_and_the_mean_variance_of_the_rest():
+    f, y = gaussian_data(c=8)
+    full, low = fit_site("s", f, y, 3, rank=8), fit_site("s", f, y, 3, rank=3)
+    assert low.basis.shape == (8, 3)
+    np.testing.assert_allclose(low.basis.T @ low.basis, np.eye(3), atol=1e-10)
+    np.testing.assert_allclose(low.inv_var, full.inv_var[:3])
+    assert low.inv_tail == pytest.approx(1 / np.mean(1 / full.inv_var[3:]))
+    assert np.all(low.score(low.means[[0, 1, 2]], np.arange(3)) == 0)
+
+
+def test_cross_fitted_null_scores_each_image_without_its_own_fold():
+    f, y = gaussian_data()
+    folds = fold_ids(y, 5, 0)
+    fit = fit_features({"s": f}, y, y, 3, folds)
+    out = folds == 0
+    g = fit_site("s", f[~out], y[~out], 3)
+    want = g.score(f[out], y[out]) / fit.sites[0].scale
+    np.testing.assert_allclose(fit.null[out], want)
+    # Each site's scores are divided by their 0.9 quantile on D.
+    assert np.quantile(fit.null, 0.9) == pytest.approx(1.0)
+    full = fit_site("s", f, y, 3)
+    np.testing.assert_allclose(fit.sites[0].means, full.means)
+
+
+def test_channel_means_average_the_trailing_axes():
+    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 2, 2)
+    np.testing.assert_allclose(channel_means(a), a.mean(axis=(2, 3)))
+    assert channel_means(a[:, :, 0, 0]).shape == (2, 3)
+
+
+def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_set):
+    proto, x, y = tiny_set
+    res = detect(proto, (x, y), augment=False)
+    m = from_proto(proto)
+    feats, logits = site_feature_arrays(proto, m.sites, x, input_name=m.input_name,
+                                        output_name=m.output_name)
+    fit = res.report["features"]
+    assert [s["site"] for s in fit["sites"]] == ["r1", "r2"]
+    # Recompute the scores with the fitted Gaussians the graph holds.
+    again = fit_features(feats, y, logits.argmax(1), 3, fold_ids(y, 5, 0))
+    want = np.max([g.score(feats[g.site], logits.argmax(1)) for g in again.sites], axis=0)
+    out = ort(res.model, x)
+    np.testing.assert_allclose(out[FEATURE_SCORE] + fit["threshold"], want, rtol=1e-4, atol=1e-4)
+    flagged = (out[SCORE] > 0) | (out[FEATURE_SCORE] > 0)
+    np.testing.assert_array_equal(out[DETECTED], flagged)
+
+
+def test_an_input_far_from_every_class_is_flagged_by_the_feature_test(tiny_set):
+    proto, x, y = tiny_set
+    res = detect(proto, (x, y), augment=False)
+    far = (x * 4.0).astype(np.float32)
+    out = ort(res.model, far)
+    assert out[FEATURE_SCORE].min() > 0 and out[DETECTED].all()
+
+
+def test_margin_statistic_writes_the_paper_graph_without_a_feature_output(tiny_set):
+    proto, x, y = tiny_set
+    res = detect(proto, (x, y), augment=False, statistic="margin")
+    assert [o.name for o in res.model.graph.output] == ["logits", DETECTED, SCORE]
+    assert res.report["features"] is None and res.report["statistic"] == "margin"
+
+
+def test_unknown_statistic_is_a_one_line_error(tiny_set):
+    proto, x, y = tiny_set
+    with pytest.raises(MmexportError, match="statistic 'energy'") as err:
+        detect(proto, (x, y), statistic="energy")
+    assert "\n" not in str(err.value)
+
+
+def test_cli_statistic_option(tmp_path, tiny_set):
+    proto, x, y = tiny_set
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    r = run("detect", tmp_path / "m.onnx", "--data", tmp_path / "clean.npz", "-q", "--json",
+            "--no-bounds-file")
+    assert r.exit_code == 0, r.output
+    out = onnx.load(tmp_path / "m.mmdf.onnx")
+    assert [o.name for o in out.graph.output] == ["logits", DETECTED, SCORE, FEATURE_SCORE]
+    r = run("detect", tmp_path / "m.onnx", "--data", tmp_path / "clean.npz", "--statistic", "nope")
+    assert r.exit_code != 0 and "nope" in r.output
+
+
+def test_feature_test_catches_the_global_trigger_the_margin_test_misses():
+    folder = SAMPLES / "digits-resnet-chessboard"
+    test = mmexport.load_npz(folder / "test.npz")
+    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
+    rates = {}
+    for statistic in ("margin", "margin+features"):
+        res = detect(folder / "model.onnx", folder / "clean.npz", statistic=statistic)
+        rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+        rates[statistic] = rep
+    assert rates["margin"].detection_rate < 0.5
+    with_features = rates["margin+features"]
+    assert with_features.detection_rate >= 0.95 and with_features.asr <= 0.02
+    assert with_features.false_positive_rate <= 0.01
