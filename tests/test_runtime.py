@@ -109,6 +109,22 @@ def test_validate_asr_and_ra_skip_samples_already_of_the_target():
     assert report.accuracy == 1.0
 
 
+def test_validate_takes_npz_paths_and_pairs_as_harden_does(tmp_path):
+    y_true = np.array([0, 0, 1, 1, 0, 2])
+    pred = np.array([2, 2, 1, 0, 0, 2])
+    save_npz(tmp_path / "clean.npz", Dataset(logits_for([0, 1, 2]), np.array([0, 1, 2])))
+    np.savez(tmp_path / "attack.npz", x=logits_for(pred), y=np.full(6, 2), y_true=y_true)
+    report = validate(identity_classifier(), tmp_path / "clean.npz",
+                      attack=str(tmp_path / "attack.npz"), provider="cpu")
+    assert report.accuracy == 1.0 and report.asr == pytest.approx(2 / 5)
+    pair = validate(identity_classifier(), (logits_for([0, 1]), np.array([0, 0])), provider="cpu")
+    assert pair.accuracy == pytest.approx(0.5)
+    np.savez(tmp_path / "no_truth.npz", x=logits_for(pred), y=np.full(6, 2))
+    with pytest.raises(MmexportError, match="y_true"):
+        validate(identity_classifier(), tmp_path / "clean.npz", attack=tmp_path / "no_truth.npz",
+                 provider="cpu")
+
+
 def test_attack_set_needs_true_labels():
     clean = Dataset(logits_for([0]), np.array([0]))
     with pytest.raises(MmexportError, match="y_true"):
