@@ -15,7 +15,7 @@ import torch
 
 from . import __version__
 from .bounds import Bounds
-from .data import Dataset, check_every_class, check_for_model, load_npz
+from .data import Dataset, as_dataset, check_every_class, check_for_model
 from .engine import Engine
 from .errors import MmexportError
 from .model import Model, from_proto, load_model, set_metadata, sha256_bytes
@@ -59,14 +59,6 @@ def as_model(model, *, input_name=None, output_name=None) -> Model:
     if isinstance(model, onnx.ModelProto):
         return from_proto(model, input_name=input_name, output_name=output_name)
     return load_model(model, input_name=input_name, output_name=output_name)
-
-
-def as_dataset(data, *, attack: bool = False) -> Dataset:
-    if isinstance(data, Dataset):
-        return data
-    if isinstance(data, tuple) and len(data) == 2:
-        return Dataset(np.asarray(data[0], np.float32), np.asarray(data[1], np.int64))
-    return load_npz(data, attack=attack)
 
 
 def model_sha256(model: Model) -> str:

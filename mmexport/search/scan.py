@@ -360,9 +360,9 @@ def scan(
     """
     import torch
 
-    from ..data import check_every_class, check_for_model
+    from ..data import as_dataset, check_every_class, check_for_model
     from ..engine import Engine
-    from ..pipeline import as_dataset, as_model, resolve_device
+    from ..pipeline import as_model, resolve_device
     from .margins import input_box
 
     cfg = config or ScanConfig()
