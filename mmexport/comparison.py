@@ -14,13 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from .data import Dataset
 from .errors import MmexportError
-from .model import Model, from_proto, load_model
+from .model import Model
 from .rewrite import count_bounded_sites
-from .runtime import latency_pair, predict, session, validate
+from .runtime import _as_model, latency_pair, predict, session, validate
 
 # A rate counts as changed when it moves by more than this (fractions): one test image in
 # 200 is 0.005, below that the difference is noise of the test set, not of the model.
@@ -69,14 +68,6 @@ class CompareReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def _as_model(model, input_name, output_name) -> Model:
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        return from_proto(model, input_name=input_name, output_name=output_name)
-    return load_model(model, input_name=input_name, output_name=output_name)
 
 
 def _side(m, types: Counter, rep, max_margins, latency) -> Side:

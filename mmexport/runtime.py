@@ -299,7 +299,7 @@ def _mmdf_logits(proto: onnx.ModelProto) -> str | None:
     meta = {p.key: p.value for p in proto.metadata_props}
     if meta.get("mmexport.mmdf.output") in names:
         return meta["mmexport.mmdf.output"]
-    rest = [n for n in names if n not in (_MMDF_DETECTED, "mmdf_score")]
+    rest = [n for n in names if n not in (_MMDF_DETECTED, "mmdf_score", "mmdf_feature_score")]
     return rest[0] if len(rest) == 1 else None
 
 

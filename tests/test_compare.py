@@ -226,3 +226,14 @@ def test_sample_models_badnet_against_a_bounded_copy(tmp_path):
     assert rep.pre.validation["asr"] > 0.9  # the card's backdoor, under onnxruntime
     assert rep.post.bounded_sites == len(pre.sites)
     assert rep.verdicts["max_margin"] == "better"
+
+
+def test_an_mmdf_model_is_compared_on_its_logits_output(pair):
+    # Its graph has four outputs (logits, flag, two scores): no --output needed.
+    test = mmexport.load_npz(pair["test"])
+    mmdf = mmexport.detect(pair["pre"], test, augment=False)
+    onnx.save(mmdf.model, pair["tmp"] / "pre.mmdf.onnx")
+    r = run("compare", pair["pre"], pair["tmp"] / "pre.mmdf.onnx", "--data", pair["test"], "--json",
+            *ORT_CLI)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n"] == len(test)
