@@ -314,7 +314,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"),
                     help="torch device of mmexport's searches (peers run on the CPU; onnxruntime always CPU)")
     ap.add_argument("--runs", type=int, default=200, help="latency rounds per batch size")
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="onnxruntime intra-op threads for latency (1: steadier on a small box)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     ap.add_argument("--update", action="store_true",
                     help="re-run only --models into the existing <out>/bench.json, keeping its other rows")

@@ -12,13 +12,15 @@ and written three ways:
 The original and the three hardened models are timed in one process, interleaved: every
 round runs each model once, the order rotating from round to round, so clock boosts, drift
 and other load fall on all four alike. onnxruntime runs on the CPU with the intra-op thread
-pool pinned (`--threads`, default 2; inter-op 1, sequential execution) so runs are
-comparable. Reported: median and p95 per model over `--runs` rounds after `--warmup`, at
-batch 1 and 64, the ratio of medians to the original's, and per model how many sites fell
-back to Min in the folded form. Folded and min-form outputs are checked to agree first.
+pool pinned (`--threads`, default 1; inter-op 1, sequential execution) so runs are
+comparable. One thread: on a 2-core box two intra-op threads share the cores with Python and
+the OS, and the original's p95 ran at up to 12x its median (1.1-1.4x with one thread).
+Reported: median and p95 per model over `--runs` rounds after `--warmup`, at batch 1 and 64,
+the ratio of medians to the original's, and per model how many sites fell back to Min in the
+folded form. Folded and min-form outputs are checked to agree first.
 
 Writes `bench-results/latency.md` and `latency.json`. Usage:
-    python benchmarks/bench_latency.py [--models a,b] [--runs 300] [--threads 2]
+    python benchmarks/bench_latency.py [--models a,b] [--runs 300] [--threads 1]
 """
 
 from __future__ import annotations
@@ -166,7 +168,7 @@ def main() -> int:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--runs", type=int, default=300, help="timed rounds (>= 200 for the report)")
     ap.add_argument("--warmup", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args()
 
