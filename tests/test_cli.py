@@ -108,6 +108,17 @@ def test_harden_writes_model_bounds_and_provenance(tiny, tmp_path):
     assert run(*args, "--force").exit_code == 0
 
 
+def test_harden_search_options_reach_the_recorded_settings(tiny, tmp_path):
+    path, data = tiny
+    out = tmp_path / "area.onnx"
+    r = run("harden", path, "--data", data, "-o", out, "--max-epochs", "2", "--restarts", "2",
+            "--steps", "1", "--mask-area", "0.1", "--budget", "0.3", "-q", "--no-bounds-file")
+    assert r.exit_code == 0, r.output
+    meta = {p.key: p.value for p in onnx.load(out).metadata_props}
+    settings = json.loads(meta["mmexport.settings"])
+    assert settings["mask_area"] == 0.1 and settings["budget"] == 0.3
+
+
 def test_harden_refuses_to_overwrite_its_input(tiny):
     path, data = tiny
     assert_one_line_error(run("harden", path, "--data", data, "-o", path, "--force", "-q"), "input")
