@@ -29,9 +29,14 @@ The graph holds both branches. The bounded branch duplicates only the nodes that
 a bounded site and reads the very same weight initializers, so the file grows by a few
 nodes, not by a second copy of the weights. It outputs
 
-- the original logits name: the original logits where d <= threshold; where d > threshold,
-  the bounded logits with c^ pushed to a large negative value (argmax = the best other class);
-- `mmdf_detected` (bool [N]) and `mmdf_score` (float [N], d - threshold).
+- the original logits name: the original logits where the input is not flagged; where it
+  is, the bounded logits with c^ pushed to a large negative value (argmax = the best other
+  class);
+- `mmdf_detected` (bool [N]) and `mmdf_score` (float [N], d - threshold);
+- with the feature test (`statistic="margin+features"`, the default), `mmdf_feature_score`:
+  how far the input's site channel means lie from class c^ on D, minus its threshold
+  (`mmexport.features`). It catches triggers that stay inside the clean range, which d
+  cannot see; an input is flagged by either test, alpha split between them.
 
 Bounds are written unfolded (`Min` / `Clip`, as `apply_bounds(form="min")`): folding them
 would rescale weights the original branch shares.
