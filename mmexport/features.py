@@ -168,20 +168,11 @@ def site_feature_arrays(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_n
                         batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """({site: [N, C] channel means}, logits [N, K]) of x, run by onnxruntime; sites without
     a known channel axis are left out."""
-    from .runtime import run_batches, session
+    from .runtime import tensor_summaries
 
-    use = [s for s in sites if s.channels is not None and (s.rank or 0) >= 2]
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    listed = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(onnx.ValueInfoProto(name=s.name) for s in use if s.name not in listed)
-    sess, _ = session(probe, provider=provider)
-    names = [output_name] + [s.name for s in use]
-    parts: dict[str, list] = {n: [] for n in names}
-    for start in range(0, len(x), batch_size):
-        outs = run_batches(sess, x[start : start + batch_size], names, input_name=input_name,
-                           batch_size=batch_size)
-        for n, a in zip(names, outs, strict=True):
-            parts[n].append(a if n == output_name else channel_means(a))
-    logits = np.concatenate(parts.pop(output_name)).astype(np.float64)
-    return {n: np.concatenate(v).astype(np.float64) for n, v in parts.items()}, logits
+    use = [s.name for s in sites if s.channels is not None and (s.rank or 0) >= 2]
+    out = tensor_summaries(proto, [output_name, *use], x,
+                           lambda n, a: a if n == output_name else channel_means(a),
+                           input_name=input_name, provider=provider, batch_size=batch_size)
+    logits = out.pop(output_name)
+    return out, logits

@@ -203,26 +203,17 @@ def site_maxima(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str
     A site without a known channel axis gets one value per sample ([N, 1] -> a scalar bound).
     Run by onnxruntime with the sites added as graph outputs.
     """
-    from .runtime import run_batches, session
+    from .runtime import tensor_summaries
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    listed = {o.name for o in probe.graph.output}
-    probe.graph.output.extend(
-        onnx.ValueInfoProto(name=s.name) for s in sites if s.name not in listed
-    )
-    sess, _ = session(probe, provider=provider)
-    names = [s.name for s in sites]
-    out = {n: [] for n in names}
-    for start in range(0, len(x), batch_size):
-        acts = run_batches(sess, x[start : start + batch_size], names, input_name=input_name,
-                           batch_size=batch_size)
-        for s, a in zip(sites, acts, strict=True):
-            if s.channels is not None and a.ndim >= 2:
-                out[s.name].append(a.reshape(a.shape[0], a.shape[1], -1).max(axis=2))
-            else:
-                out[s.name].append(a.reshape(a.shape[0], -1).max(axis=1, keepdims=True))
-    return {n: np.concatenate(v).astype(np.float64) for n, v in out.items()}
+    channelled = {s.name for s in sites if s.channels is not None}
+
+    def per_channel_max(name, a):
+        if name in channelled and a.ndim >= 2:
+            return a.reshape(a.shape[0], a.shape[1], -1).max(axis=2)
+        return a.reshape(a.shape[0], -1).max(axis=1, keepdims=True)
+
+    return tensor_summaries(proto, [s.name for s in sites], x, per_channel_max,
+                            input_name=input_name, provider=provider, batch_size=batch_size)
 
 
 def clean_max_bounds(maxima: dict[str, np.ndarray], index=None) -> Bounds:

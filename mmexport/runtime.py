@@ -12,6 +12,7 @@ import io
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -176,6 +177,32 @@ def predict(
     out = _pick("output", sess.get_outputs(), output_name)
     (y,) = run_batches(sess, x, [out.name], input_name=input_name, batch_size=batch_size)
     return y.astype(np.float32, copy=False)
+
+
+def tensor_summaries(
+    proto: onnx.ModelProto,
+    names: list[str],
+    x: np.ndarray,
+    summarise: Callable[[str, np.ndarray], np.ndarray],
+    *,
+    input_name: str | None = None,
+    provider: str = "cpu",
+    batch_size: int = 256,
+) -> dict[str, np.ndarray]:
+    """{name: summarise(name, tensor) over x}, any tensors of the graph (made outputs for the
+    run), in chunks of `batch_size` so only summaries of the whole of x are kept."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    listed = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in listed)
+    sess, _ = session(probe, provider=provider)
+    parts: dict[str, list] = {n: [] for n in names}
+    for start in range(0, len(x), batch_size):
+        outs = run_batches(sess, x[start : start + batch_size], names, input_name=input_name,
+                           batch_size=batch_size)
+        for n, a in zip(names, outs, strict=True):
+            parts[n].append(summarise(n, a))
+    return {n: np.concatenate(v).astype(np.float64) for n, v in parts.items()}
 
 
 def run_batches(
