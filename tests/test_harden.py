@@ -85,3 +85,14 @@ def test_unknown_options_are_named():
         mmexport.harden(proto, (x, y), restart=3)
     with pytest.raises(mmexport.MmexportError, match="granularity"):
         mmexport.harden(proto, (x, y), granularity="pixel")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_same_seed_gives_identical_bounds_on_cuda():
+    folder = Path(__file__).resolve().parents[1] / "sample_models" / "digits-cnn-wide-badnet"
+    flags = (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    runs = [mmexport.harden(folder / "model.onnx", folder / "clean.npz", device="cuda", seed=5, max_epochs=20)
+            for _ in range(2)]
+    for site, v in runs[0].bounds.items():
+        np.testing.assert_array_equal(v, runs[1].bounds[site], err_msg=site)
+    assert (torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == flags  # restored

@@ -362,7 +362,7 @@ def scan(
 
     from ..data import as_dataset, check_every_class, check_for_model
     from ..engine import Engine
-    from ..pipeline import as_model, resolve_device
+    from ..pipeline import as_model, reproducible, resolve_device
     from .margins import input_box
 
     cfg = config or ScanConfig()
@@ -396,7 +396,8 @@ def scan(
     y = torch.from_numpy(clean.y).to(dev)
     box = input_box(x, input_range).to(dev)
 
-    tests = scan_engine(engine, x, y, k, box, cfg, progress=progress)
+    with reproducible(dev):
+        tests = scan_engine(engine, x, y, k, box, cfg, progress=progress)
     verdict, target, p, name = decide(tests, cfg.alpha)
     return ScanResult(
         verdict=verdict,
