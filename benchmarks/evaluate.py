@@ -31,13 +31,15 @@ def parse_value(v: str):
     return v
 
 
-def evaluate(folder: Path, overrides: dict, granularity: str, method: str, detect_too: bool = False) -> dict:
+def evaluate(
+    folder: Path, overrides: dict, granularity: str, method: str, detect_too: bool = False, device: str = "cpu"
+) -> dict:
     test = load_npz(folder / "test.npz")
     attack = load_npz(folder / "attack.npz", attack=True) if (folder / "attack.npz").exists() else None
     before = validate(folder / "model.onnx", test, attack=attack, provider="cpu")
     t0 = time.perf_counter()
     res = harden(
-        folder / "model.onnx", folder / "clean.npz", method=method, granularity=granularity, device="cpu", **overrides
+        folder / "model.onnx", folder / "clean.npz", method=method, granularity=granularity, device=device, **overrides
     )
     seconds = time.perf_counter() - t0
     after = validate(res.model, test, attack=attack, provider="cpu")
@@ -102,6 +104,7 @@ def main() -> None:
     )
     ap.add_argument("--report", default="", help="write Markdown + JSON tables into this folder")
     ap.add_argument("--detect", action="store_true", help="also build and measure MMDF (mmexport detect)")
+    ap.add_argument("--device", default="cpu", help="torch device of the search (cpu, cuda, auto)")
     args = ap.parse_args()
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     folders = sorted(p.parent for p in (ROOT / "sample_models").glob("*/model.onnx"))
@@ -115,7 +118,7 @@ def main() -> None:
         "mm(max/med) before->after"
     )
     for f in folders:
-        r = evaluate(f, overrides, args.granularity, args.method, args.detect)
+        r = evaluate(f, overrides, args.granularity, args.method, args.detect, args.device)
         rows.append(r)
         import statistics as st
 
