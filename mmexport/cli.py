@@ -41,6 +41,15 @@ def _range(_ctx, _param, value):
     return lo, hi
 
 
+def _avoid(_ctx, _param, value):
+    if value in ("scan", "none"):
+        return None if value == "none" else value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected scan, none or a class number, got {value!r}") from None
+
+
 def _print_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=float))
 
@@ -412,6 +421,9 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
               help="Law of d on clean data: conformal quantile, exponential tail, or Gaussian (the paper's).")
 @click.option("--folds", default=5, show_default=True, help="Cross-fitting folds of the clean-max null.")
 @click.option("--no-augment", is_flag=True, help="Calibrate on D alone, without its 1-pixel shifts.")
+@click.option("--avoid", default="scan", show_default=True, callback=_avoid, metavar="scan|none|CLASS",
+              help="A class flagged inputs are never sent to. scan: the suspected backdoor target of the "
+                   "MM-BD scan on D (as `mmexport scan`), if it finds one; none; or a class number.")
 @_search_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Torch device of the mmac search.")
@@ -424,8 +436,8 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
-def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, law, folds, no_augment, seed, reduction,
-           budget, mask_area, maximisers, lambda0, acc_floor, max_epochs, steps, restarts, device, provider,
+def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, law, folds, no_augment, avoid, seed,
+           reduction, budget, mask_area, maximisers, lambda0, acc_floor, max_epochs, steps, restarts, device, provider,
            report_path, no_bounds_file, force, as_json, quiet, input_name, output_name):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
@@ -434,7 +446,8 @@ def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, la
     (false-positive rate --alpha) flags the input; by default an input is also flagged
     when its activations lie far from its predicted class on D (--statistic). Outputs: the
     original logits name (for a flagged input, the bounded logits with the predicted class
-    suppressed), mmdf_detected (bool [N]), mmdf_score (d minus its threshold, float [N])
+    suppressed, and never the suspected backdoor target: --avoid), mmdf_detected (bool [N]),
+    mmdf_score (d minus its threshold, float [N])
     and, with the feature test, mmdf_feature_score (feature score minus its threshold).
     """
     from .mmdf import detect as run_detect
@@ -457,7 +470,7 @@ def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, la
 
         result = run_detect(model, data, bounds=bounds_path, hardened=hardened, method=method,
                             statistic=statistic, alpha=alpha,
-                            law=law, folds=folds, augment=not no_augment, seed=seed, device=device,
+                            law=law, folds=folds, augment=not no_augment, seed=seed, device=device, avoid=avoid,
                             provider=provider, input_name=input_name, output_name=output_name,
                             progress=progress if bar is not None else None, **search)
     written = _write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)

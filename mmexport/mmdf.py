@@ -261,14 +261,16 @@ def build_mmdf_graph(
     sites=None,
     features: FeatureFit | None = None,
     feature_threshold: float | None = None,
+    avoid: int | None = None,
 ) -> onnx.ModelProto:
     """The two-branch MMDF model; `proto` is left untouched.
 
     `output_name`: the logits output (default: the only graph output). `sites` defaults to
     every Relu / Clip(min=0) of the model; each bound key must be one of them. With
     `features` (and `feature_threshold`) an input is also flagged when its feature score
-    exceeds that threshold, output as `mmdf_feature_score` (score - threshold). Keeps the
-    model's IR version, opset, inputs and other outputs; needs opset >= 9.
+    exceeds that threshold, output as `mmdf_feature_score` (score - threshold). `avoid`: a
+    class a flagged input is never sent to (the suspected backdoor target). Keeps the model's
+    IR version, opset, inputs and other outputs; needs opset >= 9.
     """
     opset = onnx_opset(proto)
     if opset < MIN_OPSET:
@@ -312,6 +314,8 @@ def build_mmdf_graph(
             f"MMDF: output {output_name!r} is shaped {logits_shape or 'unknown'}, expected (N, K) "
             "logits with a static K >= 2"
         )
+    if avoid is not None and not 0 <= avoid < k:
+        raise MmexportError(f"MMDF: class to avoid {avoid} is not one of the model's {k} classes")
     elem = elem_types.get(output_name, onnx.TensorProto.FLOAT)
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     site_info = {s.name: s for s in sites}
@@ -336,7 +340,7 @@ def build_mmdf_graph(
                                      fresh, opset)
     _decision(graph, logits, bounded_logits, k, float(threshold), dtype, fresh, opset,
               features=features, feature_threshold=feature_threshold, site_tensors=site_tensors,
-              site_ranks=site_ranks)
+              site_ranks=site_ranks, avoid=avoid)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -422,7 +426,7 @@ def _min_after(graph, t: gs.Variable, value: np.ndarray, rank: int | None, dtype
 
 
 def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, features=None,
-              feature_threshold=None, site_tensors=None, site_ranks=None):
+              feature_threshold=None, site_tensors=None, site_ranks=None, avoid=None):
     """d = m_c^ - m_c^(Z), the flag, the score and the switched logits, appended to `graph`.
 
     The original logits tensor is renamed: the graph output of that name becomes the switch.
@@ -484,8 +488,11 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, feat
         graph.outputs.append(node("Reshape", [feature_score, flat],
                                   [gs.Variable(FEATURE_SCORE, np.float32)]))
     low = -min(-SUPPRESSED, float(np.finfo(dtype).max) / 2)  # finite in float16 too
-    fixed = node("Where", [own_mask, const("suppressed", np.array(low, dtype)), bounded],
-                 [var("bounded/suppressed")])
+    suppressed = const("suppressed", np.array(low, dtype))
+    fixed = node("Where", [own_mask, suppressed, bounded], [var("bounded/suppressed")])
+    if avoid is not None:
+        target = const("avoid", (np.arange(k) == avoid).reshape(1, k))
+        fixed = node("Where", [target, suppressed, fixed], [var("bounded/avoided")])
     out = gs.Variable(out_name, dtype=logits.dtype, shape=logits.shape)
     node("Where", [flagged, fixed, logits], [out])
     graph.outputs = [out if t is logits else t for t in graph.outputs]
@@ -599,6 +606,21 @@ def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, c
     return d
 
 
+def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str,
+                    progress) -> tuple[int | None, dict | None]:
+    """The class flagged inputs must not go to, and the scan's report when a scan chose it."""
+    if avoid != "scan":
+        return avoid, None
+    from .search.scan import scan
+
+    if progress is not None:
+        progress({"stage": "scan (MM-BD: which class would a backdoor target?)", "n": len(clean)})
+    res = scan(m, clean, seed=seed, device=device)
+    report = {"verdict": res.verdict, "target_class": res.target_class, "p_value": res.p_value,
+              "statistic": res.statistic, "alpha": res.alpha}
+    return (res.target_class if res.verdict == "backdoor" else None), report
+
+
 def detect(
     model,
     clean_set,
@@ -616,6 +638,7 @@ def detect(
     output_name: str | None = None,
     device: str = "auto",
     provider: str = "cpu",
+    avoid: int | str | None = "scan",
     progress: Callable[[dict], None] | None = None,
     **search,
 ) -> DetectResult:
@@ -632,6 +655,11 @@ def detect(
     `statistic` "margin+features" (default) adds the feature test (`mmexport.features`,
     fitted and cross-fitted on the same inputs and folds) and splits alpha between the two
     tests; "margin" is the paper's test alone.
+    `avoid`: a class that a flagged input is never sent to. "scan" (default): the target of
+    the MM-BD scan on the clean set (`mmexport.scan`, same seed and device) when its verdict
+    is backdoor, else none; an int: that class; None: none. Without it, a triggered input
+    that the backdoor did not win over is flagged, its (true) class suppressed, and the
+    bounded model's best other class is often the target.
     """
     from .runtime import _as_model
 
@@ -654,8 +682,12 @@ def detect(
         raise MmexportError(f"--alpha must be in (0, 0.5), got {alpha}")
     if folds < 2:
         raise MmexportError(f"--folds must be >= 2, got {folds}")
+    if not (avoid is None or avoid == "scan" or (isinstance(avoid, int) and not isinstance(avoid, bool))):
+        raise MmexportError(f"--avoid {avoid!r}: expected 'scan', 'none' or a class number")
     m = _as_model(model, input_name, output_name)
     k = _check_model(m)
+    if isinstance(avoid, int) and not 0 <= avoid < k:
+        raise MmexportError(f"--avoid {avoid}: not one of the model's {k} classes (0..{k - 1})")
     clean = as_dataset(clean_set)
     check_for_model(clean, m.input_shape, k)
     if len(clean) < max(folds, 10):
@@ -715,9 +747,11 @@ def detect(
     flagged_on_d = d > null.threshold
     if feature_null is not None:
         flagged_on_d = flagged_on_d | (features.null > feature_null.threshold)
+    avoided, scan_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
     out = build_mmdf_graph(m.proto, bounds, null.threshold, output_name=m.output_name,
                            sites=m.sites, features=features,
-                           feature_threshold=feature_null.threshold if feature_null else None)
+                           feature_threshold=feature_null.threshold if feature_null else None,
+                           avoid=avoided)
 
     calibration = {"n": len(d), "images": len(clean), "augment": copies > 1,
                    "cross_fit_folds": folds if cross_fit else None}
@@ -748,6 +782,8 @@ def detect(
             "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
         },
         "harden": harden_report,
+        "avoid": {"class": avoided, "source": "scan" if avoid == "scan" else ("given" if avoided is not None else None),
+                  "scan": scan_report},
     }
     set_metadata(out, {
         "mmexport.version": __version__,
@@ -759,6 +795,7 @@ def detect(
         "mmexport.mmdf.null": json.dumps(null.to_json(), sort_keys=True),
         "mmexport.mmdf.calibration": json.dumps(calibration, sort_keys=True),
         "mmexport.mmdf.bounds_source": source,
+        "mmexport.mmdf.avoid": "" if avoided is None else str(avoided),
         "mmexport.mmdf.output": m.output_name,
         "mmexport.seed": str(seed),
         "mmexport.source_sha256": source_sha,

@@ -107,6 +107,15 @@ def print_detect(summary: dict) -> None:
                    f"{cal['cross_fit_folds'] or 5}-fold cross-fitted on D): threshold {feats['threshold']:.4g} "
                    f"at alpha {alpha:g}")
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
+    avoid = summary.get("avoid") or {}
+    scan = avoid.get("scan")
+    if scan is not None:
+        found = (f"suspected target class {scan['target_class']}" if scan["verdict"] == "backdoor"
+                 else "no backdoor target")
+        _out.print(f"scan: {found} (p = {scan['p_value']:.3g}); "
+                   + ("flagged inputs never go to it" if avoid["class"] is not None else "no class avoided"))
+    elif avoid.get("class") is not None:
+        _out.print(f"flagged inputs never go to class {avoid['class']} (given)")
     for kind, path in summary["written"].items():
         _out.print(f"wrote {kind}: {path}")
 

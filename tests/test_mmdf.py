@@ -322,6 +322,42 @@ def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs()
     rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
     assert rep.detection_rate >= 0.9 and rep.false_positive_rate <= 0.02
     assert rep.asr <= 0.05 and rep.accuracy >= 0.96
+    # The scan on D names the backdoor's target (the card's), and flagged inputs avoid it.
+    card = json.loads((folder / "card.json").read_text())
+    assert res.report["avoid"]["class"] == card["attack"]["target"]
+    assert get_metadata(res.model)["mmexport.mmdf.avoid"] == str(card["attack"]["target"])
+    flagged = ort(res.model, attack.x)
+    assert flagged[DETECTED].any()
+    assert not np.any(flagged["logits"][flagged[DETECTED]].argmax(1) == card["attack"]["target"])
+
+
+def test_flagged_inputs_never_go_to_the_class_to_avoid(tiny_set):
+    proto, x, y, bounds = tiny_set
+    everything = -1e9  # threshold below every d: every input is flagged
+    plain = ort(build_mmdf_graph(proto, bounds, everything), x)
+    assert plain[DETECTED].all()
+    sent = plain["logits"].argmax(1)
+    avoid = int(np.bincount(sent).argmax())  # the class the fix sends most inputs to
+    out = ort(build_mmdf_graph(proto, bounds, everything, avoid=avoid), x)
+    moved = out["logits"].argmax(1)
+    assert not np.any(moved == avoid)
+    assert np.array_equal(moved[sent != avoid], sent[sent != avoid])  # the others keep their class
+    original = ort(proto, x)["logits"].argmax(1)
+    assert not np.any(moved == original)  # still never the original prediction
+    with pytest.raises(MmexportError, match="class to avoid 9"):
+        build_mmdf_graph(proto, bounds, everything, avoid=9)
+
+
+def test_detect_avoid_given_none_or_bad(tiny_set):
+    proto, x, y, bounds = tiny_set
+    res = detect(proto, (x, y), bounds=bounds, avoid=1)
+    assert res.report["avoid"] == {"class": 1, "source": "given", "scan": None}
+    assert get_metadata(res.model)["mmexport.mmdf.avoid"] == "1"
+    res = detect(proto, (x, y), bounds=bounds, avoid=None)
+    assert res.report["avoid"]["class"] is None and get_metadata(res.model)["mmexport.mmdf.avoid"] == ""
+    for bad, match in ((7, "not one of the model's"), ("target", "expected 'scan'"), (True, "expected 'scan'")):
+        with pytest.raises(MmexportError, match=match):
+            detect(proto, (x, y), bounds=bounds, avoid=bad)
 
 
 # --------------------------------------------------------------------------- validate and CLI
@@ -364,6 +400,22 @@ def test_cli_detect_writes_the_model_and_its_bounds_and_prints_json(tiny_files):
     assert r.exit_code == 0, r.output
     fpr = json.loads(r.output)["false_positive_rate"]
     assert fpr == pytest.approx(rep["false_positive_rate_clean_set"])
+
+
+@pytest.mark.parametrize("value, expected", [("none", None), ("2", 2)])
+def test_cli_detect_avoid(tiny_files, value, expected):
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "b.json", "--json", "-q", "--avoid", value)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["avoid"]["class"] == expected
+
+
+def test_cli_detect_avoid_bad_value_is_an_error(tiny_files):
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "-q", "--avoid", "target")
+    assert r.exit_code != 0 and "expected scan, none or a class number" in r.output
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "-q", "--avoid", "5")
+    assert r.exit_code == 1 and "--avoid 5: not one of the model's 3 classes" in r.output
+    assert not (tiny_files / "m.mmdf.onnx").exists()
 
 
 def test_cli_detect_needs_force_to_overwrite(tiny_files):
