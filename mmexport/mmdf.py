@@ -608,14 +608,21 @@ def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, c
 
 def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str,
                     progress) -> tuple[int | None, dict | None]:
-    """The class flagged inputs must not go to, and the scan's report when a scan chose it."""
+    """The class flagged inputs must not go to, and the scan's report when a scan chose it.
+
+    Where the scan cannot run (fewer than 3 classes, a class missing from D) no class is
+    avoided and the report says why: the rule is an addition to MMDF, not a precondition.
+    """
     if avoid != "scan":
         return avoid, None
     from .search.scan import scan
 
     if progress is not None:
         progress({"stage": "scan (MM-BD: which class would a backdoor target?)", "n": len(clean)})
-    res = scan(m, clean, seed=seed, device=device)
+    try:
+        res = scan(m, clean, seed=seed, device=device)
+    except MmexportError as exc:
+        return None, {"skipped": str(exc)}
     report = {"verdict": res.verdict, "target_class": res.target_class, "p_value": res.p_value,
               "statistic": res.statistic, "alpha": res.alpha}
     return (res.target_class if res.verdict == "backdoor" else None), report

@@ -109,7 +109,9 @@ def print_detect(summary: dict) -> None:
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
     avoid = summary.get("avoid") or {}
     scan = avoid.get("scan")
-    if scan is not None:
+    if scan is not None and "skipped" in scan:
+        _out.print(f"scan skipped, no class avoided: {scan['skipped']}")
+    elif scan is not None:
         found = (f"suspected target class {scan['target_class']}" if scan["verdict"] == "backdoor"
                  else "no backdoor target")
         _out.print(f"scan: {found} (p = {scan['p_value']:.3g}); "

@@ -348,6 +348,14 @@ def test_flagged_inputs_never_go_to_the_class_to_avoid(tiny_set):
         build_mmdf_graph(proto, bounds, everything, avoid=9)
 
 
+def test_detect_without_every_class_in_d_skips_the_scan_and_says_why(tiny_set):
+    proto, x, y, bounds = tiny_set
+    keep = y != 2
+    res = detect(proto, (x[keep], y[keep]), bounds=bounds)
+    avoid = res.report["avoid"]
+    assert avoid["class"] is None and "no sample of class(es) 2" in avoid["scan"]["skipped"]
+
+
 def test_detect_avoid_given_none_or_bad(tiny_set):
     proto, x, y, bounds = tiny_set
     res = detect(proto, (x, y), bounds=bounds, avoid=1)
