@@ -606,15 +606,14 @@ def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, c
     return d
 
 
-def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str,
-                    progress) -> tuple[int | None, dict | None]:
-    """The class flagged inputs must not go to, and the scan's report when a scan chose it.
+def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, progress) -> dict:
+    """{"class": the class flagged inputs must not go to or None, "source", "scan": its report}.
 
     Where the scan cannot run (fewer than 3 classes, a class missing from D) no class is
     avoided and the report says why: the rule is an addition to MMDF, not a precondition.
     """
     if avoid != "scan":
-        return avoid, None
+        return {"class": avoid, "source": None if avoid is None else "given", "scan": None}
     from .search.scan import scan
 
     if progress is not None:
@@ -622,10 +621,11 @@ def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str,
     try:
         res = scan(m, clean, seed=seed, device=device)
     except MmexportError as exc:
-        return None, {"skipped": str(exc)}
+        return {"class": None, "source": "scan", "scan": {"skipped": str(exc)}}
     report = {"verdict": res.verdict, "target_class": res.target_class, "p_value": res.p_value,
               "statistic": res.statistic, "alpha": res.alpha}
-    return (res.target_class if res.verdict == "backdoor" else None), report
+    target = res.target_class if res.verdict == "backdoor" else None
+    return {"class": target, "source": "scan", "scan": report}
 
 
 def detect(
@@ -754,7 +754,8 @@ def detect(
     flagged_on_d = d > null.threshold
     if feature_null is not None:
         flagged_on_d = flagged_on_d | (features.null > feature_null.threshold)
-    avoided, scan_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
+    avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
+    avoided = avoid_report["class"]
     out = build_mmdf_graph(m.proto, bounds, null.threshold, output_name=m.output_name,
                            sites=m.sites, features=features,
                            feature_threshold=feature_null.threshold if feature_null else None,
@@ -789,8 +790,7 @@ def detect(
             "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
         },
         "harden": harden_report,
-        "avoid": {"class": avoided, "source": "scan" if avoid == "scan" else ("given" if avoided is not None else None),
-                  "scan": scan_report},
+        "avoid": avoid_report,
     }
     set_metadata(out, {
         "mmexport.version": __version__,
