@@ -1,12 +1,16 @@
 """The bound search: margins, ascent, bound initialisation and the MMAC loop."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from builders import labelled_set, tiny_cnn
 
+from mmexport.data import load_npz
 from mmexport.engine import Engine
-from mmexport.model import from_proto
+from mmexport.model import from_proto, load_model
 from mmexport.search.bounds_search import SearchConfig, fit_bounds, initial_bounds, reduce_margins
 from mmexport.search.margins import (
     MaskedMaximisers,
@@ -15,7 +19,10 @@ from mmexport.search.margins import (
     input_box,
     margins,
     max_margins,
+    project_capped_simplex,
 )
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 FAST = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=6, check_every=2)
 
@@ -80,6 +87,44 @@ def test_masked_maximisers_stamp_within_the_area_and_raise_the_margins(setup):
     assert mx.area == pytest.approx(0.1 * 36)
     stamped = mx.x
     assert bool((stamped >= box.lo - 1e-6).all() and (stamped <= box.hi + 1e-6).all())
+
+
+def test_capped_simplex_projection_is_feasible_sparse_and_nearest():
+    gen = torch.Generator().manual_seed(0)
+    v = 0.3 * torch.rand(5, 1, 8, 8, generator=gen)
+    v[:, 0, 6:, 6:] += 1.0  # a 2x2 block that carries most of the gradient
+    total = 4.0
+    p = project_capped_simplex(v, total)
+    assert float(p.min()) >= 0.0 and float(p.max()) <= 1.0
+    assert float(p.flatten(1).sum(1).max()) <= total + 1e-4
+    assert bool((p[:, 0, 6:, 6:].flatten(1).sum(1) > 0.8 * total).all())  # the block keeps its mass ...
+    assert float((p > 0).float().mean()) < 0.3  # ... and most of the rest is zero
+    # nearer to v than the old rescaling onto the same set
+    clamped = v.clamp(0, 1)
+    scaled = clamped * (total / clamped.flatten(1).sum(1)).clamp(max=1).view(-1, 1, 1, 1)
+    assert bool(((p - v).flatten(1).norm(dim=1) < (scaled - v).flatten(1).norm(dim=1)).all())
+    # under the budget it only clamps to [0, 1]
+    small = torch.tensor([[-0.5, 0.2, 1.5]])
+    assert torch.equal(project_capped_simplex(small, 2.0), small.clamp(0, 1))
+
+
+def test_masked_maximiser_finds_the_planted_patch_of_a_backdoored_sample():
+    folder = SAMPLES / "digits-cnn-badnet"
+    attack = json.loads((folder / "card.json").read_text())["attack"]
+    assert "bottom-right" in attack["trigger"]
+    engine = Engine(load_model(folder / "model.onnx"))
+    clean, test = load_npz(folder / "clean.npz"), load_npz(folder / "test.npz")
+    x, y = torch.from_numpy(clean.x), torch.from_numpy(clean.y)
+    mx = MaskedMaximisers(input_box(x), x, y, 10, generator=torch.Generator().manual_seed(0), batch=10)
+    per_class = mx.per_class(mx.ascend(engine, None, 100), "mean")
+    target = attack["target"]
+    assert int(per_class.argmax()) == target
+    mask = mx.mask[target, 0]
+    assert float(mask[10:, 10:].sum()) > 0.6 * float(mask.sum())  # the mass sits in that corner
+    tx, ty = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    with torch.no_grad():
+        pred = engine((1 - mx.mask[target]) * tx + mx.mask[target] * mx.pattern[target]).argmax(1)
+    assert float((pred[ty != target] == target).float().mean()) > 0.9  # and it works as a trigger
 
 
 def test_universal_and_masked_maximisers_run_together(setup):

@@ -122,6 +122,28 @@ def max_margins(
     return maxi.per_class(maxi.ascend(engine, bounds, steps), "max")
 
 
+def project_capped_simplex(v: torch.Tensor, total: float, iterations: int = 40) -> torch.Tensor:
+    """Euclidean projection of each row of v onto {m : 0 <= m <= 1, sum(m) <= total}.
+
+    The projection is clamp(v - tau, 0, 1) with the smallest tau >= 0 that meets the sum,
+    found by bisection: entries below tau vanish, so the result is sparse.
+    """
+    flat = v.flatten(1)
+    clamped = flat.clamp(0.0, 1.0)
+    over = clamped.sum(dim=1) > total
+    if not bool(over.any()):
+        return clamped.view_as(v)
+    lo = torch.zeros(flat.shape[0], device=v.device, dtype=v.dtype)
+    hi = flat.max(dim=1).values.clamp_min(0.0)
+    for _ in range(iterations):
+        tau = (lo + hi) / 2
+        big = (flat - tau[:, None]).clamp(0.0, 1.0).sum(dim=1) > total
+        lo = torch.where(big, tau, lo)
+        hi = torch.where(big, hi, tau)
+    shrunk = (flat - hi[:, None]).clamp(0.0, 1.0)
+    return torch.where(over[:, None], shrunk, clamped).view_as(v)
+
+
 class _OnCleanImages:
     """Per class, a batch of D's images of the other classes that a shared change is applied to."""
 
@@ -242,21 +264,24 @@ class MaskedMaximisers(_OnCleanImages):
         p = pattern.repeat_interleave(self.batch, dim=0)
         return (1 - m) * self.clean_x[self.index] + m * p
 
-    def _project_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        mask = mask.clamp(0.0, 1.0)
-        total = mask.flatten(1).sum(dim=1).clamp_min(1e-12)
-        scale = (self.area / total).clamp(max=1.0)
-        return mask * scale.view(-1, *([1] * (mask.dim() - 1)))
-
     def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
-        """Signed-gradient ascent on mask and pattern of each class's mean margin."""
+        """Projected ascent on mask and pattern of each class's mean margin.
+
+        The mask moves along its gradient scaled by the gradient's largest entry, not its
+        sign, and is projected onto the capped simplex: the pixels that buy most margin
+        grow and the rest fall to zero, so the mask concentrates on a patch. (Signed steps
+        with a rescaling projection kept it spread thin over the whole image, a faint
+        blend that never found a patch trigger.)
+        """
         mask, pattern = self.mask, self.pattern
         for _ in range(steps):
             mask = mask.detach().requires_grad_(True)
             pattern = pattern.detach().requires_grad_(True)
             m = margins(engine(self._stamp(mask, pattern), bounds), self.classes)
             gm, gp = torch.autograd.grad(m.sum(), (mask, pattern))
-            mask = self._project_mask(mask.detach() + self.mask_step * gm.sign())
+            top = gm.flatten(1).abs().max(dim=1).values.clamp_min(1e-12)
+            step = self.mask_step * gm / top.view(-1, *([1] * (gm.dim() - 1)))
+            mask = project_capped_simplex(mask.detach() + step, self.area)
             pattern = self.box.clamp(pattern.detach() + self.pattern_step * gp.sign())
         self.mask, self.pattern = mask.detach(), pattern.detach()
         with torch.no_grad():
