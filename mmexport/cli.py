@@ -142,8 +142,7 @@ def _search_options(f):
                           "[default: 0.2]."),
         click.option("--mask-area", type=float, default=None,
                      help="Largest area of the masked maximisers' patterns, as a fraction of the image "
-                          "[default: 0.05]. On the sample zoo 0.1 found signal and blend triggers better "
-                          "(3 seeds) at some cost in accuracy; patches did as well either way."),
+                          "[default: 0.05]; the pattern concentrates on a patch of about that size."),
         click.option("--acc-floor", type=float, default=None,
                      help="Fraction of the clean set's originally-correct samples that must stay correct "
                           "(checked on D and its 1-pixel shifts) [default: 0.98]."),
@@ -188,9 +187,8 @@ def _overrides(**kw) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
 def harden(model, data, out, method, granularity, form, seed, reduction, budget, mask_area, maximisers, lambda0,
-           acc_floor,
-           max_epochs, steps, restarts, input_range, device, report_path, no_bounds_file, force, as_json, quiet,
-           input_name, output_name):
+           acc_floor, max_epochs, steps, restarts, input_range, device, report_path, no_bounds_file, force, as_json,
+           quiet, input_name, output_name):
     """Search bounds on a clean set and write a hardened ONNX model.
 
     The model keeps its input/output names, opset and IR version: a drop-in replacement.

@@ -19,7 +19,7 @@ from .data import Dataset
 from .errors import MmexportError
 from .model import Model
 from .rewrite import count_bounded_sites
-from .runtime import _as_model, latency_pair, predict, session, validate
+from .runtime import as_model, latency_pair, predict, session, validate
 
 # A rate counts as changed when it moves by more than this (fractions): one test image in
 # 200 is 0.005, below that the difference is noise of the test set, not of the model.
@@ -250,8 +250,8 @@ def compare(
     `margins=False` skips it. Latency: `runs` timed inferences per model and batch size,
     interleaved PRE / POST. `progress(stage, done, total)` is called as each stage starts.
     """
-    a = _as_model(pre, input_name, output_name)
-    b = _as_model(post, input_name, output_name)
+    a = as_model(pre, input_name=input_name, output_name=output_name)
+    b = as_model(post, input_name=input_name, output_name=output_name)
     _check_pair(a, b)
     fixed = _fixed_batch(a) or _fixed_batch(b)
     sizes = (fixed,) if fixed else tuple(batch_sizes)

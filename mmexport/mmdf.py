@@ -668,7 +668,7 @@ def detect(
     that the backdoor did not win over is flagged, its (true) class suppressed, and the
     bounded model's best other class is often the target.
     """
-    from .runtime import _as_model
+    from .runtime import as_model
 
     if bounds is not None and hardened is not None:
         raise MmexportError("give bounds or a hardened model, not both")
@@ -691,7 +691,7 @@ def detect(
         raise MmexportError(f"--folds must be >= 2, got {folds}")
     if not (avoid is None or avoid == "scan" or (isinstance(avoid, int) and not isinstance(avoid, bool))):
         raise MmexportError(f"--avoid {avoid!r}: expected 'scan', 'none' or a class number")
-    m = _as_model(model, input_name, output_name)
+    m = as_model(model, input_name=input_name, output_name=output_name)
     k = _check_model(m)
     if isinstance(avoid, int) and not 0 <= avoid < k:
         raise MmexportError(f"--avoid {avoid}: not one of the model's {k} classes (0..{k - 1})")

@@ -19,9 +19,10 @@ from .bounds import Bounds
 from .data import Dataset, as_dataset, check_every_class, check_for_model
 from .engine import Engine
 from .errors import MmexportError
-from .model import Model, from_proto, load_model, set_metadata, sha256_bytes
+from .model import Model, from_proto, set_metadata, sha256_bytes
 from .refit import find_classifier, refit, write_classifier
 from .rewrite import apply_bounds, count_bounded_sites
+from .runtime import as_model
 from .search.bounds_search import REDUCTIONS, SearchConfig, fit_bounds
 from .search.margins import input_box, max_margins
 from .search.mmom import fit_mmom
@@ -75,14 +76,6 @@ def reproducible(dev: torch.device):
     finally:
         cudnn.deterministic, cudnn.benchmark = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
-
-
-def as_model(model, *, input_name=None, output_name=None) -> Model:
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, onnx.ModelProto):
-        return from_proto(model, input_name=input_name, output_name=output_name)
-    return load_model(model, input_name=input_name, output_name=output_name)
 
 
 def model_sha256(model: Model) -> str:

@@ -303,7 +303,9 @@ def detection_metric(flagged: np.ndarray, target: np.ndarray, y_true: np.ndarray
     return float(np.asarray(flagged, bool)[mask].mean()) if mask.any() else None
 
 
-def _as_model(model, input_name, output_name) -> Model:
+def as_model(model, *, input_name: str | None = None, output_name: str | None = None) -> Model:
+    """A Model from a path, a ModelProto or a Model; an MMDF model's logits output is found
+    without being named."""
     if isinstance(model, Model):
         if input_name is None and output_name is None:
             return model
@@ -356,7 +358,7 @@ def validate(
     `mmdf_detected` output) also the false-positive rate (flagged samples of `data`) and the
     detection rate (flagged attack samples whose true class is not the target).
     """
-    m = _as_model(model, input_name, output_name)
+    m = as_model(model, input_name=input_name, output_name=output_name)
     where = str(m.path) if m.path is not None else "model"
     data = as_dataset(data)
     attack = None if attack is None else as_dataset(attack, attack=True)

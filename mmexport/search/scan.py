@@ -362,7 +362,8 @@ def scan(
 
     from ..data import as_dataset, check_every_class, check_for_model
     from ..engine import Engine
-    from ..pipeline import as_model, reproducible, resolve_device
+    from ..pipeline import reproducible, resolve_device
+    from ..runtime import as_model
     from .margins import input_box
 
     cfg = config or ScanConfig()
