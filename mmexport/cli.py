@@ -42,8 +42,10 @@ def _range(_ctx, _param, value):
 
 
 def _avoid(_ctx, _param, value):
-    if value in ("scan", "none"):
-        return None if value == "none" else value
+    if value == "none":
+        return None
+    if value == "scan":
+        return value
     try:
         return int(value)
     except ValueError:
