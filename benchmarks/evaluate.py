@@ -69,6 +69,8 @@ def evaluate(
         "per_class_before": before.per_class_accuracy,
         "per_class_after": after.per_class_accuracy,
         "lambda": res.report["lambda"],
+        "stage": res.report.get("stage"),
+        "stamp": res.report.get("stamp"),
         "epochs": res.report["epochs"],
         "acc_D": res.report["clean_set_accuracy"],
         "mm_before": res.report["max_margins_before"],
@@ -76,6 +78,16 @@ def evaluate(
         "mm_after": res.report["max_margins_after"],
         "seconds": seconds,
     }
+
+
+def stage_text(r: dict) -> str:
+    """Which search ran: the stamp's unlearning (with its class) or the max-margin search."""
+    stamp = r.get("stamp")
+    if r.get("stage") == "unlearn" and stamp:
+        return f"unlearn {stamp['target']} ({stamp['outlier']:.1f})"
+    if stamp:
+        return f"max-margin ({stamp['outlier']:.1f})"
+    return r.get("stage") or "-"
 
 
 def fmt(v, pct=True):
@@ -127,7 +139,7 @@ def main() -> None:
             f"{r['model']:28} {fmt(r['acc_before'])}->{fmt(r['acc_after'])} "
             f"{fmt(r['bal_before'])}->{fmt(r['bal_after'])} {fmt(r['asr_before'])}->{fmt(r['asr_after'])} "
             f"{fmt(r['ra_after']):>5} {r['lambda']:7.3g} {r['epochs']:4d} {r['seconds']:6.1f}  "
-            f"{max(mb):.1f}/{st.median(mb):.1f} -> {max(ma):.1f}/{st.median(ma):.1f}",
+            f"{max(mb):.1f}/{st.median(mb):.1f} -> {max(ma):.1f}/{st.median(ma):.1f}  {stage_text(r)}",
             flush=True,
         )
         if "mmdf_acc" in r:
@@ -154,12 +166,15 @@ def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
             {"settings": overrides, "method": args.method, "granularity": args.granularity, "rows": slim}, indent=1
         )
     )
-    head = "| model | ACC | ASR | RA | oracle ACC / ASR | MMDF ACC / ASR / det / FPR | seconds |"
+    head = (
+        "| model | ACC | ASR | RA | search (stamp outlier) | oracle ACC / ASR | MMDF ACC / ASR / det / FPR "
+        "| seconds |"
+    )
     lines = [
         f"settings: {overrides or 'defaults'}, method {args.method}, granularity {args.granularity}",
         "",
         head,
-        "|---|---|---|---:|---|---|---:|",
+        "|---|---|---|---:|---|---|---|---:|",
     ]
     for r in slim:
         orc = f"{fmt(r.get('oracle_acc'))} / {fmt(r.get('oracle_asr'))}" if r.get("oracle_acc") is not None else "-"
@@ -170,7 +185,8 @@ def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
         )
         lines.append(
             f"| {r['model']} | {fmt(r['acc_before'])} -> {fmt(r['acc_after'])} | "
-            f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {orc} | {mmdf} | "
+            f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {stage_text(r)} | "
+            f"{orc} | {mmdf} | "
             f"{r['seconds']:.0f} |"
         )
     (folder / "eval-defence.md").write_text("\n".join(lines) + "\n")

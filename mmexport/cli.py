@@ -145,6 +145,11 @@ def _search_options(f):
         click.option("--mask-area", type=float, default=None,
                      help="Largest area of the masked maximisers' patterns, as a fraction of the image "
                           "[default: 0.05]; the pattern concentrates on a patch of about that size."),
+        click.option("--unlearn", type=click.Choice(["auto", "off"]), default=None,
+                     help="MMAC: first look for a stamped trigger on the original model (one pattern of "
+                          "--mask-area per class); if one class's stamp stands out, fit the bounds to send "
+                          "D's stamped images back to their labels instead of the max-margin search "
+                          "(auto), or always run the max-margin search alone (off) [default: auto]."),
         click.option("--acc-floor", type=float, default=None,
                      help="Fraction of the clean set's originally-correct samples that must stay correct "
                           "(checked on D and its 1-pixel shifts) [default: 0.98]."),
@@ -189,8 +194,8 @@ def _overrides(**kw) -> dict:
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
 def harden(model, data, out, method, granularity, form, seed, reduction, budget, mask_area, maximisers, lambda0,
-           acc_floor, max_epochs, steps, restarts, input_range, device, report_path, no_bounds_file, force, as_json,
-           quiet, input_name, output_name):
+           unlearn, acc_floor, max_epochs, steps, restarts, input_range, device, report_path, no_bounds_file, force,
+           as_json, quiet, input_name, output_name):
     """Search bounds on a clean set and write a hardened ONNX model.
 
     The model keeps its input/output names, opset and IR version: a drop-in replacement.
@@ -207,7 +212,7 @@ def harden(model, data, out, method, granularity, form, seed, reduction, budget,
         if p is not None:
             check_output_path(p, force=force, inputs=(model, data))
     overrides = _overrides(seed=seed, reduction=reduction, budget=budget, mask_area=mask_area,
-                           maximisers=maximisers, lambda0=lambda0, acc_floor=acc_floor,
+                           maximisers=maximisers, lambda0=lambda0, unlearn=unlearn, acc_floor=acc_floor,
                            max_epochs=max_epochs, steps=steps, restarts=restarts)
     with _progress(quiet, method) as progress:
         result = run_harden(model, data, method=method, granularity=granularity, form=form, input_range=input_range,
@@ -266,8 +271,19 @@ class _progress(_stages):
             self._p.console.print(f"cross-validation: lambda {cv['lambda']:g} -> held-out balanced "
                                   f"accuracy {cv['balanced_accuracy']:.3f}")
             return
-        info = (f"epoch {row['epoch']}  lambda {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
-                f"margin objective {row['objective']:.2f}")
+        if "stamp" in row:
+            st = row["stamp"]
+            verdict = "unlearning it" if st["found"] else "below the gate: max-margin search"
+            self._p.console.print(f"stamp search: class {st['target']} stands out by {st['outlier']:.1f} "
+                                  f"(sends {100 * st['fooled'][st['target']]:.0f}% of D's other classes to it); "
+                                  f"{verdict}")
+            return
+        if row.get("phase") == "unlearn":
+            info = (f"epoch {row['epoch']}  weight {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
+                    f"stamped held-out to class {100 * row['objective']:.1f}%")
+        else:
+            info = (f"epoch {row['epoch']}  lambda {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
+                    f"margin objective {row['objective']:.2f}")
         super()._update(info, row["epoch"], row.get("max_epochs"))
 
 
@@ -437,8 +453,8 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
 def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, law, folds, no_augment, avoid, seed,
-           reduction, budget, mask_area, maximisers, lambda0, acc_floor, max_epochs, steps, restarts, device, provider,
-           report_path, no_bounds_file, force, as_json, quiet, input_name, output_name):
+           reduction, budget, mask_area, maximisers, lambda0, unlearn, acc_floor, max_epochs, steps, restarts, device,
+           provider, report_path, no_bounds_file, force, as_json, quiet, input_name, output_name):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
     The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
@@ -460,7 +476,8 @@ def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, la
         if p is not None:
             check_output_path(p, force=force, inputs=inputs)
     search = _overrides(reduction=reduction, budget=budget, mask_area=mask_area, maximisers=maximisers,
-                        lambda0=lambda0, acc_floor=acc_floor, max_epochs=max_epochs, steps=steps, restarts=restarts)
+                        lambda0=lambda0, unlearn=unlearn, acc_floor=acc_floor, max_epochs=max_epochs, steps=steps,
+                        restarts=restarts)
     with _progress(quiet, "mmac") as bar:
         def progress(row):
             if "stage" in row:

@@ -26,6 +26,7 @@ from .runtime import as_model
 from .search.bounds_search import REDUCTIONS, SearchConfig, fit_bounds
 from .search.margins import input_box, max_margins
 from .search.mmom import fit_mmom
+from .search.unlearn import find_stamp, unlearn_bounds
 
 METHODS = ("mmac", "mmom", "mmom-refit")
 # MMOM fits at a fixed, cross-validated lambda: eleven short fits instead of one long one.
@@ -146,6 +147,8 @@ def harden(
         raise MmexportError(f"unknown reduction {cfg.reduction!r}; choose from {', '.join(REDUCTIONS)}")
     if not 0.0 < cfg.acc_floor <= 1.0:
         raise MmexportError(f"--acc-floor must be in (0, 1], got {cfg.acc_floor}")
+    if cfg.unlearn not in ("auto", "off"):
+        raise MmexportError(f"unknown unlearn setting {cfg.unlearn!r}; choose auto or off")
 
     m = as_model(model, input_name=input_name, output_name=output_name)
     if count_bounded_sites(m.proto)["total"]:
@@ -163,11 +166,18 @@ def harden(
         y = torch.from_numpy(clean.y).to(dev)
         box = input_box(x, input_range).to(dev)
 
-        cv = None
+        cv = stamp = None
         if mmom:
             result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress)
         else:
-            result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
+            if cfg.unlearn == "auto":
+                stamp = find_stamp(engine, x, y, box, k, cfg)
+                if progress is not None:
+                    progress({"stamp": stamp.to_json()})
+            if stamp is not None and stamp.found:
+                result = unlearn_bounds(engine, x, y, stamp, cfg, progress=progress)
+            else:
+                result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
 
         # Fresh, equal-seeded estimates before and after: the search's own maximisers have
         # adapted to the clipped model, a new search is the fair comparison.
@@ -196,6 +206,8 @@ def harden(
         "model": str(m.path) if m.path else None,
         "data": str(clean.path) if clean.path else None,
         "sites": len(result.bounds),
+        "stage": "unlearn" if stamp is not None and stamp.found else "max-margin",
+        "stamp": stamp.to_json() if stamp is not None else None,
         "lambda": result.lambda_,
         "clean_set_accuracy": result.accuracy,
         "max_margins_before": [float(v) for v in mm_before.cpu()],
@@ -216,6 +228,7 @@ def harden(
         {
             "mmexport.version": __version__,
             "mmexport.method": method,
+            "mmexport.stage": report["stage"],
             "mmexport.settings": json.dumps(settings, sort_keys=True),
             "mmexport.seed": str(cfg.seed),
             "mmexport.source_sha256": report["model_sha256"],

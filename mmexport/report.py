@@ -51,6 +51,13 @@ def print_harden(summary: dict) -> None:
     for c, (b, a) in enumerate(zip(mb, ma, strict=True)):
         t.add_row(str(c), f"{b:.2f}", f"{a:.2f}")
     _out.print(t)
+    stamp = summary.get("stamp")
+    if stamp is not None:
+        t_ = stamp["target"]
+        found = "unlearned through the bounds" if stamp["found"] else "below the gate, max-margin search"
+        _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
+                   f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of D's "
+                   f"other classes to it: {found}")
     _out.print(f"{summary['method'].upper()}: {summary['sites']} sites bounded, lambda {summary['lambda']:.3g}, "
                f"clean-set accuracy kept {_pct(summary['clean_set_accuracy'])}, {summary['epochs']} epochs, "
                f"{summary['seconds']:.1f} s on {summary['device']}")

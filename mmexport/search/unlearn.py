@@ -1,0 +1,209 @@
+"""Unlearning a reverse-engineered trigger through the bounds (the default where one is found).
+
+The max-margin objective shrinks what its maximisers find, but on many models the trigger
+pathway on natural images survives it (docs/experiments.md sections 13-16). A patch-like
+trigger can be found without the attack set: one stamped pattern of bounded area per class
+(the masked maximisers), ascended on the original model. A backdoor shows as one class whose
+stamp buys far more margin than any other class's. When that happens the stamp is taken as
+the trigger, put on half of D's images of the other classes, and the bounds are fitted to
+keep D's logits while those stamped images go back to their own labels; the stamp's weight is
+driven up while accuracy on D (and its shifts) stays above a floor. The bounds that send the
+fewest stamped images of the other half of D to the suspect class win.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..bounds import Bounds
+from .bounds_search import SearchConfig, SearchResult, initial_bounds, shifts
+from .margins import Box, MaskedMaximisers
+
+
+@dataclass
+class Stamp:
+    """The stamped patterns found on the original model and what they say about a backdoor."""
+
+    target: int  # class whose stamp buys the largest mean margin
+    margins: list[float]  # mean stamped margin per class on D's other-class images
+    fooled: list[float]  # fraction of D's other-class images each class's stamp sends to it
+    outlier: float  # (largest - second largest margin) / MAD of the other classes' margins
+    found: bool  # outlier beyond the gate: treated as a trigger
+    mask: torch.Tensor = field(repr=False)  # [1 or C, H, W] of the target class
+    pattern: torch.Tensor = field(repr=False)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return (1 - self.mask) * x + self.mask * self.pattern
+
+    def to_json(self) -> dict:
+        return {
+            "target": self.target,
+            "found": self.found,
+            "outlier": self.outlier,
+            "margins": self.margins,
+            "fooled": self.fooled,
+            "mask_area": float(self.mask.sum()),
+        }
+
+
+def outlier_score(values: torch.Tensor) -> float:
+    """How far the largest value stands out: gap to the runner-up over the others' MAD.
+
+    The gap, not the distance to the median: on clean models two classes can share the lead
+    (a natural easy class), and a gap of zero then says no single class is special.
+    """
+    v = values.detach().cpu().double().sort(descending=True).values
+    gap = float(v[0] - v[1])
+    rest = v[1:]
+    mad = float((rest - rest.median()).abs().median())
+    return gap / max(mad, 1e-6)
+
+
+def find_stamp(
+    engine, x: torch.Tensor, y: torch.Tensor, box: Box, num_classes: int, config: SearchConfig
+) -> Stamp:
+    """Ascend one stamp per class on the original model; name the outlier class, if any."""
+    gen = torch.Generator().manual_seed(config.seed)
+    ms = MaskedMaximisers(box, x, y, num_classes, generator=gen, area=config.mask_area, batch=config.restarts)
+    ms.ascend(engine, None, config.warmup_steps)
+    per_class = ms.per_class(ms.ascend(engine, None, config.steps), "mean")
+    target = int(per_class.argmax())
+    fooled = []
+    with torch.no_grad():
+        for c in range(num_classes):
+            others = x[y != c]
+            stamped = (1 - ms.mask[c]) * others + ms.mask[c] * ms.pattern[c]
+            fooled.append(float((engine(stamped).argmax(1) == c).float().mean()))
+    score = outlier_score(per_class)
+    return Stamp(
+        target=target,
+        margins=[float(v) for v in per_class.cpu()],
+        fooled=fooled,
+        outlier=score,
+        found=score >= config.unlearn_gate,
+        mask=ms.mask[target].detach(),
+        pattern=ms.pattern[target].detach(),
+    )
+
+
+def halves(y: torch.Tensor) -> torch.Tensor:
+    """Every other image of each class: True for the half the stamp is unlearned on."""
+    first = torch.zeros(len(y), dtype=torch.bool, device=y.device)
+    for c in torch.unique(y):
+        first[torch.nonzero(y == c).flatten()[::2]] = True
+    return first
+
+
+def unlearn_bounds(
+    engine,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    stamp: Stamp,
+    config: SearchConfig,
+    *,
+    progress: Callable[[dict], None] | None = None,
+) -> SearchResult:
+    """Fit bounds that keep D's logits and send stamped images of D back to their labels.
+
+    The stamp's weight starts small and grows by `lambda_up` per check while the accuracy
+    floor on D and its shifts holds (`unlearn_floor`), and backs off to the last feasible
+    bounds when it does not: the same controller as the max-margin search, on another term.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    with torch.no_grad():
+        ref = engine(x)
+    scale = ref.var(dim=0).sum().clamp_min(1e-8)
+    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if x.dim() == 4 else (x, y)
+    with torch.no_grad():
+        correct = engine(xc).argmax(1) == yc
+    if not correct.any():
+        correct = torch.ones_like(correct)
+
+    first = halves(y)
+    other = y != stamp.target
+    fit_x, fit_y = stamp.apply(x[first & other]), y[first & other]
+    held_x = stamp.apply(x[~first & other])
+
+    z0 = initial_bounds(engine, x, config.granularity)
+    names = list(z0)
+    rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
+
+    def current() -> dict:
+        return {k: z0[k] * rel[k] for k in names}
+
+    def new_optimiser():
+        return torch.optim.Adam(list(rel.values()), lr=config.lr)
+
+    opt = new_optimiser()
+    weight, up = config.unlearn_weight0, config.lambda_up
+    last_ok = {k: v.detach().clone() for k, v in rel.items()}
+    best = None  # ((held-out fooled, -accuracy), epoch, bounds, accuracy, weight)
+    history: list[dict] = []
+    epochs = config.unlearn_epochs
+    for epoch in range(1, epochs + 1):
+        bounds = current()
+        fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
+        purge = torch.nn.functional.cross_entropy(engine(fit_x, bounds), fit_y)
+        loss = fit + weight * purge
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for v in rel.values():
+                v.clamp_(0.0, 1.0)
+
+        if epoch % config.check_every == 0 or epoch == epochs:
+            with torch.no_grad():
+                snap = {k: v.detach().clone() for k, v in current().items()}
+                acc = float((engine(xc, snap).argmax(1)[correct] == yc[correct]).float().mean())
+                fooled = float((engine(held_x, snap).argmax(1) == stamp.target).float().mean())
+            feasible = acc >= config.unlearn_floor
+            row = {
+                "epoch": epoch,
+                "max_epochs": epochs,
+                "lambda": weight,
+                "accuracy": acc,
+                "fit": float(fit.detach()),
+                "objective": fooled,  # held-out stamped images still sent to the suspect class
+                "feasible": feasible,
+                "seconds": time.perf_counter() - start,
+                "phase": "unlearn",
+            }
+            history.append(row)
+            if progress is not None:
+                progress(row)
+            if feasible:
+                last_ok = {k: v.detach().clone() for k, v in rel.items()}
+                if best is None or (fooled, -acc) < best[0]:
+                    best = ((fooled, -acc), epoch, snap, acc, weight)
+                weight *= up
+            else:
+                with torch.no_grad():
+                    for k, v in rel.items():
+                        v.copy_(last_ok[k])
+                opt = new_optimiser()
+                weight /= config.lambda_down
+                up = max(1.0 + (up - 1.0) / 2, 1.05)
+
+    with torch.no_grad():
+        before = float((engine(held_x).argmax(1) == stamp.target).float().mean())
+    if best is None:  # the floor never held: the unclipped start
+        snap = {k: v.clone() for k, v in z0.items()}
+        best = ((before, 0.0), 0, snap, float((engine(xc, snap).argmax(1)[correct] == yc[correct]).float().mean()), 0.0)
+    (obj, _), _, snap, acc, w_best = best
+    return SearchResult(
+        bounds=Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()}),
+        lambda_=float(w_best),
+        accuracy=float(acc),
+        objective_before=before,
+        objective_after=float(obj),
+        epochs=epochs,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )

@@ -1,0 +1,92 @@
+"""Unlearning a reverse-engineered stamp through the bounds: the gate, the split, the fit."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from builders import labelled_set, tiny_cnn
+
+import mmexport
+from mmexport.data import load_npz
+from mmexport.engine import Engine
+from mmexport.errors import MmexportError
+from mmexport.model import load_model
+from mmexport.search.bounds_search import SearchConfig, initial_bounds
+from mmexport.search.margins import input_box
+from mmexport.search.unlearn import find_stamp, halves, outlier_score, unlearn_bounds
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def sample(name: str):
+    folder = SAMPLES / name
+    engine = Engine(load_model(folder / "model.onnx"))
+    clean = load_npz(folder / "clean.npz")
+    return folder, engine, torch.from_numpy(clean.x), torch.from_numpy(clean.y)
+
+
+def test_outlier_score_is_the_lead_over_the_runner_up_in_units_of_spread():
+    others = [0.0, 1.0, -1.0, 2.0, -2.0]
+    assert outlier_score(torch.tensor([10.0, *others])) == pytest.approx(8.0 / 1.0)
+    # two classes sharing the lead: nothing stands out, however far both are from the rest
+    assert outlier_score(torch.tensor([10.0, 10.0, *others])) == 0.0
+
+
+def test_halves_split_every_class_evenly_and_disjointly():
+    y = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, 2])
+    first = halves(y)
+    assert [int(first[y == c].sum()) for c in range(3)] == [2, 1, 2]
+    assert int((~first).sum()) == 4
+
+
+def test_stamp_names_the_target_of_a_backdoored_sample_and_not_of_a_clean_one():
+    cfg = SearchConfig()
+    folder, engine, x, y = sample("digits-cnn-badnet")
+    target = json.loads((folder / "card.json").read_text())["attack"]["target"]
+    stamp = find_stamp(engine, x, y, input_box(x), 10, cfg)
+    assert stamp.found and stamp.target == target
+    assert stamp.outlier >= cfg.unlearn_gate
+    assert stamp.fooled[target] > 0.9
+    assert float(stamp.mask.sum()) <= cfg.mask_area * 16 * 16 + 1e-3
+
+    _, engine, x, y = sample("digits-cnn-clean")
+    assert not find_stamp(engine, x, y, input_box(x), 10, cfg).found
+
+
+def test_unlearning_the_stamp_removes_the_real_trigger_and_keeps_the_floor():
+    folder, engine, x, y = sample("digits-cnn-sig")
+    cfg = replace(SearchConfig(), unlearn_epochs=100)
+    stamp = find_stamp(engine, x, y, input_box(x), 10, cfg)
+    res = unlearn_bounds(engine, x, y, stamp, cfg)
+    assert res.accuracy >= cfg.unlearn_floor
+    assert res.objective_after < 0.2 < res.objective_before  # held-out stamped images let go
+    z0 = initial_bounds(engine, x, "channel")
+    assert all(np.all(v <= z0[k].numpy() + 1e-6) and np.all(v >= 0) for k, v in res.bounds.items())
+
+    bounds = {k: torch.from_numpy(v) for k, v in res.bounds.items()}
+    attack, test = load_npz(folder / "attack.npz", attack=True), load_npz(folder / "test.npz")
+    with torch.no_grad():
+        asr = float((engine(torch.from_numpy(attack.x), bounds).argmax(1) == torch.from_numpy(attack.y)).float().mean())
+        acc = float((engine(torch.from_numpy(test.x), bounds).argmax(1) == torch.from_numpy(test.y)).float().mean())
+        acc0 = float((engine(torch.from_numpy(test.x)).argmax(1) == torch.from_numpy(test.y)).float().mean())
+    assert asr < 0.1  # the original obeys the trigger on 99.8% of the attack set
+    assert acc >= acc0 - 0.03
+
+
+def test_harden_reports_which_search_ran_and_off_skips_the_stamp():
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    fast = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=6, check_every=2, unlearn_epochs=6)
+    res = mmexport.harden(proto, (x, y), **fast)
+    assert res.report["stamp"] is not None
+    assert res.report["stage"] == ("unlearn" if res.report["stamp"]["found"] else "max-margin")
+    off = mmexport.harden(proto, (x, y), unlearn="off", **fast)
+    assert off.report["stamp"] is None and off.report["stage"] == "max-margin"
+    meta = {p.key: p.value for p in off.model.metadata_props}
+    assert meta["mmexport.stage"] == "max-margin"
+    assert json.loads(meta["mmexport.settings"])["unlearn"] == "off"
+    with pytest.raises(MmexportError, match="unlearn"):
+        mmexport.harden(proto, (x, y), unlearn="always", **fast)
