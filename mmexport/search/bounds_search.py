@@ -58,10 +58,10 @@ class SearchConfig:
     budget: float = 0.2  # L2 radius of universal perturbations, as a fraction of the box's norm
     mask_area: float = 0.05  # largest mask area of the masked maximisers, fraction of the image
     # MMAC only (search/unlearn.py): "auto" unlearns a stamp found on the original model when
-    # one class's stamped margin stands out by `unlearn_gate` (gap to the runner-up over the
+    # one class's stamped margin on D stands out by `unlearn_gate` (gap to the runner-up over the
     # others' MAD); "off" always runs the max-margin search alone.
     unlearn: str = "auto"
-    unlearn_gate: float = 3.0
+    unlearn_gate: float = 4.0
     unlearn_floor: float = 0.97  # accuracy floor on D and its shifts while unlearning
     unlearn_weight0: float = 0.02  # starting weight of the stamped cross-entropy
     unlearn_epochs: int = 200
