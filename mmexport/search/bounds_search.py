@@ -151,6 +151,37 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (1 - lam) * x + lam * x[partner]
 
 
+def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True):
+    """Where the accuracy floor is checked: D and its 1-pixel shifts (labels kept), and which
+    of those the original model gets right (the floor counts only those).
+
+    Bounds tuned on 200 images otherwise keep exactly those right while held-out accuracy slips.
+    """
+    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if shifted and x.dim() == 4 else (x, y)
+    with torch.no_grad():
+        correct = engine(xc).argmax(1) == yc
+    if not correct.any():
+        correct = torch.ones_like(correct)
+    return xc, yc, correct
+
+
+def descend(opt, loss: torch.Tensor, rel: dict) -> None:
+    """One step on the relative bounds, kept in [0, 1]: never above the clean maxima."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for v in rel.values():
+            v.clamp_(0.0, 1.0)
+
+
+def restore(rel: dict, saved: dict) -> None:
+    """Put the relative bounds back to a saved point (the floor controller's back-off)."""
+    with torch.no_grad():
+        for k, v in rel.items():
+            v.copy_(saved[k])
+
+
 def reduce_margins(per_class: torch.Tensor, how: str) -> torch.Tensor:
     """One number from the per-class max margins; `how` picks which classes count."""
     if how == "mean":
@@ -189,13 +220,7 @@ def fit_bounds(
     with torch.no_grad():
         ref = engine(x)
     scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
-    # The floor is checked on D and on 1-pixel shifts of it (labels kept): bounds tuned on
-    # 200 images otherwise keep exactly those right while held-out accuracy slips.
-    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if config.augment and x.dim() == 4 else (x, y)
-    with torch.no_grad():
-        correct = engine(xc).argmax(1) == yc
-    if not correct.any():
-        correct = torch.ones_like(correct)
+    xc, yc, correct = floor_set(engine, x, y, shifted=config.augment)
 
     z0 = initial_bounds(engine, x, config.granularity)
     names = list(z0)
@@ -280,13 +305,7 @@ def fit_bounds(
         else:
             fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
         reg = objective(bounds) / scale.sqrt()
-        loss = fit + lam * reg
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for v in rel.values():
-                v.clamp_(0.0, 1.0)
+        descend(opt, fit + lam * reg, rel)
 
         if epoch % config.check_every == 0 or epoch == config.max_epochs:
             with torch.no_grad():
@@ -323,9 +342,7 @@ def fit_bounds(
             else:
                 # Back off: return to the last feasible bounds, with a smaller lambda and a
                 # gentler growth, instead of letting Adam's momentum run through the floor.
-                with torch.no_grad():
-                    for k, v in rel.items():
-                        v.copy_(last_ok[k])
+                restore(rel, last_ok)
                 opt = new_optimiser()
                 lam /= config.lambda_down
                 up = max(1.0 + (up - 1.0) / 2, MIN_GROWTH)

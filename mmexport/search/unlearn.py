@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..bounds import Bounds
-from .bounds_search import SearchConfig, SearchResult, initial_bounds, shifts
+from .bounds_search import MIN_GROWTH, SearchConfig, SearchResult, descend, floor_set, initial_bounds, restore
 from .margins import Box, MaskedMaximisers, margins
 
 
@@ -124,11 +124,7 @@ def unlearn_bounds(
     with torch.no_grad():
         ref = engine(x)
     scale = ref.var(dim=0).sum().clamp_min(1e-8)
-    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if x.dim() == 4 else (x, y)
-    with torch.no_grad():
-        correct = engine(xc).argmax(1) == yc
-    if not correct.any():
-        correct = torch.ones_like(correct)
+    xc, yc, correct = floor_set(engine, x, y)
 
     first = halves(y)
     other = y != stamp.target
@@ -155,13 +151,7 @@ def unlearn_bounds(
         bounds = current()
         fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
         purge = torch.nn.functional.cross_entropy(engine(fit_x, bounds), fit_y)
-        loss = fit + weight * purge
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for v in rel.values():
-                v.clamp_(0.0, 1.0)
+        descend(opt, fit + weight * purge, rel)
 
         if epoch % config.check_every == 0 or epoch == epochs:
             with torch.no_grad():
@@ -189,12 +179,10 @@ def unlearn_bounds(
                     best = ((fooled, -acc), epoch, snap, acc, weight)
                 weight *= up
             else:
-                with torch.no_grad():
-                    for k, v in rel.items():
-                        v.copy_(last_ok[k])
+                restore(rel, last_ok)
                 opt = new_optimiser()
                 weight /= config.lambda_down
-                up = max(1.0 + (up - 1.0) / 2, 1.05)
+                up = max(1.0 + (up - 1.0) / 2, MIN_GROWTH)
 
     with torch.no_grad():
         before = float((engine(held_x).argmax(1) == stamp.target).float().mean())
