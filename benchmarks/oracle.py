@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 from mmexport.data import load_npz  # noqa: E402
 from mmexport.engine import Engine  # noqa: E402
 from mmexport.model import load_model  # noqa: E402
-from mmexport.search.bounds_search import initial_bounds  # noqa: E402
+from mmexport.search.bounds_search import descend, initial_bounds  # noqa: E402
 
 
 def oracle(
@@ -49,13 +49,7 @@ def oracle(
         b = {k: z0[k] * rel[k] for k in z0}
         fit = ((engine(x, b) - ref) ** 2).sum(1).mean() / scale
         ce = torch.nn.functional.cross_entropy(engine(ax, b), ay)
-        loss = fit + weight * ce
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for v in rel.values():
-                v.clamp_(0, 1)
+        descend(opt, fit + weight * ce, rel)
         if epoch % 10 == 9:
             with torch.no_grad():
                 b = {k: z0[k] * rel[k] for k in z0}

@@ -24,7 +24,7 @@ from mmexport.bounds import Bounds
 from mmexport.engine import Engine
 from mmexport.model import Model, from_proto, replace_initializers
 from mmexport.rewrite import apply_bounds
-from mmexport.search.bounds_search import initial_bounds
+from mmexport.search.bounds_search import descend, initial_bounds
 
 # A bound that never clips a finite activation: how "not pruned" is written beside a pruned channel.
 NO_BOUND = float(np.finfo(np.float32).max)
@@ -151,13 +151,7 @@ def activation_clipping(
     for epoch in range(1, max_epochs + 1):
         fit = ((engine(xt, bounds_now()) - ref) ** 2).sum(dim=1).mean() / scale
         size = torch.stack([s.mean() for s in rel.values()]).mean()
-        loss = fit + lam * size
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for s in rel.values():
-                s.clamp_(0.0, 1.0)
+        descend(opt, fit + lam * size, rel)
         if epoch % check_every == 0 or epoch == max_epochs:
             with torch.no_grad():
                 pred = engine(xt, bounds_now()).argmax(1)

@@ -165,6 +165,13 @@ def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True)
     return xc, yc, correct
 
 
+def kept_correct(engine, xc: torch.Tensor, yc: torch.Tensor, correct: torch.Tensor, bounds) -> float:
+    """The floor's measure: the fraction of the originally-correct inputs still correct."""
+    with torch.no_grad():
+        pred = engine(xc, bounds).argmax(1)
+    return float((pred[correct] == yc[correct]).float().mean())
+
+
 def descend(opt, loss: torch.Tensor, rel: dict) -> None:
     """One step on the relative bounds, kept in [0, 1]: never above the clean maxima."""
     opt.zero_grad()
@@ -180,6 +187,11 @@ def restore(rel: dict, saved: dict) -> None:
     with torch.no_grad():
         for k, v in rel.items():
             v.copy_(saved[k])
+
+
+def to_bounds(snap: dict) -> Bounds:
+    """Bounds (float32 arrays keyed by site) from the search's tensors."""
+    return Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()})
 
 
 def reduce_margins(per_class: torch.Tensor, how: str) -> torch.Tensor:
@@ -237,9 +249,7 @@ def fit_bounds(
         return {k: z0[k] * rel[k] for k in names}
 
     def accuracy(bounds) -> float:
-        with torch.no_grad():
-            pred = engine(xc, bounds).argmax(1)
-        return float((pred[correct] == yc[correct]).float().mean())
+        return kept_correct(engine, xc, yc, correct, bounds)
 
     sets = []
     if config.maximisers in ("points", "both"):
@@ -354,7 +364,7 @@ def fit_bounds(
         snap = {k: v.clone() for k, v in z0.items()}
         best = (before, 0, snap, accuracy(snap), lam)
     obj_best, _, snap, acc, lam_best = best
-    bounds = Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()})
+    bounds = to_bounds(snap)
     return SearchResult(
         bounds=bounds,
         lambda_=float(lam_best),

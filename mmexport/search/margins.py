@@ -144,6 +144,11 @@ def project_capped_simplex(v: torch.Tensor, total: float, iterations: int = 40) 
     return torch.where(over[:, None], shrunk, clamped).view_as(v)
 
 
+def stamped(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """x with `pattern` stamped through `mask` (1: the pattern, 0: the image)."""
+    return (1 - mask) * x + mask * pattern
+
+
 class _OnCleanImages:
     """Per class, a batch of D's images of the other classes that a shared change is applied to."""
 
@@ -262,7 +267,7 @@ class MaskedMaximisers(_OnCleanImages):
     def _stamp(self, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
         m = mask.repeat_interleave(self.batch, dim=0)
         p = pattern.repeat_interleave(self.batch, dim=0)
-        return (1 - m) * self.clean_x[self.index] + m * p
+        return stamped(self.clean_x[self.index], m, p)
 
     def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
         """Projected ascent on mask and pattern of each class's mean margin.

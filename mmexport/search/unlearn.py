@@ -17,12 +17,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from ..bounds import Bounds
-from .bounds_search import MIN_GROWTH, SearchConfig, SearchResult, descend, floor_set, initial_bounds, restore
-from .margins import Box, MaskedMaximisers, margins
+from .bounds_search import (
+    MIN_GROWTH,
+    SearchConfig,
+    SearchResult,
+    descend,
+    floor_set,
+    initial_bounds,
+    kept_correct,
+    restore,
+    to_bounds,
+)
+from .margins import Box, MaskedMaximisers, margins, stamped
 
 
 @dataclass
@@ -38,7 +46,7 @@ class Stamp:
     pattern: torch.Tensor = field(repr=False)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        return (1 - self.mask) * x + self.mask * self.pattern
+        return stamped(x, self.mask, self.pattern)
 
     def to_json(self) -> dict:
         return {
@@ -79,7 +87,7 @@ def find_stamp(
     with torch.no_grad():
         for c in range(num_classes):
             others = x[y != c]
-            out = engine((1 - ms.mask[c]) * others + ms.mask[c] * ms.pattern[c])
+            out = engine(stamped(others, ms.mask[c], ms.pattern[c]))
             per_class.append(float(margins(out, torch.full((len(others),), c, device=x.device)).mean()))
             fooled.append(float((out.argmax(1) == c).float().mean()))
     per_class = torch.tensor(per_class)
@@ -156,7 +164,7 @@ def unlearn_bounds(
         if epoch % config.check_every == 0 or epoch == epochs:
             with torch.no_grad():
                 snap = {k: v.detach().clone() for k, v in current().items()}
-                acc = float((engine(xc, snap).argmax(1)[correct] == yc[correct]).float().mean())
+                acc = kept_correct(engine, xc, yc, correct, snap)
                 fooled = float((engine(held_x, snap).argmax(1) == stamp.target).float().mean())
             feasible = acc >= config.unlearn_floor
             row = {
@@ -188,10 +196,10 @@ def unlearn_bounds(
         before = float((engine(held_x).argmax(1) == stamp.target).float().mean())
     if best is None:  # the floor never held: the unclipped start
         snap = {k: v.clone() for k, v in z0.items()}
-        best = ((before, 0.0), 0, snap, float((engine(xc, snap).argmax(1)[correct] == yc[correct]).float().mean()), 0.0)
+        best = ((before, 0.0), 0, snap, kept_correct(engine, xc, yc, correct, snap), 0.0)
     (obj, _), _, snap, acc, w_best = best
     return SearchResult(
-        bounds=Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()}),
+        bounds=to_bounds(snap),
         lambda_=float(w_best),
         accuracy=float(acc),
         objective_before=before,
