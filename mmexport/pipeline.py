@@ -122,6 +122,10 @@ def harden(
 ) -> HardenResult:
     """Search bounds on the clean set and return the bounded ONNX model.
 
+    MMAC first looks for a stamped trigger on the original model (`search.unlearn`): where one
+    class's stamp stands out, the bounds unlearn it; otherwise the max-margin search runs.
+    `unlearn="off"` always runs the latter; the report's `stage` says which ran.
+
     `form`: how per-channel bounds are written: "auto" folds them into the weights where
     that is exact (a unit clip, clip(x, 0, 1), that onnxruntime fuses) and uses Min
     elsewhere; "min" always uses Min after the site.
