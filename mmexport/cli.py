@@ -440,6 +440,10 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--avoid", default="scan", show_default=True, callback=_avoid, metavar="scan|none|CLASS",
               help="A class flagged inputs are never sent to. scan: the suspected backdoor target of the "
                    "MM-BD scan on D (as `mmexport scan`), if it finds one; none; or a class number.")
+@click.option("--focus/--no-focus", default=True, show_default=True,
+              help="Where --avoid names a class, test only inputs the model sends to it (a working "
+                   "trigger does), thresholds set on D's inputs sent to it so that the false-positive "
+                   "rate over all clean inputs stays --alpha. --no-focus tests every input.")
 @_search_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Torch device of the mmac search.")
@@ -452,9 +456,9 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
 @model_options
-def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, law, folds, no_augment, avoid, seed,
-           reduction, budget, mask_area, maximisers, lambda0, unlearn, acc_floor, max_epochs, steps, restarts, device,
-           provider, report_path, no_bounds_file, force, as_json, quiet, input_name, output_name):
+def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, law, folds, no_augment, avoid, focus,
+           seed, reduction, budget, mask_area, maximisers, lambda0, unlearn, acc_floor, max_epochs, steps, restarts,
+           device, provider, report_path, no_bounds_file, force, as_json, quiet, input_name, output_name):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
     The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
@@ -488,6 +492,7 @@ def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, la
         result = run_detect(model, data, bounds=bounds_path, hardened=hardened, method=method,
                             statistic=statistic, alpha=alpha,
                             law=law, folds=folds, augment=not no_augment, seed=seed, device=device, avoid=avoid,
+                            focus=focus,
                             provider=provider, input_name=input_name, output_name=output_name,
                             progress=progress if bar is not None else None, **search)
     written = _write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)

@@ -107,7 +107,13 @@ def print_detect(summary: dict) -> None:
                f"{_pct(gap['zero_fraction'])} zero, median {gap['quantiles']['0.5']:.3g}, "
                f"99% {gap['quantiles']['0.99']:.3g}, max {gap['max']:.3g}")
     feats = summary.get("features")
-    alpha = summary["alpha"] / 2 if feats else summary["alpha"]
+    focus = summary.get("focus") or {}
+    alpha = focus["alpha"] if focus.get("class") is not None else (
+        summary["alpha"] / 2 if feats else summary["alpha"])
+    if focus.get("class") is not None:
+        _out.print(f"focus: only inputs predicted as class {focus['class']} are tested "
+                   f"({focus['n']} of D's inputs, {_pct(focus['share'])}; alpha {alpha:.3g} each "
+                   f"keeps {summary['alpha']:g} over all inputs)")
     _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
     if feats:
         _out.print(f"feature test: {len(feats['sites'])} sites (channel means, class-conditional Gaussian, "

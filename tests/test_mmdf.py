@@ -22,6 +22,7 @@ from mmexport.mmdf import (
     clean_max_bounds,
     detect,
     fit_null,
+    focus_plan,
     fold_ids,
     margin_gap,
 )
@@ -314,6 +315,18 @@ def test_detect_refuses_an_mmdf_model(tiny_set):
         detect(res.model, (x, y), bounds=bounds, output_name="logits")
 
 
+def test_focus_keeps_false_positives_off_classes_the_trigger_never_produces():
+    # digits-cnn-sig: tested on every input, its test-set "1"s were flagged (2.0% of clean
+    # inputs); the trigger sends everything to 8, and only inputs sent to 8 are tested now.
+    folder = SAMPLES / "digits-cnn-sig"
+    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
+    assert res.report["focus"]["class"] == 8
+    test = mmexport.load_npz(folder / "test.npz")
+    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
+    rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    assert rep.false_positive_rate <= 0.01 and rep.detection_rate >= 0.95 and rep.asr <= 0.02
+
+
 def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs():
     folder = SAMPLES / "digits-cnn-badnet"
     res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
@@ -346,6 +359,42 @@ def test_flagged_inputs_never_go_to_the_class_to_avoid(tiny_set):
     assert not np.any(moved == original)  # still never the original prediction
     with pytest.raises(MmexportError, match="class to avoid 9"):
         build_mmdf_graph(proto, bounds, everything, avoid=9)
+
+
+def test_with_a_focus_class_only_inputs_sent_to_it_are_flagged(tiny_set):
+    proto, x, y, bounds = tiny_set
+    everything = -1e9
+    original = ort(proto, x)["logits"].argmax(1)
+    focus = int(np.bincount(original).argmin())
+    out = ort(build_mmdf_graph(proto, bounds, everything, focus=focus), x)
+    assert np.array_equal(out[DETECTED], original == focus)
+    assert np.array_equal(out["logits"].argmax(1) == original, original != focus)
+    with pytest.raises(MmexportError, match="class to focus on 3"):
+        build_mmdf_graph(proto, bounds, everything, focus=3)
+
+
+def testfocus_plan_spends_alpha_on_the_target_share_of_d():
+    predicted = np.repeat(np.arange(4), [100, 100, 100, 100])
+    plan = focus_plan(2, predicted, 0.005)
+    assert plan == {"class": 2, "n": 100, "share": 0.25, "alpha": pytest.approx(0.02)}
+    assert focus_plan(None, predicted, 0.005)["class"] is None
+    few = focus_plan(2, np.r_[np.zeros(100), np.full(9, 2)], 0.005)
+    assert few["class"] is None and "9 calibration inputs predicted as class 2" in few["reason"]
+
+
+def test_detect_focus_calibrates_on_the_inputs_sent_to_the_avoided_class(tiny_set):
+    proto, x, y, bounds = tiny_set
+    res = detect(proto, (x, y), bounds=bounds, avoid=1, statistic="margin")
+    focus = res.report["focus"]
+    assert focus["class"] == 1 and res.report["null"]["n"] == focus["n"] < res.report["calibration"]["n"]
+    assert res.report["null"]["alpha"] == pytest.approx(0.005 / focus["share"])
+    assert get_metadata(res.model)["mmexport.mmdf.focus"] == "1"
+    flagged = ort(res.model, x)[DETECTED]
+    assert not flagged[ort(proto, x)["logits"].argmax(1) != 1].any()
+    res = detect(proto, (x, y), bounds=bounds, avoid=1, statistic="margin", focus=False)
+    assert res.report["focus"]["class"] is None
+    assert res.report["null"]["n"] == res.report["calibration"]["n"]
+    assert get_metadata(res.model)["mmexport.mmdf.focus"] == ""
 
 
 def test_detect_without_every_class_in_d_skips_the_scan_and_says_why(tiny_set):
@@ -416,6 +465,14 @@ def test_cli_detect_avoid(tiny_files, value, expected):
             tiny_files / "b.json", "--json", "-q", "--avoid", value)
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["avoid"]["class"] == expected
+    assert json.loads(r.output)["focus"]["class"] == expected
+
+
+def test_cli_detect_no_focus(tiny_files):
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "b.json", "--json", "-q", "--avoid", "2", "--no-focus")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["focus"] == {"class": None, "reason": "no suspected target"}
 
 
 def test_cli_detect_avoid_bad_value_is_an_error(tiny_files):
