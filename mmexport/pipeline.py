@@ -143,6 +143,9 @@ def harden(
         raise MmexportError(f"unknown search option(s): {', '.join(sorted(unknown))}")
     mmom = method in ("mmom", "mmom-refit")
     if mmom:
+        if overrides.get("unlearn") == "auto":
+            raise MmexportError("--unlearn auto applies to --method mmac only (MMOM has no trigger to unlearn)")
+        overrides["unlearn"] = "off"  # recorded as it ran
         overrides.setdefault("max_epochs", MMOM_EPOCHS)
         if config is None:
             overrides.setdefault("maximisers", MMOM_MAXIMISERS)

@@ -147,3 +147,12 @@ def test_mmom_searches_universal_perturbations_unless_told_otherwise():
     res = mmexport.harden(proto, (x, y), method="mmom", maximisers="masked", **FAST)
     assert res.report["settings"]["maximisers"] == "masked"
     assert mmexport.harden(proto, (x, y), **FAST).report["settings"]["maximisers"] == "universal+masked"
+
+
+def test_mmom_records_that_it_unlearns_nothing_and_refuses_unlearn_auto():
+    proto = tiny_cnn(seed=2)
+    x, y = labelled_set(proto, 6, seed=0)
+    res = mmexport.harden(proto, (x, y), method="mmom", **FAST)
+    assert res.report["settings"]["unlearn"] == "off" and res.report["stamp"] is None
+    with pytest.raises(mmexport.MmexportError, match="--unlearn auto applies to --method mmac only"):
+        mmexport.harden(proto, (x, y), method="mmom", unlearn="auto", **FAST)
