@@ -592,11 +592,13 @@ def _bounds_from_hardened(hardened, m: Model, source_sha: str) -> tuple[Bounds, 
     return bounds, f"hardened:{where}"
 
 
-def _scores(proto: onnx.ModelProto, x: np.ndarray, m: Model, provider: str) -> np.ndarray:
+def _scores(proto: onnx.ModelProto, x: np.ndarray, m: Model, provider: str,
+            output: str = SCORE) -> np.ndarray:
+    """One output of `proto` (default: the MMDF score) on x, run by onnxruntime, as float64."""
     from .runtime import predict, session
 
     sess, _ = session(proto, provider=provider)
-    return predict(sess, x, input_name=m.input_name, output_name=SCORE).astype(np.float64)
+    return predict(sess, x, input_name=m.input_name, output_name=output).astype(np.float64)
 
 
 def _probe(m: Model, bounds: Bounds) -> onnx.ModelProto:
@@ -645,7 +647,7 @@ def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, pro
     return {"class": target, "source": "scan", "scan": report}
 
 
-def focus_plan(target: int | None, predicted: np.ndarray, alpha: float) -> dict:
+def focus_plan(target: int | None, predicted: np.ndarray | None, alpha: float) -> dict:
     """Which inputs can be flagged and at what level: {"class", "n", "share", "alpha", "reason"}.
 
     A trigger that works makes the model predict its target, so when the target is known
@@ -662,13 +664,6 @@ def focus_plan(target: int | None, predicted: np.ndarray, alpha: float) -> dict:
                                          "need at least 10"}
     share = n / len(predicted)
     return {"class": int(target), "n": n, "share": share, "alpha": min(alpha / share, 0.25)}
-
-
-def _predictions(m: Model, x: np.ndarray, provider: str) -> np.ndarray:
-    from .runtime import predict, session
-
-    sess, _ = session(m.proto, provider=provider)
-    return predict(sess, x, input_name=m.input_name, output_name=m.output_name).argmax(1)
 
 
 def detect(
@@ -787,7 +782,8 @@ def detect(
     else:
         d = _scores(_probe(m, bounds), x, m, provider)
     use_features = statistic == "margin+features"
-    features = None
+    features = predicted = None
+    target = avoided if focus else None
     if use_features:
         if progress is not None:
             progress({"stage": "features", "n": len(x)})
@@ -798,10 +794,10 @@ def detect(
         predicted = logits.argmax(axis=1)
         features = fit_features(feats, np.tile(clean.y, copies), predicted, k,
                                 np.tile(fold_ids(clean.y, folds, seed), copies))
-    else:
-        predicted = _predictions(m, x, provider)
+    elif target is not None:
+        predicted = _scores(m.proto, x, m, provider, m.output_name).argmax(axis=1)
     alpha_each = alpha / 2 if use_features else alpha
-    plan = focus_plan(avoided if focus else None, predicted, alpha_each)
+    plan = focus_plan(target, predicted, alpha_each)
     tested = predicted == plan["class"] if plan["class"] is not None else np.ones(len(d), bool)
     level = plan.get("alpha", alpha_each)
     null = fit_null(d[tested], level, law=law,

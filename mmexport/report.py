@@ -108,8 +108,7 @@ def print_detect(summary: dict) -> None:
                f"99% {gap['quantiles']['0.99']:.3g}, max {gap['max']:.3g}")
     feats = summary.get("features")
     focus = summary.get("focus") or {}
-    alpha = focus["alpha"] if focus.get("class") is not None else (
-        summary["alpha"] / 2 if feats else summary["alpha"])
+    alpha = null["alpha"]  # each test's level: alpha, split between the tests, over the focus share
     if focus.get("class") is not None:
         _out.print(f"focus: only inputs predicted as class {focus['class']} are tested "
                    f"({focus['n']} of D's inputs, {_pct(focus['share'])}; alpha {alpha:.3g} each "

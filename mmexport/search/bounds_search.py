@@ -194,6 +194,26 @@ def to_bounds(snap: dict) -> Bounds:
     return Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()})
 
 
+def conclude(best, z0: dict, before: float, accuracy: Callable[[dict], float], *, weight: float,
+             epochs: int, start: float, history: list[dict]) -> SearchResult:
+    """The search's answer from its best feasible check, (objective, epoch, bounds, accuracy,
+    weight); where the floor never held (`best` None), the unclipped start at `before`."""
+    if best is None:
+        snap = {k: v.clone() for k, v in z0.items()}
+        best = (before, 0, snap, accuracy(snap), weight)
+    objective, _, snap, acc, w = best
+    return SearchResult(
+        bounds=to_bounds(snap),
+        lambda_=float(w),
+        accuracy=float(acc),
+        objective_before=before,
+        objective_after=float(objective),
+        epochs=epochs,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )
+
+
 def reduce_margins(per_class: torch.Tensor, how: str) -> torch.Tensor:
     """One number from the per-class max margins; `how` picks which classes count."""
     if how == "mean":
@@ -360,18 +380,4 @@ def fit_bounds(
             if checks_since_best >= config.patience:
                 break
 
-    if best is None:  # the floor never held: fall back to the unclipped start
-        snap = {k: v.clone() for k, v in z0.items()}
-        best = (before, 0, snap, accuracy(snap), lam)
-    obj_best, _, snap, acc, lam_best = best
-    bounds = to_bounds(snap)
-    return SearchResult(
-        bounds=bounds,
-        lambda_=float(lam_best),
-        accuracy=float(acc),
-        objective_before=before,
-        objective_after=float(obj_best),
-        epochs=epoch,
-        seconds=time.perf_counter() - start,
-        history=history,
-    )
+    return conclude(best, z0, before, accuracy, weight=lam, epochs=epoch, start=start, history=history)

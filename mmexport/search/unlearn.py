@@ -23,12 +23,12 @@ from .bounds_search import (
     MIN_GROWTH,
     SearchConfig,
     SearchResult,
+    conclude,
     descend,
     floor_set,
     initial_bounds,
     kept_correct,
     restore,
-    to_bounds,
 )
 from .margins import Box, MaskedMaximisers, margins, stamped
 
@@ -152,7 +152,7 @@ def unlearn_bounds(
     opt = new_optimiser()
     weight, up = config.unlearn_weight0, config.lambda_up
     last_ok = {k: v.detach().clone() for k, v in rel.items()}
-    best = None  # ((held-out fooled, -accuracy), epoch, bounds, accuracy, weight)
+    best = None  # (held-out fooled, epoch, bounds, accuracy, weight)
     history: list[dict] = []
     epochs = config.unlearn_epochs
     for epoch in range(1, epochs + 1):
@@ -183,8 +183,8 @@ def unlearn_bounds(
                 progress(row)
             if feasible:
                 last_ok = {k: v.detach().clone() for k, v in rel.items()}
-                if best is None or (fooled, -acc) < best[0]:
-                    best = ((fooled, -acc), epoch, snap, acc, weight)
+                if best is None or (fooled, -acc) < (best[0], -best[3]):
+                    best = (fooled, epoch, snap, acc, weight)
                 weight *= up
             else:
                 restore(rel, last_ok)
@@ -194,17 +194,5 @@ def unlearn_bounds(
 
     with torch.no_grad():
         before = float((engine(held_x).argmax(1) == stamp.target).float().mean())
-    if best is None:  # the floor never held: the unclipped start
-        snap = {k: v.clone() for k, v in z0.items()}
-        best = ((before, 0.0), 0, snap, kept_correct(engine, xc, yc, correct, snap), 0.0)
-    (obj, _), _, snap, acc, w_best = best
-    return SearchResult(
-        bounds=to_bounds(snap),
-        lambda_=float(w_best),
-        accuracy=float(acc),
-        objective_before=before,
-        objective_after=float(obj),
-        epochs=epochs,
-        seconds=time.perf_counter() - start,
-        history=history,
-    )
+    return conclude(best, z0, before, lambda b: kept_correct(engine, xc, yc, correct, b), weight=0.0,
+                    epochs=epochs, start=start, history=history)
