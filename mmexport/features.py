@@ -2,18 +2,20 @@
 
 The margin gap of MMDF sees a trigger only where it drives channels past their clean range.
 Triggers that stay inside it (a blended image, a global chessboard) still move the
-*pattern* of activations: measured on the sample zoo, the per-channel means of every site
-of a triggered input lie far from those of clean inputs of the class it is sent to. This is
+*pattern* of activations: measured on the sample zoo, the per-channel means and spreads of
+every site of a triggered input lie far from those of clean inputs of the class it is sent
+to. This is
 the class-conditional Gaussian score of Lee et al. (2018, "A simple unified framework for
 detecting out-of-distribution samples and adversarial attacks"), per site:
 
     s(x) = (f(x) - mu_c^)^T S^-1 (f(x) - mu_c^),
 
-f = the site's activation averaged over its spatial axes ([C]), c^ = the original model's
+f = the site's channel statistics ([2C]: each channel's mean and standard deviation over
+its spatial axes; [C] values where it has none), c^ = the original model's
 prediction, mu_c = the mean of f over the clean images of class c, S = their pooled
 within-class covariance shrunk towards its mean variance (D holds tens of images per class).
 S^-1 is kept as its `rank` leading eigen-directions plus the mean variance of the rest, so a
-site costs C x rank numbers in the graph, not C x C. Each site's score is divided by its
+site costs 2C x rank numbers in the graph, not (2C)^2. Each site's score is divided by its
 `SCALE_QUANTILE` quantile on D, and the feature score is the largest over sites.
 """
 
@@ -35,7 +37,7 @@ SCALE_QUANTILE = 0.9
 
 @dataclass(frozen=True)
 class SiteGauss:
-    """The class-conditional Gaussian of one site's channel means.
+    """The class-conditional Gaussian of one site's channel statistics.
 
     means [K, C]; basis [C, r] orthonormal; inv_var [r] on the basis; inv_tail: 1 / the mean
     variance off the basis; scale: what the score is divided by.
@@ -59,10 +61,20 @@ class SiteGauss:
                 "rank": int(self.basis.shape[1]), "scale": self.scale}
 
 
-def channel_means(a: np.ndarray) -> np.ndarray:
-    """[N, C, ...] -> [N, C]: a site's activation averaged over its trailing axes."""
+def channel_stats(a: np.ndarray) -> np.ndarray:
+    """[N, C, ...] -> [N, 2C]: each channel's mean and spatial standard deviation over its
+    trailing axes; [N, C] (no spatial axes) comes back as it is.
+
+    The spread matters: a blended trigger leaves the channel means of the first conv near a
+    clean image's but changes how unevenly each channel fires across the image.
+    """
     a = np.asarray(a)
-    return a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2) if a.ndim > 2 else a
+    if a.ndim <= 2:
+        return a
+    f = a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64)
+    mean = f.mean(axis=2)
+    var = np.maximum((f * f).mean(axis=2) - mean * mean, 0.0)  # as the graph computes it
+    return np.concatenate([mean, np.sqrt(var)], axis=1)
 
 
 def fit_site(site: str, f: np.ndarray, y: np.ndarray, k: int, *, rank: int = RANK,
@@ -95,7 +107,7 @@ def fit_features(feats: dict[str, np.ndarray], y: np.ndarray, predicted: np.ndar
                  folds: np.ndarray, *, rank: int = RANK, shrink: float = SHRINK) -> FeatureFit:
     """Fit per-site Gaussians on D and score every D image with those of the other folds.
 
-    `feats`: {site: [N, C]} channel means on D; `y` its labels; `predicted` the original
+    `feats`: {site: [N, F]} channel statistics on D; `y` its labels; `predicted` the original
     model's classes on D (what the graph conditions on); `folds`: a fold number per image.
     """
     if not feats:
@@ -140,8 +152,14 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         t = site_tensors[g.site]
         f = t
         if ranks[g.site] != 2:
-            pooled = node("GlobalAveragePool", [t], [var(tag + "/pooled")])
-            f = node("Flatten", [pooled], [var(tag + "/means")], axis=1)
+            mean = node("GlobalAveragePool", [t], [var(tag + "/mean")])
+            square = node("GlobalAveragePool", [node("Mul", [t, t], [var(tag + "/sq")])],
+                          [var(tag + "/mean_sq")])
+            spread = node("Sub", [square, node("Mul", [mean, mean], [var(tag + "/mean2")])],
+                          [var(tag + "/var")])
+            std = node("Sqrt", [node("Relu", [spread], [var(tag + "/var+")])], [var(tag + "/std")])
+            stats = node("Concat", [mean, std], [var(tag + "/stats")], axis=1)
+            f = node("Flatten", [stats], [var(tag + "/features")], axis=1)
         mu = node("Gather", [const(tag + "/class_means", g.means.astype(dtype)), predicted],
                   [var(tag + "/mu")], axis=0)
         d = node("Sub", [f, mu], [var(tag + "/d")])
@@ -166,13 +184,13 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
 def site_feature_arrays(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str,
                         output_name: str, provider: str = "cpu",
                         batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """({site: [N, C] channel means}, logits [N, K]) of x, run by onnxruntime; sites without
+    """({site: [N, F] channel statistics}, logits [N, K]) of x, run by onnxruntime; sites without
     a known channel axis are left out."""
     from .runtime import tensor_summaries
 
     use = [s.name for s in sites if s.channels is not None and (s.rank or 0) >= 2]
     out = tensor_summaries(proto, [output_name, *use], x,
-                           lambda n, a: a if n == output_name else channel_means(a),
+                           lambda n, a: a if n == output_name else channel_stats(a),
                            input_name=input_name, provider=provider, batch_size=batch_size)
     logits = out.pop(output_name)
     return out, logits

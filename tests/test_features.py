@@ -10,7 +10,7 @@ from builders import run_cli as run
 
 import mmexport
 from mmexport.errors import MmexportError
-from mmexport.features import channel_means, fit_features, fit_site, site_feature_arrays
+from mmexport.features import channel_stats, fit_features, fit_site, site_feature_arrays
 from mmexport.mmdf import DETECTED, FEATURE_SCORE, SCORE, detect, fold_ids
 from mmexport.model import from_proto
 from mmexport.runtime import session
@@ -75,10 +75,14 @@ def test_cross_fitted_null_scores_each_image_without_its_own_fold():
     np.testing.assert_allclose(fit.sites[0].means, full.means)
 
 
-def test_channel_means_average_the_trailing_axes():
-    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 2, 2)
-    np.testing.assert_allclose(channel_means(a), a.mean(axis=(2, 3)))
-    assert channel_means(a[:, :, 0, 0]).shape == (2, 3)
+def test_channel_stats_are_the_means_then_the_spreads_over_the_trailing_axes():
+    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 2, 2) ** 1.5
+    stats = channel_stats(a)
+    assert stats.shape == (2, 6)
+    np.testing.assert_allclose(stats[:, :3], a.mean(axis=(2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(stats[:, 3:], a.std(axis=(2, 3)), rtol=1e-5)
+    # A site without spatial axes keeps its values.
+    np.testing.assert_array_equal(channel_stats(a[:, :, 0, 0]), a[:, :, 0, 0])
 
 
 def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_set):
