@@ -8,6 +8,7 @@ never an input to mmexport's defaults.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -60,8 +61,58 @@ def oracle(
     return {"model": folder.name, "acc_before": base_acc, **(best or {})}
 
 
+def relaxed_oracle(
+    folder: Path,
+    *,
+    weights: tuple = (0.3, 1.0, 3.0, 10.0),
+    epochs: int = 400,
+    lr: float = 0.02,
+    seed: int = 0,
+    max_drop: float = 0.03,
+) -> dict:
+    """A relaxation: bounds fitted on the whole test set (its labels) and the whole attack set,
+    scored on the same images. Any bounds a real defence could find are candidates here, so
+    where the best point found misses ASR <= 5% within `max_drop`, no defence that only sets
+    per-channel upper bounds is likely to meet it on this model (an optimiser's evidence,
+    not a proof)."""
+    engine = Engine(load_model(folder / "model.onnx"))
+    clean, test = load_npz(folder / "clean.npz"), load_npz(folder / "test.npz")
+    attack = load_npz(folder / "attack.npz", attack=True)
+    tx, ty = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    ax, ay, at = (torch.from_numpy(a) for a in (attack.x, attack.y_true, attack.y))
+    with torch.no_grad():
+        base_acc = float((engine(tx).argmax(1) == ty).float().mean())
+        base_asr = float((engine(ax).argmax(1) == at).float().mean())
+    z0 = initial_bounds(engine, torch.cat([torch.from_numpy(clean.x), tx]), "channel")
+    runs = []
+    for weight in weights:
+        torch.manual_seed(seed)
+        rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
+        opt = torch.optim.Adam(list(rel.values()), lr=lr)
+        best = None
+        for epoch in range(epochs):
+            b = {k: z0[k] * rel[k] for k in z0}
+            loss = torch.nn.functional.cross_entropy(engine(tx, b), ty)
+            loss = loss + weight * torch.nn.functional.cross_entropy(engine(ax, b), ay)
+            descend(opt, loss, rel)
+            if epoch % 5 == 4:
+                with torch.no_grad():
+                    b = {k: z0[k] * rel[k] for k in z0}
+                    acc = float((engine(tx, b).argmax(1) == ty).float().mean())
+                    asr = float((engine(ax, b).argmax(1) == at).float().mean())
+                if acc >= base_acc - max_drop - 1e-9 and (best is None or asr < best["asr"]):
+                    best = {"epoch": epoch + 1, "acc": round(acc, 4), "asr": round(asr, 4)}
+        runs.append({"weight": weight, **(best or {})})
+    feasible = [r for r in runs if "asr" in r]
+    top = min(feasible, key=lambda r: r["asr"]) if feasible else {}
+    return {"model": folder.name, "acc_before": base_acc, "asr_before": base_asr, "best": top, "runs": runs}
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    names = sys.argv[1:] or sorted(p.parent.name for p in (ROOT / "sample_models").glob("*/attack.npz"))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    relaxed = "--relaxed" in sys.argv
+    names = args or sorted(p.parent.name for p in (ROOT / "sample_models").glob("*/attack.npz"))
     for name in names:
-        print(oracle(ROOT / "sample_models" / name), flush=True)
+        fn = relaxed_oracle if relaxed else oracle
+        print(json.dumps(fn(ROOT / "sample_models" / name)), flush=True)

@@ -427,8 +427,9 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--statistic", type=click.Choice(["margin+features", "margin"]), default="margin+features",
               show_default=True,
               help="margin: the paper's test (the margin gap d). margin+features: also flag inputs whose "
-                   "per-site channel means and spreads lie far from their predicted class on D (class-conditional "
-                   "Gaussian, cross-fitted); catches triggers that stay inside the clean range "
+                   "per-site channel means, spreads and skews lie far from their predicted class on D "
+                   "(class-conditional Gaussian, cross-fitted); catches triggers that stay inside the "
+                   "clean range "
                    "(blends, global patterns). alpha is split between the two tests.")
 @click.option("--alpha", type=float, default=0.005, show_default=True,
               help="Target false-positive rate on clean inputs (significance of the test).")

@@ -2,20 +2,20 @@
 
 The margin gap of MMDF sees a trigger only where it drives channels past their clean range.
 Triggers that stay inside it (a blended image, a global chessboard) still move the
-*pattern* of activations: measured on the sample zoo, the per-channel means and spreads of
-every site of a triggered input lie far from those of clean inputs of the class it is sent
-to. This is
+*pattern* of activations: measured on the sample zoo, the per-channel means, spreads and
+skews of every site of a triggered input lie far from those of clean inputs of the class it
+is sent to. This is
 the class-conditional Gaussian score of Lee et al. (2018, "A simple unified framework for
 detecting out-of-distribution samples and adversarial attacks"), per site:
 
     s(x) = (f(x) - mu_c^)^T S^-1 (f(x) - mu_c^),
 
-f = the site's channel statistics ([2C]: each channel's mean and standard deviation over
-its spatial axes; [C] values where it has none), c^ = the original model's
+f = the site's channel statistics ([3C]: each channel's mean, standard deviation and
+cube-rooted third central moment over its spatial axes; [C] values where it has none), c^ = the original model's
 prediction, mu_c = the mean of f over the clean images of class c, S = their pooled
 within-class covariance shrunk towards its mean variance (D holds tens of images per class).
 S^-1 is kept as its `rank` leading eigen-directions plus the mean variance of the rest, so a
-site costs 2C x rank numbers in the graph, not (2C)^2. Each site's score is divided by its
+site costs 3C x rank numbers in the graph, not (3C)^2. Each site's score is divided by its
 `SCALE_QUANTILE` quantile on D, and the feature score is the largest over sites.
 """
 
@@ -62,19 +62,22 @@ class SiteGauss:
 
 
 def channel_stats(a: np.ndarray) -> np.ndarray:
-    """[N, C, ...] -> [N, 2C]: each channel's mean and spatial standard deviation over its
-    trailing axes; [N, C] (no spatial axes) comes back as it is.
+    """[N, C, ...] -> [N, 3C]: each channel's mean, spatial standard deviation and the cube
+    root of its third central moment over its trailing axes; [N, C] (no spatial axes) comes
+    back as it is.
 
-    The spread matters: a blended trigger leaves the channel means of the first conv near a
-    clean image's but changes how unevenly each channel fires across the image.
+    The shape matters: a blended trigger leaves the channel means of the first conv near a
+    clean image's but changes how unevenly, and how lopsidedly, each channel fires across the
+    image.
     """
     a = np.asarray(a)
     if a.ndim <= 2:
         return a
     f = a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64)
     mean = f.mean(axis=2)
-    var = np.maximum((f * f).mean(axis=2) - mean * mean, 0.0)  # as the graph computes it
-    return np.concatenate([mean, np.sqrt(var)], axis=1)
+    d = f - mean[:, :, None]
+    std = np.sqrt((d * d).mean(axis=2))
+    return np.concatenate([mean, std, np.cbrt((d * d * d).mean(axis=2))], axis=1)
 
 
 def fit_site(site: str, f: np.ndarray, y: np.ndarray, k: int, *, rank: int = RANK,
@@ -153,12 +156,16 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         f = t
         if ranks[g.site] != 2:
             mean = node("GlobalAveragePool", [t], [var(tag + "/mean")])
-            square = node("GlobalAveragePool", [node("Mul", [t, t], [var(tag + "/sq")])],
-                          [var(tag + "/mean_sq")])
-            spread = node("Sub", [square, node("Mul", [mean, mean], [var(tag + "/mean2")])],
-                          [var(tag + "/var")])
-            std = node("Sqrt", [node("Relu", [spread], [var(tag + "/var+")])], [var(tag + "/std")])
-            stats = node("Concat", [mean, std], [var(tag + "/stats")], axis=1)
+            d = node("Sub", [t, mean], [var(tag + "/centred")])
+            d2 = node("Mul", [d, d], [var(tag + "/d2")])
+            std = node("Sqrt", [node("GlobalAveragePool", [d2], [var(tag + "/var")])],
+                       [var(tag + "/std")])
+            m3 = node("GlobalAveragePool", [node("Mul", [d2, d], [var(tag + "/d3")])],
+                      [var(tag + "/m3")])
+            root = node("Pow", [node("Abs", [m3], [var(tag + "/m3_abs")]),
+                                const(tag + "/third", np.array(1.0 / 3.0, dtype))], [var(tag + "/m3_root")])
+            skew = node("Mul", [node("Sign", [m3], [var(tag + "/m3_sign")]), root], [var(tag + "/skew")])
+            stats = node("Concat", [mean, std, skew], [var(tag + "/stats")], axis=1)
             f = node("Flatten", [stats], [var(tag + "/features")], axis=1)
         mu = node("Gather", [const(tag + "/class_means", g.means.astype(dtype)), predicted],
                   [var(tag + "/mu")], axis=0)

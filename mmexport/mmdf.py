@@ -34,7 +34,7 @@ nodes, not by a second copy of the weights. It outputs
   class);
 - `mmdf_detected` (bool [N]) and `mmdf_score` (float [N], d - threshold);
 - with the feature test (`statistic="margin+features"`, the default), `mmdf_feature_score`:
-  how far the input's site channel statistics (means, spreads) lie from class c^ on D, minus its threshold
+  how far the input's site channel statistics (mean, spread, skew) lie from class c^ on D, minus its threshold
   (`mmexport.features`). It catches triggers that stay inside the clean range, which d
   cannot see; an input is flagged by either test, alpha split between them.
 

@@ -115,7 +115,8 @@ def print_detect(summary: dict) -> None:
                    f"keeps {summary['alpha']:g} over all inputs)")
     _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
     if feats:
-        _out.print(f"feature test: {len(feats['sites'])} sites (channel means and spreads, class-conditional Gaussian, "
+        _out.print(f"feature test: {len(feats['sites'])} sites (channel mean, spread and skew; "
+                   "class-conditional Gaussian, "
                    f"{cal['cross_fit_folds'] or 5}-fold cross-fitted on D): threshold {feats['threshold']:.4g} "
                    f"at alpha {alpha:g}")
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")

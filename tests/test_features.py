@@ -75,12 +75,14 @@ def test_cross_fitted_null_scores_each_image_without_its_own_fold():
     np.testing.assert_allclose(fit.sites[0].means, full.means)
 
 
-def test_channel_stats_are_the_means_then_the_spreads_over_the_trailing_axes():
+def test_channel_stats_are_the_means_spreads_and_skews_over_the_trailing_axes():
     a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 2, 2) ** 1.5
+    a[0, 0] = [[0.0, 0.0], [0.0, 8.0]]  # one lopsided channel: third central moment 3 * 2^3
     stats = channel_stats(a)
-    assert stats.shape == (2, 6)
+    assert stats.shape == (2, 9)
     np.testing.assert_allclose(stats[:, :3], a.mean(axis=(2, 3)), rtol=1e-6)
-    np.testing.assert_allclose(stats[:, 3:], a.std(axis=(2, 3)), rtol=1e-5)
+    np.testing.assert_allclose(stats[:, 3:6], a.std(axis=(2, 3)), rtol=1e-5)
+    assert stats[0, 6] == pytest.approx(np.cbrt(((0 - 2) ** 3 * 3 + (8 - 2) ** 3) / 4))
     # A site without spatial axes keeps its values.
     np.testing.assert_array_equal(channel_stats(a[:, :, 0, 0]), a[:, :, 0, 0])
 

@@ -327,6 +327,19 @@ def test_focus_keeps_false_positives_off_classes_the_trigger_never_produces():
     assert rep.false_positive_rate <= 0.01 and rep.detection_rate >= 0.95 and rep.asr <= 0.02
 
 
+def test_the_feature_test_catches_a_blend_that_stays_inside_the_clean_range():
+    # digits-cnn-blend: the margin gap and the channel means alone detected 2% of its triggered
+    # inputs; the spread and skew of the first conv's channels tell them from clean 3s.
+    folder = SAMPLES / "digits-cnn-blend"
+    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
+    test = mmexport.load_npz(folder / "test.npz")
+    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
+    rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    assert rep.false_positive_rate <= 0.01 and rep.detection_rate >= 0.95 and rep.asr <= 0.02
+    margin_only = mmexport.detect(folder / "model.onnx", folder / "clean.npz", statistic="margin")
+    assert mmexport.validate(margin_only.model, test, attack=attack, provider="cpu").asr >= 0.5
+
+
 def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs():
     folder = SAMPLES / "digits-cnn-badnet"
     res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
