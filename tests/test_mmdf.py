@@ -315,37 +315,35 @@ def test_detect_refuses_an_mmdf_model(tiny_set):
         detect(res.model, (x, y), bounds=bounds, output_name="logits")
 
 
+def detect_and_validate(name: str, **options):
+    """MMDF on a sample with its clean set; the graph validated on its test and attack sets."""
+    folder = SAMPLES / name
+    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz", **options)
+    test = mmexport.load_npz(folder / "test.npz")
+    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
+    return res, mmexport.validate(res.model, test, attack=attack, provider="cpu"), attack
+
+
 def test_focus_keeps_false_positives_off_classes_the_trigger_never_produces():
     # digits-cnn-sig: tested on every input, its test-set "1"s were flagged (2.0% of clean
     # inputs); the trigger sends everything to 8, and only inputs sent to 8 are tested now.
-    folder = SAMPLES / "digits-cnn-sig"
-    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
+    res, rep, _ = detect_and_validate("digits-cnn-sig")
     assert res.report["focus"]["class"] == 8
-    test = mmexport.load_npz(folder / "test.npz")
-    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
-    rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
     assert rep.false_positive_rate <= 0.01 and rep.detection_rate >= 0.95 and rep.asr <= 0.02
 
 
 def test_the_feature_test_catches_a_blend_that_stays_inside_the_clean_range():
     # digits-cnn-blend: the margin gap and the channel means alone detected 2% of its triggered
     # inputs; the spread and skew of the first conv's channels tell them from clean 3s.
-    folder = SAMPLES / "digits-cnn-blend"
-    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
-    test = mmexport.load_npz(folder / "test.npz")
-    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
-    rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    _, rep, _ = detect_and_validate("digits-cnn-blend")
     assert rep.false_positive_rate <= 0.01 and rep.detection_rate >= 0.95 and rep.asr <= 0.02
-    margin_only = mmexport.detect(folder / "model.onnx", folder / "clean.npz", statistic="margin")
-    assert mmexport.validate(margin_only.model, test, attack=attack, provider="cpu").asr >= 0.5
+    _, margin_only, _ = detect_and_validate("digits-cnn-blend", statistic="margin")
+    assert margin_only.asr >= 0.5
 
 
 def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs():
     folder = SAMPLES / "digits-cnn-badnet"
-    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
-    test = mmexport.load_npz(folder / "test.npz")
-    attack = mmexport.load_npz(folder / "attack.npz", attack=True)
-    rep = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    res, rep, attack = detect_and_validate("digits-cnn-badnet")
     assert rep.detection_rate >= 0.9 and rep.false_positive_rate <= 0.02
     assert rep.asr <= 0.05 and rep.accuracy >= 0.96
     # The scan on D names the backdoor's target (the card's), and flagged inputs avoid it.
