@@ -4,19 +4,20 @@ The margin gap of MMDF sees a trigger only where it drives channels past their c
 Triggers that stay inside it (a blended image, a global chessboard) still move the
 *pattern* of activations: measured on the sample zoo, the per-channel means, spreads and
 skews of every site of a triggered input lie far from those of clean inputs of the class it
-is sent to. This is
-the class-conditional Gaussian score of Lee et al. (2018, "A simple unified framework for
-detecting out-of-distribution samples and adversarial attacks"), per site:
+is sent to. This is the class-conditional Gaussian score of Lee et al. (2018, "A simple
+unified framework for detecting out-of-distribution samples and adversarial attacks"), per
+site:
 
     s(x) = (f(x) - mu_c^)^T S^-1 (f(x) - mu_c^),
 
 f = the site's channel statistics ([3C]: each channel's mean, standard deviation and
-cube-rooted third central moment over its spatial axes; [C] values where it has none), c^ = the original model's
-prediction, mu_c = the mean of f over the clean images of class c, S = their pooled
-within-class covariance shrunk towards its mean variance (D holds tens of images per class).
-S^-1 is kept as its `rank` leading eigen-directions plus the mean variance of the rest, so a
-site costs 3C x rank numbers in the graph, not (3C)^2. Each site's score is divided by its
-`SCALE_QUANTILE` quantile on D, and the feature score is the largest over sites.
+cube-rooted third central moment over its spatial axes; [C] values where it has none),
+c^ = the original model's prediction, mu_c = the mean of f over the clean images of class
+c, S = their pooled within-class covariance shrunk towards its mean variance (D holds tens
+of images per class). S^-1 is kept as its `rank` leading eigen-directions plus the mean
+variance of the rest, so a site costs 3C x rank numbers in the graph, not (3C)^2. Each
+site's score is divided by its `SCALE_QUANTILE` quantile on D, and the feature score is the
+largest over sites.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def channel_stats(a: np.ndarray) -> np.ndarray:
         return a
     f = a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64)
     mean = f.mean(axis=2)
-    d = f - mean[:, :, None]
-    std = np.sqrt((d * d).mean(axis=2))
-    return np.concatenate([mean, std, np.cbrt((d * d * d).mean(axis=2))], axis=1)
+    centred = f - mean[:, :, None]
+    squared = centred * centred
+    std = np.sqrt(squared.mean(axis=2))
+    return np.concatenate([mean, std, np.cbrt((squared * centred).mean(axis=2))], axis=1)
 
 
 def fit_site(site: str, f: np.ndarray, y: np.ndarray, k: int, *, rank: int = RANK,
@@ -156,11 +158,11 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         f = t
         if ranks[g.site] != 2:
             mean = node("GlobalAveragePool", [t], [var(tag + "/mean")])
-            d = node("Sub", [t, mean], [var(tag + "/centred")])
-            d2 = node("Mul", [d, d], [var(tag + "/d2")])
-            std = node("Sqrt", [node("GlobalAveragePool", [d2], [var(tag + "/var")])],
+            centred = node("Sub", [t, mean], [var(tag + "/centred")])
+            squared = node("Mul", [centred, centred], [var(tag + "/d2")])
+            std = node("Sqrt", [node("GlobalAveragePool", [squared], [var(tag + "/var")])],
                        [var(tag + "/std")])
-            m3 = node("GlobalAveragePool", [node("Mul", [d2, d], [var(tag + "/d3")])],
+            m3 = node("GlobalAveragePool", [node("Mul", [squared, centred], [var(tag + "/d3")])],
                       [var(tag + "/m3")])
             root = node("Pow", [node("Abs", [m3], [var(tag + "/m3_abs")]),
                                 const(tag + "/third", np.array(1.0 / 3.0, dtype))], [var(tag + "/m3_root")])

@@ -384,7 +384,7 @@ def test_with_a_focus_class_only_inputs_sent_to_it_are_flagged(tiny_set):
         build_mmdf_graph(proto, bounds, everything, focus=3)
 
 
-def testfocus_plan_spends_alpha_on_the_target_share_of_d():
+def test_focus_plan_spends_alpha_on_the_target_share_of_d():
     predicted = np.repeat(np.arange(4), [100, 100, 100, 100])
     plan = focus_plan(2, predicted, 0.005)
     assert plan == {"class": 2, "n": 100, "share": 0.25, "alpha": pytest.approx(0.02)}
