@@ -469,7 +469,8 @@ def detect(model, data, out, bounds_path, hardened, method, statistic, alpha, la
     original logits name (for a flagged input, the bounded logits with the predicted class
     suppressed, and never the suspected backdoor target: --avoid), mmdf_detected (bool [N]),
     mmdf_score (d minus its threshold, float [N])
-    and, with the feature test, mmdf_feature_score (feature score minus its threshold).
+    and, with the feature test, mmdf_feature_score (feature score minus its threshold;
+    with --focus, every input is scored against the focus class).
     """
     from .mmdf import detect as run_detect
     from .model import check_output_path

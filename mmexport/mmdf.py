@@ -34,8 +34,8 @@ nodes, not by a second copy of the weights. It outputs
   class);
 - `mmdf_detected` (bool [N]) and `mmdf_score` (float [N], d - threshold);
 - with the feature test (`statistic="margin+features"`, the default), `mmdf_feature_score`:
-  how far the input's site channel statistics (mean, spread, skew) lie from class c^ on D,
-  minus its threshold (`mmexport.features`). It catches triggers that stay inside the clean
+  how far the input's site channel statistics (mean, spread, skew) lie from class c^ on D
+  (from the focus class, see below), minus its threshold (`mmexport.features`). It catches triggers that stay inside the clean
   range, which d cannot see; an input is flagged by either test, alpha split between them.
 
 Focus. A trigger that works makes the model predict its target. Where the MM-BD scan on D
@@ -44,7 +44,8 @@ be flagged, and both thresholds are set on D's inputs sent to t at alpha / p (p:
 share of D), so the false-positive rate over all clean inputs stays alpha while the tests
 spend it where triggered inputs are. On the sample zoo this removed the false positives on
 classes a trigger never produces (correctly classified "1"s of a signal-attack CNN, 2.0% ->
-0.2%); the price: a wrongly named target leaves the triggered inputs untested.
+0.2%); the price: a wrongly named target leaves the triggered inputs untested. The graph
+then stores the focus class's feature means only, and scores every input against them.
 
 Bounds are written unfolded (`Min` / `Clip`, as `apply_bounds(form="min")`): folding them
 would rescale weights the original branch shares.
@@ -357,6 +358,12 @@ def build_mmdf_graph(
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
     _restore_model_fields(out, proto)  # outputs as the source listed them; ours follow
+    # Shapes of our own tensors are onnxruntime's to infer; listing them added 2-6% to the
+    # sample models' files.
+    listed = {vi.name for vi in proto.graph.value_info}
+    kept = [vi for vi in out.graph.value_info if vi.name in listed]
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(kept)
     out.graph.output.extend([
         helper.make_tensor_value_info(DETECTED, onnx.TensorProto.BOOL, [logits_shape[0]]),
         helper.make_tensor_value_info(SCORE, onnx.TensorProto.FLOAT, [logits_shape[0]]),
@@ -484,7 +491,7 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, feat
     if features is not None:
         classes_n = node("Reshape", [predicted, flat], [var("predicted_n", np.int64)])
         raw = write_feature_score(graph, site_tensors, site_ranks, classes_n, features, dtype,
-                                  opset, node, var, const)
+                                  opset, node, var, const, focus=focus)
         feature_score = node("Sub", [raw, const("feature_threshold",
                                                 np.array(feature_threshold, dtype))],
                              [var("feature_score_col")])

@@ -341,6 +341,18 @@ def test_the_feature_test_catches_a_blend_that_stays_inside_the_clean_range():
     assert margin_only.asr >= 0.5
 
 
+def test_the_mmdf_file_of_a_sample_stays_within_a_tenth_of_the_original():
+    # The bounded branch reads the original's weights; the feature test stores, per site, the
+    # focus class's means and a half-precision basis, and no shapes of its own tensors.
+    model = SAMPLES / "digits-mlp-badnet" / "model.onnx"
+    res = mmexport.detect(model, SAMPLES / "digits-mlp-badnet" / "clean.npz")
+    assert res.report["focus"]["class"] is not None
+    assert len(res.model.SerializeToString()) <= 1.1 * model.stat().st_size
+    assert len(res.model.graph.value_info) == len(onnx.load(model).graph.value_info)
+    basis = [i for i in res.model.graph.initializer if i.name.endswith("/basis")]
+    assert basis and all(i.data_type == onnx.TensorProto.FLOAT16 for i in basis)
+
+
 def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs():
     folder = SAMPLES / "digits-cnn-badnet"
     res, rep, attack = detect_and_validate("digits-cnn-badnet")
