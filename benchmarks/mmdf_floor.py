@@ -117,14 +117,15 @@ def run(folder: Path) -> None:
         for site in sites:
             feats = {p: features_of(a[site], kind) for p, a in acts.items()}
             g = fit_site(site, feats["D"], ys, acts["D"][m.output_name].shape[1])
-            for relative in (False, True):
-                def score(part):
-                    s = distances(g, feats[part])
-                    own = s[np.arange(len(s)), predicted[part]]
-                    return own - s.min(1) if relative else own
-                short = site.split("/")[-2] if "/" in site else site
-                show(f"{kind} site {short}, {'minus nearest class' if relative else 'distance'}",
-                     floor(score("attack"), sent_attack, score("test"), sent_test))
+            both = {}
+            for part in ("attack", "test"):
+                s = distances(g, feats[part])
+                own = s[np.arange(len(s)), predicted[part]]
+                both[part] = {"distance": own, "minus nearest class": own - s.min(1)}
+            short = site.split("/")[-2] if "/" in site else site
+            for form in ("distance", "minus nearest class"):
+                show(f"{kind} site {short}, {form}", floor(both["attack"][form], sent_attack,
+                                                          both["test"][form], sent_test))
 
 
 def main() -> None:

@@ -35,8 +35,9 @@ nodes, not by a second copy of the weights. It outputs
 - `mmdf_detected` (bool [N]) and `mmdf_score` (float [N], d - threshold);
 - with the feature test (`statistic="margin+features"`, the default), `mmdf_feature_score`:
   how far the input's site channel statistics (mean, spread, skew) lie from class c^ on D
-  (from the focus class, see below), minus its threshold (`mmexport.features`). It catches triggers that stay inside the clean
-  range, which d cannot see; an input is flagged by either test, alpha split between them.
+  (from the focus class, see below), minus its threshold (`mmexport.features`). It catches
+  triggers that stay inside the clean range, which d cannot see; an input is flagged by
+  either test, alpha split between them.
 
 Focus. A trigger that works makes the model predict its target. Where the MM-BD scan on D
 (or the user) names the suspected target t, only inputs the original model sends to t can
