@@ -436,7 +436,8 @@ def compare(pre, post, data, attack, provider, seed, restarts, steps, no_margins
 @click.option("--null", "law", type=click.Choice(["conformal", "exponential-tail", "gaussian"]),
               default="conformal", show_default=True,
               help="Law of d on clean data: conformal quantile, exponential tail, or Gaussian (the paper's).")
-@click.option("--folds", default=5, show_default=True, help="Cross-fitting folds of the clean-max null.")
+@click.option("--folds", default=10, show_default=True,
+              help="Cross-fitting folds of the calibration scores (clean-max margin gap and feature test).")
 @click.option("--no-augment", is_flag=True, help="Calibrate on D alone, without its 1-pixel shifts.")
 @click.option("--avoid", default="scan", show_default=True, callback=_avoid, metavar="scan|none|CLASS",
               help="A class flagged inputs are never sent to. scan: the suspected backdoor target of the "

@@ -117,7 +117,7 @@ def print_detect(summary: dict) -> None:
     if feats:
         _out.print(f"feature test: {len(feats['sites'])} sites (channel mean, spread and skew; "
                    "class-conditional Gaussian, "
-                   f"{cal['cross_fit_folds'] or 5}-fold cross-fitted on D): threshold {feats['threshold']:.4g} "
+                   f"{cal.get('feature_folds') or cal['cross_fit_folds']}-fold cross-fitted on D): threshold {feats['threshold']:.4g} "
                    f"at alpha {alpha:g}")
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
     avoid = summary.get("avoid") or {}

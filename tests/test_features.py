@@ -11,7 +11,7 @@ from builders import run_cli as run
 import mmexport
 from mmexport.errors import MmexportError
 from mmexport.features import channel_stats, fit_features, fit_site, site_feature_arrays
-from mmexport.mmdf import DETECTED, FEATURE_SCORE, SCORE, detect, fold_ids
+from mmexport.mmdf import DETECTED, FEATURE_SCORE, FOLDS, SCORE, detect, fold_ids
 from mmexport.model import from_proto
 from mmexport.runtime import session
 
@@ -100,6 +100,7 @@ def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_
     proto, x, y = tiny_set
     res = detect(proto, (x, y), augment=False, avoid=focus)
     assert res.report["focus"]["class"] == focus
+    assert res.report["calibration"]["feature_folds"] == FOLDS
     m = from_proto(proto)
     feats, logits = site_feature_arrays(proto, m.sites, x, input_name=m.input_name,
                                         output_name=m.output_name)
@@ -107,7 +108,7 @@ def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_
     assert [s["site"] for s in fit["sites"]] == ["r1", "r2"]
     # Recompute the scores with the fitted Gaussians the graph holds: against each input's
     # predicted class, or with a focus against the focus class (the only means stored).
-    again = fit_features(feats, y, logits.argmax(1), 3, fold_ids(y, 5, 0))
+    again = fit_features(feats, y, logits.argmax(1), 3, fold_ids(y, FOLDS, 0))
     against = logits.argmax(1) if focus is None else np.full(len(x), focus)
     want = np.max([g.score(feats[g.site], against) for g in again.sites], axis=0)
     out = ort(res.model, x)

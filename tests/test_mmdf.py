@@ -242,7 +242,7 @@ def test_detect_computes_clean_max_bounds_with_a_cross_fitted_null(tiny_set):
     assert res.report["bounds_source"] == "clean-max"
     # images [N, 1, 6, 6]: D and its four 1-pixel shifts
     assert res.report["calibration"] == {"n": 5 * len(x), "images": len(x), "augment": True,
-                                         "cross_fit_folds": 3}
+                                         "cross_fit_folds": 3, "feature_folds": 3}
     assert set(res.bounds) == {"r1", "r2"}
     # bounds above every clean activation: the final model flags no clean input of D
     assert not ort(res.model, x)[DETECTED].any()
