@@ -115,10 +115,10 @@ def print_detect(summary: dict) -> None:
                    f"keeps {summary['alpha']:g} over all inputs)")
     _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
     if feats:
+        folds = cal.get("feature_folds") or cal["cross_fit_folds"]
         _out.print(f"feature test: {len(feats['sites'])} sites (channel mean, spread and skew; "
-                   "class-conditional Gaussian, "
-                   f"{cal.get('feature_folds') or cal['cross_fit_folds']}-fold cross-fitted on D): threshold {feats['threshold']:.4g} "
-                   f"at alpha {alpha:g}")
+                   f"class-conditional Gaussian, {folds}-fold cross-fitted on D): "
+                   f"threshold {feats['threshold']:.4g} at alpha {alpha:g}")
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
     avoid = summary.get("avoid") or {}
     scan = avoid.get("scan")
