@@ -29,10 +29,10 @@ def digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def graph_digest(proto) -> str:
-    """The graph and the metadata that describe the method (not the package version)."""
-    meta = sorted((p.key, p.value) for p in proto.metadata_props if p.key != "mmexport.version")
-    return digest(proto.graph.SerializeToString() + json.dumps(meta).encode())
+def graph_digest(proto) -> dict:
+    """The graph, and apart from it the metadata that describe the method (not the version)."""
+    meta = {p.key: p.value for p in proto.metadata_props if p.key != "mmexport.version"}
+    return {"graph": digest(proto.graph.SerializeToString()), "meta": digest(json.dumps(meta, sort_keys=True).encode())}
 
 
 def fingerprint(folder: Path, fast: bool) -> dict:
@@ -42,10 +42,10 @@ def fingerprint(folder: Path, fast: bool) -> dict:
     row = {"model": folder.name}
     method = "mmom" if "imbalanced" in folder.name else "mmac"
     res = mmexport.harden(model, clean, method=method, device="cpu", seed=0, **extra)
-    row[method] = {"bounds": digest(res.bounds.dumps().encode()), "graph": graph_digest(res.model),
+    row[method] = {"bounds": digest(res.bounds.dumps().encode()), **graph_digest(res.model),
                    "stage": res.report["stage"], "lambda": res.report["lambda"]}
     det = mmexport.detect(model, clean, device="cpu", seed=0)
-    row["mmdf"] = {"graph": graph_digest(det.model), "threshold": det.threshold}
+    row["mmdf"] = {**graph_digest(det.model), "threshold": det.threshold}
     sc = mmexport.scan(model, clean, device="cpu", seed=0)
     row["scan"] = {"verdict": sc.verdict, "target": sc.target_class, "p": round(sc.p_value, 6)}
     row["backdoored"] = card.get("attack") is not None
