@@ -6,7 +6,7 @@ Four sections, every figure from this run (nothing typed by hand), all models ex
 ONNX and measured under onnxruntime CPU on the sample's test and attack sets:
 
 1. Efficacy on every backdoored sample and the clean one: no defence, MMAC (channel and
-   layer bounds), MMDF, and four peers from benchmarks/peers.py (earlier activation
+   layer bounds), MMDF, and four peers from mmexport.defences.baselines (earlier activation
    clipping, fine-pruning, CLP, fine-tuning), each given the same clean set D only.
 2. Long-tailed samples: MMOM, MMOM + last-layer refit, and the long-tail baselines
    (tau-normalisation, post-hoc logit adjustment with priors estimated from the model's
@@ -41,16 +41,16 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_latency import stats, time_interleaved  # noqa: E402
-from peers import PEERS  # noqa: E402
 
-from mmexport.data import load_npz  # noqa: E402
-from mmexport.engine import Engine  # noqa: E402
-from mmexport.mmdf import detect  # noqa: E402
-from mmexport.model import load_model  # noqa: E402
-from mmexport.pipeline import harden  # noqa: E402
-from mmexport.refit import classifier_weights, features, find_classifier, refit, write_classifier  # noqa: E402
-from mmexport.runtime import validate  # noqa: E402
-from mmexport.search.mmom import balanced_accuracy  # noqa: E402
+from mmexport.core.data import load_npz  # noqa: E402
+from mmexport.core.model import load_model  # noqa: E402
+from mmexport.defences.baselines.peers import PEERS  # noqa: E402
+from mmexport.defences.common.stats import balanced_accuracy  # noqa: E402
+from mmexport.defences.harden import harden  # noqa: E402
+from mmexport.defences.mmdf.detector import detect  # noqa: E402
+from mmexport.defences.mmom.refit import classifier_weights, features, find_classifier, refit, write_classifier  # noqa: E402
+from mmexport.engine.executor import Engine  # noqa: E402
+from mmexport.runtime.metrics import validate  # noqa: E402
 
 # The reference schedule of the authors' mmac.py, in our search's terms.
 PAPER_SCHEDULE = dict(

@@ -40,9 +40,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmexport.bounds import Bounds, load_bounds  # noqa: E402
-from mmexport.model import find_sites  # noqa: E402
-from mmexport.rewrite import _value_types, apply_bounds  # noqa: E402
+from mmexport.core.bounds import Bounds, load_bounds  # noqa: E402
+from mmexport.core.model import find_sites  # noqa: E402
+from mmexport.graph.edit import value_types  # noqa: E402
+from mmexport.graph.rewrite import apply_bounds  # noqa: E402
 
 FORMS = ("original", "min", "fold", "layer")
 TARGET = 1.02  # the goal for fold / original
@@ -77,7 +78,7 @@ def channel_max(proto: onnx.ModelProto, x: np.ndarray, names: list[str]) -> dict
 def bounds_for(folder: Path, proto: onnx.ModelProto, x: np.ndarray, args) -> Bounds:
     if args.bounds:
         return load_bounds(Path(args.bounds) / f"{folder.name}.bounds.json")
-    shapes, _ = _value_types(proto)
+    shapes, _ = value_types(proto)
     sites = [s for s in find_sites(proto, shapes) if s.rank and s.rank >= 2]
     maxima = channel_max(proto, x, [s.name for s in sites])
     return Bounds({k: args.fraction * v for k, v in maxima.items()})

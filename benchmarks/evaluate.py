@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from mmexport.data import load_npz  # noqa: E402
-from mmexport.pipeline import harden  # noqa: E402
-from mmexport.runtime import validate  # noqa: E402
+from mmexport.core.data import load_npz  # noqa: E402
+from mmexport.defences.harden import harden  # noqa: E402
+from mmexport.runtime.metrics import validate  # noqa: E402
 
 
 def parse_value(v: str):
@@ -45,7 +45,7 @@ def evaluate(
     after = validate(res.model, test, attack=attack, provider="cpu")
     mmdf = {}
     if detect_too:
-        from mmexport.mmdf import detect
+        from mmexport.defences.mmdf.detector import detect
 
         t1 = time.perf_counter()
         det = detect(folder / "model.onnx", folder / "clean.npz", device="cpu")
@@ -68,14 +68,14 @@ def evaluate(
         "ra_after": after.ra,
         "per_class_before": before.per_class_accuracy,
         "per_class_after": after.per_class_accuracy,
-        "lambda": res.report["lambda"],
-        "stage": res.report.get("stage"),
-        "stamp": res.report.get("stamp"),
-        "epochs": res.report["epochs"],
-        "acc_D": res.report["clean_set_accuracy"],
-        "mm_before": res.report["max_margins_before"],
-        "history": res.report["history"],
-        "mm_after": res.report["max_margins_after"],
+        "lambda": res.report.lambda_,
+        "stage": res.report.stage,
+        "stamp": res.report.stamp,
+        "epochs": res.report.epochs,
+        "acc_D": res.report.clean_set_accuracy,
+        "mm_before": res.report.max_margins_before,
+        "history": res.report.history,
+        "mm_after": res.report.max_margins_after,
         "seconds": seconds,
     }
 

@@ -35,6 +35,10 @@ def graph_digest(proto) -> dict:
     return {"graph": digest(proto.graph.SerializeToString()), "meta": digest(json.dumps(meta, sort_keys=True).encode())}
 
 
+def report(res) -> dict:
+    return res.report if isinstance(res.report, dict) else res.report.to_json()
+
+
 def fingerprint(folder: Path, fast: bool) -> dict:
     model, clean = folder / "model.onnx", folder / "clean.npz"
     card = json.loads((folder / "card.json").read_text())
@@ -43,7 +47,7 @@ def fingerprint(folder: Path, fast: bool) -> dict:
     method = "mmom" if "imbalanced" in folder.name else "mmac"
     res = mmexport.harden(model, clean, method=method, device="cpu", seed=0, **extra)
     row[method] = {"bounds": digest(res.bounds.dumps().encode()), **graph_digest(res.model),
-                   "stage": res.report["stage"], "lambda": res.report["lambda"]}
+                   "stage": report(res)["stage"], "lambda": report(res)["lambda"]}
     det = mmexport.detect(model, clean, device="cpu", seed=0)
     row["mmdf"] = {**graph_digest(det.model), "threshold": det.threshold}
     sc = mmexport.scan(model, clean, device="cpu", seed=0)

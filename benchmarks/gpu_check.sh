@@ -53,7 +53,7 @@ for name in ("digits-cnn-badnet", "digits-cnn-wide-badnet", "digits-resnet-badne
             print(f"{name} {dev} repeat: identical bounds {same}, max abs diff {np.abs(runs[dev] - b).max():.3g}")
         else:
             runs[dev] = b
-        print(f"{name} {dev}: {s:.1f}s epochs {res.report['epochs']} ACC {100 * rep.accuracy:.1f} "
+        print(f"{name} {dev}: {s:.1f}s epochs {res.report.epochs} ACC {100 * rep.accuracy:.1f} "
               f"ASR {100 * rep.asr:.1f}", flush=True)
     if "cpu" in runs:
         print(f"{name} cpu vs cuda bounds: max abs diff {np.abs(runs['cpu'] - runs['cuda']).max():.3g}")

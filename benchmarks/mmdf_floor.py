@@ -25,11 +25,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmexport import mmdf  # noqa: E402
-from mmexport.data import load_npz  # noqa: E402
-from mmexport.features import channel_stats, fit_site  # noqa: E402
-from mmexport.model import load_model  # noqa: E402
-from mmexport.runtime import session, tensor_summaries  # noqa: E402
+from mmexport.core.data import load_npz  # noqa: E402
+from mmexport.core.model import load_model  # noqa: E402
+from mmexport.defences.mmdf.bounds import shifted  # noqa: E402
+from mmexport.defences.mmdf.detector import detect  # noqa: E402
+from mmexport.defences.mmdf.features import channel_stats, fit_site  # noqa: E402
+from mmexport.defences.mmdf.graph import FEATURE_SCORE, SCORE  # noqa: E402
+from mmexport.runtime.sessions import session, tensor_summaries  # noqa: E402
 
 ASR_AT_MOST = 0.02
 
@@ -85,13 +87,13 @@ def run(folder: Path) -> None:
     clean, test = load_npz(folder / "clean.npz"), load_npz(folder / "test.npz")
     attack = load_npz(folder / "attack.npz", attack=True)
     t = int(attack.y[0])
-    res = mmdf.detect(m, clean, device="cpu")
+    res = detect(m, clean, device="cpu")
     sess, _ = session(res.model, provider="cpu")
     names = [o.name for o in sess.get_outputs()]
     out = {part: dict(zip(names, sess.run(None, {m.input_name: data.x}), strict=True))
            for part, data in (("test", test), ("attack", attack))}
     sites = [s.name for s in m.sites if s.channels is not None]
-    xs = mmdf.shifted(clean.x)
+    xs = shifted(clean.x)
     ys = np.tile(clean.y, len(xs) // len(clean))
     acts = {part: tensor_summaries(m.proto, [m.output_name, *sites], x, lambda _n, a: a,
                                    input_name=m.input_name)
@@ -107,8 +109,8 @@ def run(folder: Path) -> None:
         print(f"  {label:58s} FPR {100 * flagged.mean():5.1f}%  ({int((flagged & errors).sum())} "
               f"of the {int(errors.sum())} mistakes, {int((flagged & ~errors).sum())} others)")
 
-    d = {p: out[p][mmdf.SCORE] for p in out}
-    f = {p: out[p][mmdf.FEATURE_SCORE] for p in out}
+    d = {p: out[p][SCORE] for p in out}
+    f = {p: out[p][FEATURE_SCORE] for p in out}
     show("MMDF margin gap d", floor(d["attack"], sent_attack, d["test"], sent_test))
     show("MMDF feature score", floor(f["attack"], sent_attack, f["test"], sent_test))
     show("MMDF union of both", union_floor(d["attack"], f["attack"], d["test"], f["test"],

@@ -20,26 +20,27 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmexport import mmdf  # noqa: E402
-from mmexport.data import load_npz  # noqa: E402
-from mmexport.runtime import session  # noqa: E402
+from mmexport.core.data import load_npz  # noqa: E402
+from mmexport.defences.mmdf import detector  # noqa: E402
+from mmexport.defences.mmdf.graph import FEATURE_SCORE, SCORE  # noqa: E402
+from mmexport.runtime.sessions import session  # noqa: E402
 
 
 def study(folder: Path, scan_too: bool) -> dict:
     nulls = []
-    real_fit_null = mmdf.fit_null
+    real_fit_null = detector.fit_null
 
     def recording_fit_null(d, *a, **kw):
         nulls.append(np.asarray(d, np.float64).copy())
         return real_fit_null(d, *a, **kw)
 
-    mmdf.fit_null = recording_fit_null
+    detector.fit_null = recording_fit_null
     try:
         t = time.perf_counter()
-        res = mmdf.detect(folder / "model.onnx", folder / "clean.npz", device="cpu")
+        res = detector.detect(folder / "model.onnx", folder / "clean.npz", device="cpu")
         seconds = time.perf_counter() - t
     finally:
-        mmdf.fit_null = real_fit_null
+        detector.fit_null = real_fit_null
     rep = res.report
     out = {"d_null": nulls[0], "f_null": nulls[1], "threshold": rep["threshold"],
            "feature_threshold": rep["features"]["threshold"], "seconds": seconds}
@@ -56,12 +57,12 @@ def study(folder: Path, scan_too: bool) -> dict:
         out[f"{part}_y"] = data.y  # the attack set's y is the target; y_true the true class
         if part == "attack":
             out["attack_y_true"] = data.y_true
-        out[f"{part}_d"] = got[mmdf.SCORE] + rep["threshold"]
-        out[f"{part}_f"] = got[mmdf.FEATURE_SCORE] + rep["features"]["threshold"]
+        out[f"{part}_d"] = got[SCORE] + rep["threshold"]
+        out[f"{part}_f"] = got[FEATURE_SCORE] + rep["features"]["threshold"]
         out[f"{part}_switched"] = got[names[0]]
         out[f"{part}_original"] = orig.run(None, {orig.get_inputs()[0].name: data.x})[0]
     if scan_too:
-        from mmexport.search.scan import scan
+        from mmexport.defences.mmbd.scan import scan
 
         s = scan(folder / "model.onnx", folder / "clean.npz", device="cpu")
         out["scan_target"] = -1 if s.target_class is None else s.target_class

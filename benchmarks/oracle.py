@@ -18,10 +18,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mmexport.data import load_npz  # noqa: E402
-from mmexport.engine import Engine  # noqa: E402
-from mmexport.model import load_model  # noqa: E402
-from mmexport.search.bounds_search import descend, initial_bounds  # noqa: E402
+from mmexport.core.data import load_npz  # noqa: E402
+from mmexport.core.model import load_model  # noqa: E402
+from mmexport.defences.common.search import descend, initial_bounds  # noqa: E402
+from mmexport.engine.executor import Engine  # noqa: E402
 
 
 def _sample(folder: Path):

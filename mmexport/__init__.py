@@ -1,64 +1,81 @@
 """mmexport: harden ONNX classifiers with maximum-margin activation clipping.
 
-Flat public API; see README.md for the commands built on it.
+The flat public API. Every defence takes an ONNX model (path, ModelProto or Model) and a
+small clean labelled set (.npz path, Dataset or (x, y)); its settings are one config
+dataclass (`MmacConfig`, `MmomConfig`, `MmdfConfig`, `ScanConfig`) or keyword overrides of
+its fields. torch and onnxruntime load lazily: `validate` must not pay for torch.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-from .bounds import Bounds, load_bounds  # noqa: E402
-from .data import Dataset, load_npz  # noqa: E402
-from .errors import MmexportError  # noqa: E402
-from .model import Model, Site, load_model  # noqa: E402
+from .core.bounds import Bounds, load_bounds  # noqa: E402
+from .core.data import Dataset, load_npz, save_npz  # noqa: E402
+from .core.errors import MmexportError, ParameterError  # noqa: E402
+from .core.model import Model, Site, load_model, save_model  # noqa: E402
+
+# name -> module that defines it, imported on first use.
+_LAZY = {
+    "harden": "defences.harden",
+    "HardenResult": "defences.harden",
+    "HardenReport": "defences.harden",
+    "MmacConfig": "defences.mmac.config",
+    "MmomConfig": "defences.mmom.config",
+    "detect": "defences.mmdf.detector",
+    "DetectResult": "defences.mmdf.detector",
+    "DetectReport": "defences.mmdf.detector",
+    "MmdfConfig": "defences.mmdf.config",
+    "scan": "defences.mmbd.scan",
+    "ScanResult": "defences.mmbd.scan",
+    "ScanConfig": "defences.mmbd.scan",
+    "apply_bounds": "graph.rewrite",
+    "extract_bounds": "graph.rewrite",
+    "validate": "runtime.metrics",
+    "ValidationReport": "runtime.metrics",
+    "compare": "comparison",
+    "CompareReport": "comparison",
+}
 
 __all__ = [
-    "__version__",
     "Bounds",
+    "CompareReport",
     "Dataset",
-    "Model",
+    "DetectReport",
+    "DetectResult",
+    "HardenReport",
+    "HardenResult",
+    "MmacConfig",
+    "MmdfConfig",
     "MmexportError",
+    "MmomConfig",
+    "Model",
+    "ParameterError",
+    "ScanConfig",
+    "ScanResult",
     "Site",
+    "ValidationReport",
+    "__version__",
     "apply_bounds",
     "compare",
     "detect",
+    "extract_bounds",
     "harden",
     "load_bounds",
     "load_model",
     "load_npz",
+    "save_model",
+    "save_npz",
     "scan",
     "validate",
 ]
 
 
 def __getattr__(name):
-    # torch and onnxruntime load lazily: `validate` must not pay for torch, `harden` needs it.
-    if name == "harden":
-        from .pipeline import harden
-
-        return harden
-    if name == "HardenResult":
-        from .pipeline import HardenResult
-
-        return HardenResult
-    if name == "apply_bounds":
-        from .rewrite import apply_bounds
-
-        return apply_bounds
-    if name == "validate":
-        from .runtime import validate
-
-        return validate
-    if name in ("compare", "CompareReport"):
-        # The module is `comparison`, not `compare`: a submodule named like the function
-        # would replace it as the package attribute once imported.
-        from . import comparison
-
-        return getattr(comparison, name)
-    if name in ("scan", "ScanResult"):
-        from .search import scan as scan_module
-
-        return getattr(scan_module, name)
-    if name in ("detect", "DetectResult"):
-        from . import mmdf
-
-        return getattr(mmdf, name)
+    if name in _LAZY:
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'mmexport' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

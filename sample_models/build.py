@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mmexport.data import Dataset, save_npz  # noqa: E402
+from mmexport.core.data import Dataset, save_npz  # noqa: E402
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 16

@@ -12,16 +12,16 @@ from builders import assert_one_line_error, labelled_set, tiny_cnn
 from builders import run_cli as run
 
 import mmexport
-from mmexport.bounds import Bounds
 from mmexport.comparison import verdict
-from mmexport.data import Dataset
-from mmexport.rewrite import apply_bounds
+from mmexport.core.bounds import Bounds
+from mmexport.core.data import Dataset
+from mmexport.graph.rewrite import apply_bounds
 
-FAST = dict(restarts=2, steps=5, runs=3, warmup=1, provider="cpu", device="cpu")
+FAST = dict(restarts=2, ascent_steps=5, runs=3, warmup=1, provider="cpu", device="cpu")
 FAST_CLI = [
     "--restarts",
     "2",
-    "--steps",
+    "--ascent-steps",
     "5",
     "--runs",
     "3",

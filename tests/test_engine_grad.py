@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_onnx_model
+from builders import make_onnx_model
 from onnx import helper
 
-from mmexport.engine import Engine
-from mmexport.model import from_proto
+from mmexport.core.model import from_proto
+from mmexport.engine.executor import Engine
 
 N = helper.make_node
 

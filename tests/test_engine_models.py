@@ -11,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import make_onnx_model, ort_run
+from builders import make_onnx_model, ort_run
 from onnx import TensorProto, helper, numpy_helper
 
-from mmexport.engine import Engine, unsupported_ops
-from mmexport.errors import MmexportError
-from mmexport.model import from_proto, load_model
+from mmexport.core.errors import MmexportError
+from mmexport.core.model import from_proto, load_model
+from mmexport.engine.executor import Engine, unsupported_ops
 
 N = helper.make_node
 SAMPLE_MODELS = sorted((Path(__file__).resolve().parents[1] / "sample_models").glob("*/model.onnx"))

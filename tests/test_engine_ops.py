@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_onnx_model, ort_run
+from builders import make_onnx_model, ort_run
 from onnx import TensorProto, helper
 
-from mmexport.engine import SUPPORTED_OPS, Engine
-from mmexport.model import from_proto
+from mmexport.core.model import from_proto
+from mmexport.engine.executor import SUPPORTED_OPS, Engine
 
 N = helper.make_node
 _rng = np.random.default_rng(0)

@@ -9,11 +9,14 @@ from builders import labelled_set, tiny_cnn
 from builders import run_cli as run
 
 import mmexport
-from mmexport.errors import MmexportError
-from mmexport.features import channel_stats, fit_features, fit_site, site_feature_arrays
-from mmexport.mmdf import DETECTED, FEATURE_SCORE, FOLDS, SCORE, detect, fold_ids
-from mmexport.model import from_proto
-from mmexport.runtime import session
+from mmexport.core.errors import MmexportError
+from mmexport.core.model import from_proto
+from mmexport.defences.common.stats import fold_ids
+from mmexport.defences.mmdf.config import FOLDS
+from mmexport.defences.mmdf.detector import detect
+from mmexport.defences.mmdf.features import channel_stats, fit_features, fit_site, site_feature_arrays
+from mmexport.defences.mmdf.graph import DETECTED, FEATURE_SCORE, SCORE
+from mmexport.runtime.sessions import session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -99,12 +102,12 @@ def test_channel_stats_are_the_means_spreads_and_skews_over_the_trailing_axes():
 def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_set, focus):
     proto, x, y = tiny_set
     res = detect(proto, (x, y), augment=False, avoid=focus)
-    assert res.report["focus"]["class"] == focus
-    assert res.report["calibration"]["feature_folds"] == FOLDS
+    assert res.report.focus["class"] == focus
+    assert res.report.calibration["feature_folds"] == FOLDS
     m = from_proto(proto)
     feats, logits = site_feature_arrays(proto, m.sites, x, input_name=m.input_name,
                                         output_name=m.output_name)
-    fit = res.report["features"]
+    fit = res.report.features
     assert [s["site"] for s in fit["sites"]] == ["r1", "r2"]
     # Recompute the scores with the fitted Gaussians the graph holds: against each input's
     # predicted class, or with a focus against the focus class (the only means stored).
@@ -133,12 +136,12 @@ def test_margin_statistic_writes_the_paper_graph_without_a_feature_output(tiny_s
     proto, x, y = tiny_set
     res = detect(proto, (x, y), augment=False, statistic="margin")
     assert [o.name for o in res.model.graph.output] == ["logits", DETECTED, SCORE]
-    assert res.report["features"] is None and res.report["statistic"] == "margin"
+    assert res.report.features is None and res.report.statistic == "margin"
 
 
 def test_unknown_statistic_is_a_one_line_error(tiny_set):
     proto, x, y = tiny_set
-    with pytest.raises(MmexportError, match="statistic 'energy'") as err:
+    with pytest.raises(MmexportError, match="statistic: 'energy'") as err:
         detect(proto, (x, y), statistic="energy")
     assert "\n" not in str(err.value)
 
@@ -174,13 +177,13 @@ def test_feature_test_catches_the_global_trigger_the_margin_test_misses():
 def test_feature_test_calibrated_with_shifts_keeps_false_positives_low_on_shifted_images():
     # Fitted on D without its shifts, the Gaussians flagged 28% of 1-pixel-shifted clean test
     # images of this model; with them (the default, as the margin test) about 2%.
-    from mmexport.data import Dataset
-    from mmexport.mmdf import shifted
+    from mmexport.core.data import Dataset
+    from mmexport.defences.mmdf.bounds import shifted
 
     folder = SAMPLES / "digits-cnn-sig"
     test = mmexport.load_npz(folder / "test.npz")
     moved = Dataset(shifted(test.x)[len(test) :], np.tile(test.y, 4))
     res = detect(folder / "model.onnx", folder / "clean.npz", avoid=None)
-    assert res.report["calibration"]["augment"]
+    assert res.report.calibration["augment"]
     rep = mmexport.validate(res.model, moved, provider="cpu")
     assert rep.false_positive_rate <= 0.04

@@ -12,15 +12,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import IR_OLD, conv_net, make_model
+from builders import IR_OLD, conv_net, make_model
 from onnx import TensorProto, helper, numpy_helper
 
-from mmexport.bounds import Bounds
-from mmexport.engine import Engine
-from mmexport.errors import MmexportError
-from mmexport.fold import METADATA_KEY, fold_bounds, read_fold_metadata
-from mmexport.model import find_sites, from_proto
-from mmexport.rewrite import _value_types, apply_bounds, count_bounded_sites, extract_bounds
+from mmexport.core.bounds import Bounds
+from mmexport.core.errors import MmexportError
+from mmexport.core.model import find_sites, from_proto
+from mmexport.engine.executor import Engine
+from mmexport.graph.edit import value_types
+from mmexport.graph.fold import fold_bounds
+from mmexport.graph.fold.report import METADATA_KEY, read_fold_metadata
+from mmexport.graph.rewrite import apply_bounds, count_bounded_sites, extract_bounds
 
 SAMPLES = sorted((Path(__file__).resolve().parents[1] / "sample_models").glob("*/model.onnx"))
 RNG_SEED = 0
@@ -36,7 +38,7 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def channel_max(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
     """Per-channel max activation of every site (ReLU output) on `x`, via extra outputs."""
-    shapes, _ = _value_types(model)
+    shapes, _ = value_types(model)
     names = [s.name for s in find_sites(model, shapes) if s.rank and s.rank >= 2]
     tapped = onnx.ModelProto()
     tapped.CopyFrom(model)
@@ -142,7 +144,7 @@ def test_a_folded_model_can_be_hardened_again(tmp_path):
     # Its unit clips are sites (ReLUs bounded at 1): bounds below 1 go onto them.
     model, x = sample("digits-cnn-badnet")
     folded, _ = fold_and_compare(model, random_bounds(model, x), x)
-    sites = find_sites(folded, _value_types(folded)[0])
+    sites = find_sites(folded, value_types(folded)[0])
     assert [s.op for s in sites] == ["Relu", "HardSigmoid"] * 2 + ["HardSigmoid"]
     engine = Engine(from_proto(folded))
     got = engine(torch.from_numpy(x)).detach().numpy()

@@ -9,11 +9,12 @@ import torch
 from builders import labelled_set, tiny_cnn
 
 import mmexport
-from mmexport.engine import Engine
-from mmexport.model import from_proto, get_metadata, load_model
-from mmexport.rewrite import apply_bounds
-from mmexport.runtime import predict, session
-from mmexport.search.bounds_search import initial_bounds
+from mmexport.core.model import from_proto, load_model
+from mmexport.core.provenance import get_metadata
+from mmexport.defences.common.search import initial_bounds
+from mmexport.engine.executor import Engine
+from mmexport.graph.rewrite import apply_bounds
+from mmexport.runtime.sessions import predict, session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 FAST = dict(max_epochs=4, restarts=2, warmup_steps=5, steps=2)
@@ -63,7 +64,7 @@ def test_harden_api_returns_a_drop_in_model_with_provenance():
         "mmexport.max_margins_after",
     ):
         assert key in meta
-    assert len(res.report["max_margins_before"]) == 3
+    assert len(res.report.max_margins_before) == 3
     engine = Engine(from_proto(proto))
     with torch.no_grad():
         want = engine(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in res.bounds.items()}).numpy()

@@ -6,29 +6,21 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import labelled_set, tiny_cnn
+from builders import IR_OLD, conv_net, labelled_set, relu6_net, tiny_cnn
 from builders import run_cli as run
-from helpers import IR_OLD, conv_net, relu6_net
 
 import mmexport
-from mmexport.bounds import Bounds
-from mmexport.data import Dataset
-from mmexport.errors import MmexportError
-from mmexport.mmdf import (
-    DETECTED,
-    SCORE,
-    SUPPRESSED,
-    build_mmdf_graph,
-    clean_max_bounds,
-    detect,
-    fit_null,
-    focus_plan,
-    fold_ids,
-    margin_gap,
-)
-from mmexport.model import get_metadata
-from mmexport.rewrite import apply_bounds
-from mmexport.runtime import session
+from mmexport.core.bounds import Bounds
+from mmexport.core.data import Dataset
+from mmexport.core.errors import MmexportError
+from mmexport.core.provenance import get_metadata, set_metadata
+from mmexport.defences.common.stats import fold_ids
+from mmexport.defences.mmdf.bounds import clean_max_bounds
+from mmexport.defences.mmdf.detector import detect, focus_plan
+from mmexport.defences.mmdf.graph import DETECTED, SCORE, SUPPRESSED, build_mmdf_graph
+from mmexport.defences.mmdf.null import fit_null, margin_gap
+from mmexport.graph.rewrite import apply_bounds
+from mmexport.runtime.sessions import session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 TINY_BOUNDS = Bounds({"r1": [0.3, 0.2, 0.4, 0.1], "r2": 0.5})
@@ -217,9 +209,9 @@ def test_detect_threshold_reproduces_the_calibrated_scores(tiny_set):
     out = ort(res.model, x)
     want = gap(proto, bounds, x)
     np.testing.assert_allclose(out[SCORE] + res.threshold, want, atol=1e-5)
-    assert out[DETECTED].mean() == pytest.approx(res.report["false_positive_rate_clean_set"])
-    assert res.report["bounds_source"] == "bounds"
-    assert res.report["calibration"]["cross_fit_folds"] is None
+    assert out[DETECTED].mean() == pytest.approx(res.report.false_positive_rate_clean_set)
+    assert res.report.bounds_source == "bounds"
+    assert res.report.calibration["cross_fit_folds"] is None
 
 
 def test_detect_stamps_its_provenance(tiny_set):
@@ -239,9 +231,9 @@ def test_detect_stamps_its_provenance(tiny_set):
 def test_detect_computes_clean_max_bounds_with_a_cross_fitted_null(tiny_set):
     proto, x, y, _ = tiny_set
     res = detect(proto, (x, y), folds=3)
-    assert res.report["bounds_source"] == "clean-max"
+    assert res.report.bounds_source == "clean-max"
     # images [N, 1, 6, 6]: D and its four 1-pixel shifts
-    assert res.report["calibration"] == {"n": 5 * len(x), "images": len(x), "augment": True,
+    assert res.report.calibration == {"n": 5 * len(x), "images": len(x), "augment": True,
                                          "cross_fit_folds": 3, "feature_folds": 3}
     assert set(res.bounds) == {"r1", "r2"}
     # bounds above every clean activation: the final model flags no clean input of D
@@ -252,19 +244,23 @@ def test_detect_computes_clean_max_bounds_with_a_cross_fitted_null(tiny_set):
 def test_detect_with_mmac_bounds_runs_the_harden_search_with_its_seed_and_options(
     tiny_set, monkeypatch
 ):
-    import mmexport.pipeline
+    from types import SimpleNamespace
+
+    import mmexport.defences.harden
 
     proto, x, y, bounds = tiny_set
     calls = []
 
-    def fake_harden(model, clean, **kw):
-        calls.append(kw)
-        return mmexport.pipeline.HardenResult(bounds, proto, {"method": "mmac", "history": []})
+    def fake_harden(model, clean, config, **kw):
+        calls.append((config, kw))
+        report = SimpleNamespace(to_json=lambda history=True: {"method": "mmac"})
+        return mmexport.defences.harden.HardenResult(bounds, proto, report)
 
-    monkeypatch.setattr(mmexport.pipeline, "harden", fake_harden)
+    monkeypatch.setattr(mmexport.defences.harden, "harden", fake_harden)
     res = detect(proto, (x, y), method="mmac", seed=7, max_epochs=4, restarts=2)
-    assert calls[0]["seed"] == 7 and calls[0]["max_epochs"] == 4 and calls[0]["restarts"] == 2
-    assert res.report["bounds_source"] == "mmac" and res.report["harden"] == {"method": "mmac"}
+    config, kw = calls[0]
+    assert kw["seed"] == 7 and config.max_epochs == 4 and config.restarts == 2
+    assert res.report.bounds_source == "mmac" and res.report.harden == {"method": "mmac"}
     assert res.threshold == detect(proto, (x, y), bounds=bounds).threshold
 
 
@@ -280,7 +276,7 @@ def test_detect_reads_the_bounds_of_a_hardened_model(tiny_set):
 def test_detect_refuses_a_hardened_model_of_another_model(tiny_set):
     proto, x, y, bounds = tiny_set
     other = apply_bounds(proto, bounds)
-    mmexport.model.set_metadata(other, {"mmexport.source_sha256": "0" * 64})
+    set_metadata(other, {"mmexport.source_sha256": "0" * 64})
     with pytest.raises(MmexportError, match="hardened from another model"):
         detect(proto, (x, y), hardened=other)
 
@@ -288,10 +284,10 @@ def test_detect_refuses_a_hardened_model_of_another_model(tiny_set):
 @pytest.mark.parametrize("kw, match", [
     (dict(bounds=TINY_BOUNDS, hardened="h.onnx"), "not both"),
     (dict(bounds=Bounds({"nope": 1.0})), "'nope' is not a site"),
-    (dict(method="mmdf"), "bounds method"),
+    (dict(method="mmdf"), "method: 'mmdf'"),
     (dict(max_epochs=3), "apply to method 'mmac' only"),
-    (dict(law="student"), "null law"),
-    (dict(folds=1), "--folds"),
+    (dict(law="student"), "law: 'student'"),
+    (dict(folds=1), "folds: must be >= 2"),
 ])
 def test_detect_bad_options_are_one_line_errors(tiny_set, kw, match):
     proto, x, y, _ = tiny_set
@@ -301,7 +297,7 @@ def test_detect_bad_options_are_one_line_errors(tiny_set, kw, match):
 
 
 def test_detect_refuses_a_model_without_sites():
-    from helpers import identity_classifier
+    from builders import identity_classifier
 
     x = np.eye(3, dtype=np.float32).repeat(4, axis=0)
     with pytest.raises(MmexportError, match="no ReLU sites"):
@@ -328,7 +324,7 @@ def test_focus_keeps_false_positives_off_classes_the_trigger_never_produces():
     # digits-cnn-sig: tested on every input, its test-set "1"s were flagged (2.0% of clean
     # inputs); the trigger sends everything to 8, and only inputs sent to 8 are tested now.
     res, rep, _ = detect_and_validate("digits-cnn-sig")
-    assert res.report["focus"]["class"] == 8
+    assert res.report.focus["class"] == 8
     assert rep.false_positive_rate <= 0.01 and rep.detection_rate >= 0.95 and rep.asr <= 0.02
 
 
@@ -346,7 +342,7 @@ def test_the_mmdf_file_of_a_sample_stays_within_a_tenth_of_the_original():
     # focus class's means and a half-precision basis, and no shapes of its own tensors.
     model = SAMPLES / "digits-mlp-badnet" / "model.onnx"
     res = mmexport.detect(model, SAMPLES / "digits-mlp-badnet" / "clean.npz")
-    assert res.report["focus"]["class"] is not None
+    assert res.report.focus["class"] is not None
     assert len(res.model.SerializeToString()) <= 1.1 * model.stat().st_size
     assert len(res.model.graph.value_info) == len(onnx.load(model).graph.value_info)
     basis = [i for i in res.model.graph.initializer if i.name.endswith("/basis")]
@@ -360,7 +356,7 @@ def test_detect_flags_the_triggers_of_a_backdoored_sample_and_few_clean_inputs()
     assert rep.asr <= 0.05 and rep.accuracy >= 0.96
     # The scan on D names the backdoor's target (the card's), and flagged inputs avoid it.
     card = json.loads((folder / "card.json").read_text())
-    assert res.report["avoid"]["class"] == card["attack"]["target"]
+    assert res.report.avoid["class"] == card["attack"]["target"]
     assert get_metadata(res.model)["mmexport.mmdf.avoid"] == str(card["attack"]["target"])
     flagged = ort(res.model, attack.x)
     assert flagged[DETECTED].any()
@@ -408,15 +404,15 @@ def test_focus_plan_spends_alpha_on_the_target_share_of_d():
 def test_detect_focus_calibrates_on_the_inputs_sent_to_the_avoided_class(tiny_set):
     proto, x, y, bounds = tiny_set
     res = detect(proto, (x, y), bounds=bounds, avoid=1, statistic="margin")
-    focus = res.report["focus"]
-    assert focus["class"] == 1 and res.report["null"]["n"] == focus["n"] < res.report["calibration"]["n"]
-    assert res.report["null"]["alpha"] == pytest.approx(0.005 / focus["share"])
+    focus = res.report.focus
+    assert focus["class"] == 1 and res.report.null["n"] == focus["n"] < res.report.calibration["n"]
+    assert res.report.null["alpha"] == pytest.approx(0.005 / focus["share"])
     assert get_metadata(res.model)["mmexport.mmdf.focus"] == "1"
     flagged = ort(res.model, x)[DETECTED]
     assert not flagged[ort(proto, x)["logits"].argmax(1) != 1].any()
     res = detect(proto, (x, y), bounds=bounds, avoid=1, statistic="margin", focus=False)
-    assert res.report["focus"]["class"] is None
-    assert res.report["null"]["n"] == res.report["calibration"]["n"]
+    assert res.report.focus["class"] is None
+    assert res.report.null["n"] == res.report.calibration["n"]
     assert get_metadata(res.model)["mmexport.mmdf.focus"] == ""
 
 
@@ -424,17 +420,17 @@ def test_detect_without_every_class_in_d_skips_the_scan_and_says_why(tiny_set):
     proto, x, y, bounds = tiny_set
     keep = y != 2
     res = detect(proto, (x[keep], y[keep]), bounds=bounds)
-    avoid = res.report["avoid"]
+    avoid = res.report.avoid
     assert avoid["class"] is None and "no sample of class(es) 2" in avoid["scan"]["skipped"]
 
 
 def test_detect_avoid_given_none_or_bad(tiny_set):
     proto, x, y, bounds = tiny_set
     res = detect(proto, (x, y), bounds=bounds, avoid=1)
-    assert res.report["avoid"] == {"class": 1, "source": "given", "scan": None}
+    assert res.report.avoid == {"class": 1, "source": "given", "scan": None}
     assert get_metadata(res.model)["mmexport.mmdf.avoid"] == "1"
     res = detect(proto, (x, y), bounds=bounds, avoid=None)
-    assert res.report["avoid"]["class"] is None and get_metadata(res.model)["mmexport.mmdf.avoid"] == ""
+    assert res.report.avoid["class"] is None and get_metadata(res.model)["mmexport.mmdf.avoid"] == ""
     for bad, match in ((7, "not one of the model's"), ("target", "expected 'scan'"), (True, "expected 'scan'")):
         with pytest.raises(MmexportError, match=match):
             detect(proto, (x, y), bounds=bounds, avoid=bad)
@@ -502,7 +498,7 @@ def test_cli_detect_avoid_bad_value_is_an_error(tiny_files):
     r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "-q", "--avoid", "target")
     assert r.exit_code != 0 and "expected scan, none or a class number" in r.output
     r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "-q", "--avoid", "5")
-    assert r.exit_code == 1 and "--avoid 5: not one of the model's 3 classes" in r.output
+    assert r.exit_code == 1 and "--avoid: 5: not one of the model's 3 classes" in r.output
     assert not (tiny_files / "m.mmdf.onnx").exists()
 
 

@@ -1,23 +1,18 @@
-"""The peer defences of benchmarks/peers.py on tiny models: what each writes, and that it runs in onnxruntime."""
+"""The peer defences (mmexport.defences.baselines) on tiny models: what each writes, and that it runs in onnxruntime."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
-from builders import labelled_set, tiny_cnn
-from conftest import ort_run
+from builders import labelled_set, ort_run, tiny_cnn
 from onnx import numpy_helper
 
-from mmexport.engine import Engine
-from mmexport.model import from_proto, replace_initializers
-from mmexport.rewrite import extract_bounds
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import peers  # noqa: E402
+from mmexport.core.model import from_proto, replace_initializers
+from mmexport.defences.baselines import peers
+from mmexport.engine.executor import Engine
+from mmexport.graph.rewrite import extract_bounds
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -82,11 +77,11 @@ def test_clp_leaves_a_layer_without_outliers_alone():
 
 
 def test_last_conv_site_per_architecture():
-    assert peers._last_conv_site(from_proto(tiny_cnn(0))) == "r1"
+    assert peers.last_conv_site(from_proto(tiny_cnn(0))) == "r1"
     resnet = from_proto(onnx.load(str(SAMPLES / "digits-resnet-badnet" / "model.onnx")))
-    assert peers._last_conv_site(resnet) == "/4/Relu_1_output_0"  # after the last residual Add
+    assert peers.last_conv_site(resnet) == "/4/Relu_1_output_0"  # after the last residual Add
     mlp = from_proto(onnx.load(str(SAMPLES / "digits-mlp-badnet" / "model.onnx")))
-    assert peers._last_conv_site(mlp) == mlp.sites[-1].name
+    assert peers.last_conv_site(mlp) == mlp.sites[-1].name
 
 
 def test_fine_pruning_zeroes_its_pruned_channels_in_onnxruntime():

@@ -4,16 +4,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builders import assert_one_line_error, labelled_set, run_cli, tiny_cnn
-from conftest import ort_run
-from helpers import make_model
+from builders import assert_one_line_error, labelled_set, make_model, ort_run, run_cli, tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 import mmexport
-from mmexport.engine import Engine
-from mmexport.model import from_proto
-from mmexport.refit import features, find_classifier, refit, write_classifier
-from mmexport.search.mmom import balanced_accuracy, stratified_folds
+from mmexport.core.model import from_proto
+from mmexport.defences.common.stats import balanced_accuracy, stratified_folds
+from mmexport.defences.mmom.refit import features, find_classifier, refit, write_classifier
+from mmexport.engine.executor import Engine
 
 FAST = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=4, check_every=2)
 
@@ -117,8 +115,8 @@ def test_mmom_refit_writes_bounds_and_the_refitted_layer():
     proto = biased(tiny_cnn(seed=2), 5.0)
     x, y = labelled_set(tiny_cnn(seed=2), 12, seed=0)
     res = mmexport.harden(proto, (x, y), method="mmom-refit", seed=1, **FAST)
-    assert res.report["method"] == "mmom-refit" and res.report["refit"][-1]["penalty"] is None
-    assert res.report["sites"] == 2
+    assert res.report.method == "mmom-refit" and res.report.refit[-1]["penalty"] is None
+    assert res.report.sites == 2
     yt = torch.from_numpy(y)
     before = balanced_accuracy(torch.from_numpy(ort_logits(proto, x).argmax(1)), yt, 3)
     after = balanced_accuracy(torch.from_numpy(ort_logits(res.model, x).argmax(1)), yt, 3)
@@ -142,17 +140,17 @@ def test_mmom_searches_universal_perturbations_unless_told_otherwise():
     proto = tiny_cnn(seed=2)
     x, y = labelled_set(proto, 6, seed=0)
     res = mmexport.harden(proto, (x, y), method="mmom", **FAST)
-    assert res.report["settings"]["maximisers"] == "universal"
-    assert res.report["settings"]["method"] == "mmom"
+    assert res.report.settings["maximisers"] == "universal"
+    assert res.report.settings["method"] == "mmom"
     res = mmexport.harden(proto, (x, y), method="mmom", maximisers="masked", **FAST)
-    assert res.report["settings"]["maximisers"] == "masked"
-    assert mmexport.harden(proto, (x, y), **FAST).report["settings"]["maximisers"] == "universal+masked"
+    assert res.report.settings["maximisers"] == "masked"
+    assert mmexport.harden(proto, (x, y), **FAST).report.settings["maximisers"] == "universal+masked"
 
 
-def test_mmom_records_that_it_unlearns_nothing_and_refuses_unlearn_auto():
+def test_mmom_has_no_unlearning_stage_and_refuses_an_unlearn_setting():
     proto = tiny_cnn(seed=2)
     x, y = labelled_set(proto, 6, seed=0)
     res = mmexport.harden(proto, (x, y), method="mmom", **FAST)
-    assert res.report["settings"]["unlearn"] == "off" and res.report["stamp"] is None
-    with pytest.raises(mmexport.MmexportError, match="--unlearn auto applies to --method mmac only"):
+    assert "unlearn" not in res.report.settings and res.report.stamp is None
+    with pytest.raises(mmexport.MmexportError, match="unlearn: not a parameter of MMOM"):
         mmexport.harden(proto, (x, y), method="mmom", unlearn="auto", **FAST)

@@ -4,12 +4,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import IR_OLD, conv_net, make_model, mlp, relu6_net
+from builders import IR_OLD, conv_net, make_model, mlp, relu6_net
 from onnx import TensorProto, helper, numpy_helper
 
-from mmexport.bounds import Bounds
-from mmexport.errors import MmexportError
-from mmexport.rewrite import apply_bounds, count_bounded_sites, extract_bounds
+from mmexport.core.bounds import Bounds
+from mmexport.core.errors import MmexportError
+from mmexport.graph.rewrite import apply_bounds, count_bounded_sites, extract_bounds
 
 RNG = np.random.default_rng(0)
 X_CONV = RNG.normal(size=(8, 2, 6, 6)).astype(np.float32) * 2

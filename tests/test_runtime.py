@@ -3,19 +3,14 @@
 import numpy as np
 import onnx
 import pytest
-from helpers import conv_net, identity_classifier
+from builders import conv_net, identity_classifier
 
 from mmexport import runtime
-from mmexport.data import Dataset, load_npz, save_npz
-from mmexport.errors import MmexportError
-from mmexport.runtime import (
-    ValidationReport,
-    latency,
-    latency_pair,
-    predict,
-    session,
-    validate,
-)
+from mmexport.core.data import Dataset, load_npz, save_npz
+from mmexport.core.errors import MmexportError
+from mmexport.runtime.latency import latency, latency_pair
+from mmexport.runtime.metrics import ValidationReport, validate
+from mmexport.runtime.sessions import predict, session
 
 needs_no_cuda = pytest.mark.skipif(
     runtime.cuda_problem() == "", reason="CUDA works here: the fallback cannot be seen"
@@ -186,7 +181,7 @@ def test_latency_pair_times_both_models_on_one_provider():
 
 @needs_no_cuda
 def test_cuda_failure_seen_at_session_creation_is_remembered(monkeypatch):
-    monkeypatch.setattr(runtime, "_cuda_problem", "")  # as if the libraries had loaded
+    monkeypatch.setattr(runtime.sessions, "_cuda_problem", "")  # as if the libraries had loaded
     _, used = session(identity_classifier(), provider="auto")
     assert used == "cpu"
     assert runtime.cuda_problem() != ""

@@ -11,12 +11,12 @@ from builders import assert_one_line_error, labelled_set, tiny_cnn
 from builders import run_cli as run
 
 import mmexport
-from mmexport.search.scan import StatisticTest, decide, fit_gamma, gamma_sf, mmbd_test
+from mmexport.defences.mmbd.stats import StatisticTest, decide, fit_gamma, gamma_sf, mmbd_test
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 # Small searches keep the tests fast; the sample backdoors are far beyond these thresholds.
-FAST = dict(restarts=2, steps=40, universal_steps=20, device="cpu")
-FAST_CLI = ["--restarts", "2", "--steps", "10", "--device", "cpu", "-q"]
+FAST = dict(restarts=2, ascent_steps=40, universal_steps=20, device="cpu")
+FAST_CLI = ["--restarts", "2", "--ascent-steps", "10", "--device", "cpu", "-q"]
 
 
 

@@ -8,11 +8,10 @@ import pytest
 import torch
 from builders import labelled_set, tiny_cnn
 
-from mmexport.data import load_npz
-from mmexport.engine import Engine
-from mmexport.model import from_proto, load_model
-from mmexport.search.bounds_search import SearchConfig, fit_bounds, initial_bounds, reduce_margins
-from mmexport.search.margins import (
+from mmexport.core.data import load_npz
+from mmexport.core.model import from_proto, load_model
+from mmexport.defences.common.config import SearchConfig
+from mmexport.defences.common.margins import (
     MaskedMaximisers,
     Maximisers,
     UniversalMaximisers,
@@ -21,6 +20,8 @@ from mmexport.search.margins import (
     max_margins,
     project_capped_simplex,
 )
+from mmexport.defences.common.search import fit_bounds, initial_bounds, reduce_margins
+from mmexport.engine.executor import Engine
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -176,8 +177,8 @@ def test_same_seed_gives_identical_bounds(setup):
 def test_margin_term_lowers_the_largest_margin_of_a_backdoored_model():
     from pathlib import Path
 
-    from mmexport.data import load_npz
-    from mmexport.model import load_model
+    from mmexport.core.data import load_npz
+    from mmexport.core.model import load_model
 
     folder = Path(__file__).resolve().parents[1] / "sample_models" / "digits-cnn-badnet"
     engine = Engine(load_model(folder / "model.onnx"))

@@ -10,13 +10,14 @@ import torch
 from builders import labelled_set, tiny_cnn
 
 import mmexport
-from mmexport.data import load_npz
-from mmexport.engine import Engine
-from mmexport.errors import MmexportError
-from mmexport.model import load_model
-from mmexport.search.bounds_search import SearchConfig, initial_bounds
-from mmexport.search.margins import input_box
-from mmexport.search.unlearn import find_stamp, halves, outlier_score, unlearn_bounds
+from mmexport.core.data import load_npz
+from mmexport.core.errors import MmexportError
+from mmexport.core.model import load_model
+from mmexport.defences.common.margins import input_box
+from mmexport.defences.common.search import initial_bounds
+from mmexport.defences.mmac.config import MmacConfig
+from mmexport.defences.mmac.unlearn import find_stamp, halves, outlier_score, unlearn_bounds
+from mmexport.engine.executor import Engine
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -43,7 +44,7 @@ def test_halves_split_every_class_evenly_and_disjointly():
 
 
 def test_stamp_names_the_target_of_a_backdoored_sample_and_not_of_a_clean_one():
-    cfg = SearchConfig()
+    cfg = MmacConfig()
     folder, engine, x, y = sample("digits-cnn-badnet")
     target = json.loads((folder / "card.json").read_text())["attack"]["target"]
     stamp = find_stamp(engine, x, y, input_box(x), 10, cfg)
@@ -58,7 +59,7 @@ def test_stamp_names_the_target_of_a_backdoored_sample_and_not_of_a_clean_one():
 
 def test_unlearning_the_stamp_removes_the_real_trigger_and_keeps_the_floor():
     folder, engine, x, y = sample("digits-cnn-sig")
-    cfg = replace(SearchConfig(), unlearn_epochs=100)
+    cfg = replace(MmacConfig(), unlearn_epochs=100)
     stamp = find_stamp(engine, x, y, input_box(x), 10, cfg)
     res = unlearn_bounds(engine, x, y, stamp, cfg)
     assert res.accuracy >= cfg.unlearn_floor
@@ -81,10 +82,10 @@ def test_harden_reports_which_search_ran_and_off_skips_the_stamp():
     x, y = labelled_set(proto, 8, seed=1)
     fast = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=6, check_every=2, unlearn_epochs=6)
     res = mmexport.harden(proto, (x, y), **fast)
-    assert res.report["stamp"] is not None
-    assert res.report["stage"] == ("unlearn" if res.report["stamp"]["found"] else "max-margin")
+    assert res.report.stamp is not None
+    assert res.report.stage == ("unlearn" if res.report.stamp["found"] else "max-margin")
     off = mmexport.harden(proto, (x, y), unlearn="off", **fast)
-    assert off.report["stamp"] is None and off.report["stage"] == "max-margin"
+    assert off.report.stamp is None and off.report.stage == "max-margin"
     meta = {p.key: p.value for p in off.model.metadata_props}
     assert meta["mmexport.stage"] == "max-margin"
     assert json.loads(meta["mmexport.settings"])["unlearn"] == "off"

@@ -15,8 +15,8 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..errors import MmexportError
-from ..model import Model, Site, onnx_opset
+from ..core.errors import MmexportError
+from ..core.model import Model, Site, onnx_opset
 from . import ops
 
 SITE_OPS = ("Relu", "Clip", "HardSigmoid")

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ..errors import MmexportError
+from ..core.errors import MmexportError
 
 Builder = Callable[["OpNode"], Callable]
 

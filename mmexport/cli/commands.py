@@ -1,0 +1,335 @@
+"""The commands: a thin shell over the Python API (parse, call, print)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .. import __version__
+from ..core.errors import MmexportError
+from ..defences.mmac.config import MmacConfig
+from ..defences.mmbd.scan import ScanConfig
+from ..defences.mmdf.config import MmdfConfig
+from ..defences.mmom.config import MmomConfig
+from ..graph.rewrite import FORMS
+from .main import console, main, print_json, write_outputs
+from .options import (
+    avoid_class,
+    config_options,
+    device_option,
+    input_range,
+    model_io,
+    output_flags,
+    path_argument,
+    path_option,
+    provider_option,
+    set_only,
+)
+from .progress import SearchProgress, Stages
+
+FORM_HELP = ("auto/fold: fold per-channel bounds into the weights where exact (a fused unit clip), Min "
+             "elsewhere; min: always a Min node after the site.")
+
+
+@main.command()
+@path_argument("model")
+@click.option("--verify", is_flag=True, help="Run our engine and onnxruntime on the same random inputs and compare.")
+@click.option("--input-range", callback=input_range, default="0,1", show_default=True, metavar="LO,HI",
+              help="Range of the random inputs for --verify.")
+@click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance for --verify.")
+@click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance for --verify.")
+@provider_option("onnxruntime provider for --verify.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@model_io
+def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_name, output_name):
+    """Show a model's inputs, outputs, opset, classes and clipping sites.
+
+    Sites are every Relu and every Clip with min 0, named by their output tensor. With
+    --verify, exit 1 unless the engine matches onnxruntime within the tolerances.
+    """
+    from ..core.model import load_model
+    from ..inspection import describe
+    from ..inspection import verify as run_verify
+
+    m = load_model(model, input_name=input_name, output_name=output_name)
+    info = describe(m)
+    if verify:
+        if info["unsupported_ops"]:
+            ops = ", ".join(f"{u['op']} (node {u['node']!r})" for u in info["unsupported_ops"])
+            raise MmexportError(f"{model}: cannot verify, unsupported ops: {ops}")
+        info["verify"] = run_verify(m, input_range=input_range, atol=atol, rtol=rtol, provider=provider)
+    if as_json:
+        print_json(info)
+    else:
+        from .render import print_inspect
+
+        print_inspect(info)
+    if verify and not info["verify"]["passed"]:
+        sys.exit(1)
+
+
+@main.command()
+@path_argument("model")
+@path_option("--data", required=True, help="Clean labelled set D (.npz with x, y): tens of images per class.")
+@path_option("-o", "--out", help="Output model [default: <model>.<method>.onnx beside the input].")
+@click.option("--method", type=click.Choice(["mmac", "mmom", "mmom-refit"]), default="mmac", show_default=True,
+              help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training); "
+                   "mmom-refit: MMOM, then the last linear layer re-fitted on D (long-tailed models).")
+@click.option("--form", type=click.Choice(FORMS), default="auto", show_default=True, help=FORM_HELP)
+@config_options(MmacConfig, MmomConfig)
+@click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
+              help="Valid input range for the margin search [default: per-channel min/max of D].")
+@device_option()
+@path_option("--report", "report_path", help="Also write the full report (settings, history) as JSON.")
+@click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
+@output_flags
+@model_io
+def harden(model, data, out, method, form, input_range, device, report_path, no_bounds_file, force, as_json,
+           quiet, input_name, output_name, **settings):
+    """Search bounds on a clean set and write a hardened ONNX model.
+
+    The model keeps its input/output names, opset and IR version: a drop-in replacement.
+    Settings and provenance are stored in its metadata_props; the bounds also go to
+    <out>.bounds.json (keyed by site tensor name). Options left unset take the method's
+    defaults (MmacConfig, MmomConfig).
+    """
+    from ..core.provenance import check_output_path, default_output
+    from ..defences.harden import harden as run_harden
+
+    out = out or default_output(model, method)
+    bounds_path = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
+    for p in (out, bounds_path, report_path):
+        if p is not None:
+            check_output_path(p, force=force, inputs=(model, data))
+    with SearchProgress(quiet, method) as progress:
+        result = run_harden(model, data, method=method, form=form, input_range=input_range, device=device,
+                            input_name=input_name, output_name=output_name, progress=progress,
+                            **set_only(**settings))
+    written = write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
+    summary = result.report.to_json(history=False) | {"written": written}
+    if as_json:
+        print_json(summary)
+    else:
+        from .render import print_harden
+
+        print_harden(summary)
+
+
+@main.command()
+@path_argument("model")
+@path_argument("bounds")
+@path_option("-o", "--out", required=True, help="Output model.")
+@click.option("--form", type=click.Choice(FORMS), default="auto", show_default=True, help=FORM_HELP)
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@model_io
+def apply(model, bounds, out, form, force, input_name, output_name):
+    """Write BOUNDS (a .bounds.json) into MODEL: the graph rewrite alone, no search."""
+    from ..core.bounds import load_bounds
+    from ..core.model import load_model, save_model
+    from ..core.provenance import check_output_path, set_metadata
+    from ..graph.rewrite import apply_bounds
+
+    check_output_path(out, force=force, inputs=(model, bounds))
+    m = load_model(model, input_name=input_name, output_name=output_name)
+    b = load_bounds(bounds)
+    proto, forms = apply_bounds(m.proto, b, sites=m.sites, form=form, report=True)
+    set_metadata(proto, {"mmexport.version": __version__, "mmexport.bounds_from": str(bounds)})
+    save_model(proto, out, force=force, inputs=(model, bounds))
+    for line in forms.lines():
+        click.echo(line)
+    click.echo(f"wrote {out} ({len(b)} bounded sites, {b.granularity} bounds)")
+
+
+@main.command()
+@path_argument("model")
+@path_option("--data", required=True, help="Test set (.npz: x, y).")
+@path_option("--attack", help="Triggered set (.npz: x, y = target, y_true) for ASR and RA.")
+@provider_option()
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@model_io
+def validate(model, data, attack, provider, batch_size, as_json, input_name, output_name):
+    """Measure accuracy, per-class accuracy, ASR and RA under onnxruntime."""
+    from ..core.data import load_npz
+    from ..runtime.metrics import validate as run_validate
+
+    test = load_npz(data)
+    att = load_npz(attack, attack=True) if attack else None
+    rep = run_validate(model, test, attack=att, provider=provider, batch_size=batch_size,
+                       input_name=input_name, output_name=output_name)
+    if as_json:
+        print_json(rep.to_json())
+    else:
+        from .render import print_validation
+
+        print_validation(rep, title=str(model))
+
+
+@main.command()
+@path_argument("pre")
+@path_argument("post")
+@path_option("--data", required=True, help="Test set (.npz: x, y).")
+@path_option("--attack", help="Triggered set (.npz: x, y = target, y_true) for ASR and RA.")
+@provider_option("onnxruntime provider; both models run on the one PRE gets.")
+@config_options(ScanConfig, exclude=("alpha",))
+@click.option("--no-margins", is_flag=True, help="Skip the max-margin search (no torch needed).")
+@click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
+              help="Input box of the margin search [default: per-channel min/max of --data].")
+@device_option("Torch device of the margin search.")
+@click.option("--runs", default=100, show_default=True, help="Timed runs per model and batch size (1 and 64).")
+@path_option("--markdown", "markdown_path", help="Also write the comparison as a Markdown file.")
+@path_option("--plot", "plot_path",
+             help="Also draw per-class max margins and accuracy, PRE vs POST (needs mmexport[plot]).")
+@output_flags
+@model_io
+def compare(pre, post, data, attack, provider, restarts, ascent_steps, seed, no_margins, input_range, device, runs,
+            markdown_path, plot_path, force, as_json, quiet, input_name, output_name):
+    """Compare a model (PRE) with its hardened version (POST) side by side.
+
+    Both run under onnxruntime on the same provider: accuracy, balanced and per-class
+    accuracy, ASR and RA, prediction agreement and max abs logit difference, latency
+    (median, p95, ratio) at batch 1 and 64, file size, node types and bounded sites; and
+    per-class max margins from the engine's search with the same seed (the scan's search:
+    --restarts, --ascent-steps). Ends with one verdict per metric: better, same or worse.
+    """
+    from ..comparison import compare as run_compare
+    from ..comparison.report import plot, to_markdown
+    from ..core.data import load_npz
+    from ..core.provenance import atomic_write_bytes, check_output_path
+
+    inputs = (pre, post, data, attack)
+    for p in (markdown_path, plot_path):
+        if p is not None:
+            check_output_path(p, force=force, inputs=inputs)
+    if plot_path is not None:
+        _check_plot_available()
+    search = ScanConfig(**set_only(restarts=restarts, ascent_steps=ascent_steps, seed=seed))
+    if runs < 1:
+        raise MmexportError("--runs must be >= 1")
+    test = load_npz(data)
+    att = load_npz(attack, attack=True) if attack else None
+    with Stages(quiet, "compare") as progress:
+        rep = run_compare(pre, post, test, attack=att, provider=provider, seed=search.seed,
+                          restarts=search.restarts, ascent_steps=search.ascent_steps, runs=runs,
+                          margins=not no_margins, input_range=input_range, device=device,
+                          input_name=input_name, output_name=output_name, progress=progress)
+    if markdown_path is not None:
+        atomic_write_bytes(markdown_path, to_markdown(rep).encode())
+    if plot_path is not None:
+        plot(rep, plot_path)
+    if as_json:
+        print_json(rep.to_json())
+    else:
+        from .render import print_compare
+
+        print_compare(rep)
+
+
+def _check_plot_available() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MmexportError("--plot needs matplotlib: pip install 'mmexport[plot]'") from None
+
+
+@main.command()
+@path_argument("model")
+@path_option("--data", required=True,
+             help="Clean labelled set D (.npz with x, y): calibrates the threshold (and the bounds).")
+@path_option("-o", "--out", help="Output model [default: <model>.mmdf.onnx beside the input].")
+@path_option("--bounds", "bounds_path", help="Use these bounds (.bounds.json) instead of computing them.")
+@path_option("--hardened", help="Use the bounds of this model, hardened by mmexport from MODEL.")
+@config_options(MmdfConfig, callbacks={"avoid": avoid_class}, aliases={"law": ["--null"]},
+                metavars={"avoid": "scan|none|CLASS"})
+@config_options(MmacConfig, exclude=("seed", "granularity"))
+@device_option("Torch device of the scan and the mmac search.")
+@provider_option("onnxruntime provider that computes d for the calibration.")
+@path_option("--report", "report_path", help="Also write the full report as JSON.")
+@click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
+@output_flags
+@model_io
+def detect(model, data, out, bounds_path, hardened, device, provider, report_path, no_bounds_file, force, as_json,
+           quiet, input_name, output_name, **settings):
+    """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
+
+    The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
+    margin the bounds take from the predicted class; d above a threshold calibrated on D
+    (false-positive rate --alpha) flags the input; by default an input is also flagged
+    when its activations lie far from its predicted class on D (--statistic). Outputs: the
+    original logits name (for a flagged input, the bounded logits with the predicted class
+    suppressed, and never the suspected backdoor target: --avoid), mmdf_detected (bool [N]),
+    mmdf_score (d minus its threshold, float [N]) and, with the feature test,
+    mmdf_feature_score (feature score minus its threshold; with --focus, every input is
+    scored against the focus class). The MMAC options apply with --method mmac.
+    """
+    from ..core.provenance import check_output_path, default_output
+    from ..defences.mmdf.detector import detect as run_detect
+
+    out = out or default_output(model, "mmdf")
+    bounds_out = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
+    inputs = (model, data, bounds_path, hardened)
+    for p in (out, bounds_out, report_path):
+        if p is not None:
+            check_output_path(p, force=force, inputs=inputs)
+    overrides = set_only(**settings)
+    if overrides.get("avoid") == "none":
+        overrides["avoid"] = None
+    with SearchProgress(quiet, "mmac") as bar:
+        def progress(row):
+            if "stage" in row:
+                console().print(f"{row['stage']}: {row['n']} inputs")
+            else:
+                bar(row)
+
+        result = run_detect(model, data, bounds=bounds_path, hardened=hardened, device=device, provider=provider,
+                            input_name=input_name, output_name=output_name,
+                            progress=progress if bar is not None else None, **overrides)
+    written = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
+    summary = result.report.to_json() | {"written": written}
+    if as_json:
+        print_json(summary)
+    else:
+        from .render import print_detect
+
+        print_detect(summary)
+
+
+@main.command()
+@path_argument("model")
+@path_option("--data", required=True, help="Clean labelled set D (.npz with x, y), every class present.")
+@config_options(ScanConfig)
+@click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
+              help="Valid input range for the searches [default: per-channel min/max of D].")
+@device_option("Torch device of the searches.")
+@path_option("--report", "report_path", help="Also write the full result as JSON.")
+@output_flags
+@model_io
+def scan(model, data, input_range, device, report_path, force, as_json, quiet, input_name, output_name,
+         **settings):
+    """Detect a backdoor without its trigger (MM-BD) from a small clean set.
+
+    Estimates every class's maximum margin, and the margin a small shared perturbation
+    buys toward each class from D's other classes; the largest of each is tested against
+    a gamma null fitted on the other classes. Verdict `backdoor` (with the target class)
+    when the combined p-value is below --alpha, else `clean`. JSON keys: verdict,
+    target_class, p_value, max_margins, tests, ...
+    """
+    from ..core.provenance import atomic_write_bytes, check_output_path
+    from ..defences.mmbd.scan import scan as run_scan
+
+    if report_path is not None:
+        check_output_path(report_path, force=force, inputs=(model, data))
+    with Stages(quiet, "scan") as progress:
+        result = run_scan(model, data, input_range=input_range, device=device, input_name=input_name,
+                          output_name=output_name, progress=progress, **set_only(**settings))
+    out = result.to_json()
+    if report_path is not None:
+        atomic_write_bytes(report_path, json.dumps(out, indent=1).encode())
+    if as_json:
+        print_json(out)
+    else:
+        from .render import print_scan
+
+        print_scan(out)

@@ -1,0 +1,190 @@
+"""Human-readable tables for the CLI (rich); JSON output lives in the callers."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+_out = Console(highlight=False)
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def print_inspect(info: dict) -> None:
+    _out.print(f"[bold]{info['path'] or 'model'}[/]  opset {info['opset']}  IR {info['ir_version']}  "
+               f"nodes {info['nodes']}  classes {info['num_classes']}")
+    for kind in ("inputs", "outputs"):
+        for io in info[kind]:
+            mark = " (chosen)" if io["name"] in (info["input"], info["output"]) else ""
+            _out.print(f"  {kind[:-1]:6} {io['name']}  {io['shape']}{mark}")
+    if info["unsupported_ops"]:
+        ops = ", ".join(f"{u['op']} (node {u['node']!r})" for u in info["unsupported_ops"])
+        _out.print(f"[red]unsupported ops:[/] {ops}")
+    t = Table(title=f"{len(info['sites'])} clipping sites", title_justify="left")
+    for col in ("site", "op", "channels"):
+        t.add_column(col)
+    for s in info["sites"]:
+        t.add_row(s["name"], s["op"], str(s["channels"]))
+    _out.print(t)
+    v = info.get("verify")
+    if v:
+        for o in v["outputs"]:
+            if "error" in o:
+                _out.print(f"  verify {o['name']}: [red]{o['error']}[/]")
+            else:
+                _out.print(f"  verify {o['name']}: max abs diff {o['max_abs_diff']:.3g}, "
+                           f"max rel diff {o['max_rel_diff']:.3g}")
+        verdict = "[green]PASSED[/]" if v["passed"] else "[red]FAILED[/]"
+        _out.print(f"{verdict} engine vs onnxruntime ({v['provider']}, {v['samples']} inputs in "
+                   f"{v['input_range']}, atol {v['atol']:g}, rtol {v['rtol']:g})")
+
+
+def print_harden(summary: dict) -> None:
+    mb, ma = summary["max_margins_before"], summary["max_margins_after"]
+    _out.print("per-class max margin (fresh, equal-seeded search)")
+    t = Table()
+    t.add_column("class")
+    t.add_column("before", justify="right")
+    t.add_column("after", justify="right")
+    for c, (b, a) in enumerate(zip(mb, ma, strict=True)):
+        t.add_row(str(c), f"{b:.2f}", f"{a:.2f}")
+    _out.print(t)
+    stamp = summary.get("stamp")
+    if stamp is not None:
+        t_ = stamp["target"]
+        found = "unlearned through the bounds" if stamp["found"] else "below the gate, max-margin search"
+        _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
+                   f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of D's "
+                   f"other classes to it: {found}")
+    _out.print(f"{summary['method'].upper()}: {summary['sites']} sites bounded, lambda {summary['lambda']:.3g}, "
+               f"clean-set accuracy kept {_pct(summary['clean_set_accuracy'])}, {summary['epochs']} epochs, "
+               f"{summary['seconds']:.1f} s on {summary['device']}")
+    refit = summary.get("refit")
+    if refit:
+        kept = refit[-1]
+        top = max(refit[:-1], key=lambda r: (r["balanced_accuracy"], r["penalty"]))
+        if top["balanced_accuracy"] > kept["balanced_accuracy"]:
+            _out.print(f"last layer re-fitted on D: penalty {top['penalty']:g}, held-out balanced accuracy "
+                       f"{_pct(kept['balanced_accuracy'])} -> {_pct(top['balanced_accuracy'])}")
+        else:
+            _out.print(f"last layer kept: no re-fit beat it on held-out D ({_pct(kept['balanced_accuracy'])})")
+    forms = summary.get("site_forms") or {}
+    for site in forms.get("sites", []):
+        why = f" ({site['reason']})" if site.get("reason") else ""
+        _out.print(f"  {site['site']}: {site['form']}{why}")
+    for kind, path in summary["written"].items():
+        _out.print(f"wrote {kind}: {path}")
+
+
+def print_validation(rep, *, title: str = "") -> None:
+    _out.print(f"[bold]{title}[/]  ({rep.provider} provider, {rep.images_per_s:.0f} images/s)")
+    t = Table()
+    t.add_column("class")
+    t.add_column("accuracy", justify="right")
+    for c, a in enumerate(rep.per_class_accuracy):
+        t.add_row(str(c), _pct(a))
+    _out.print(t)
+    _out.print(f"accuracy {_pct(rep.accuracy)}  balanced {_pct(rep.balanced_accuracy)}  (n={rep.n})")
+    if rep.asr is not None:
+        _out.print(f"ASR {_pct(rep.asr)}  RA {_pct(rep.ra)}  (n_attack={rep.n_attack})")
+    if getattr(rep, "false_positive_rate", None) is not None:  # an MMDF model
+        det = "" if rep.detection_rate is None else f"detection {_pct(rep.detection_rate)}  "
+        _out.print(f"MMDF: {det}false positives {_pct(rep.false_positive_rate)} (clean inputs flagged)")
+
+
+_VERDICT_STYLE = {"better": "green", "same": "", "worse": "red", "n/a": "dim"}
+
+
+def print_detect(summary: dict) -> None:
+    null, cal, gap = summary["null"], summary["calibration"], summary["margin_gap_clean_set"]
+    params = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                       for k, v in null["params"].items())
+    how = f"{cal['cross_fit_folds']}-fold cross-fitted" if cal["cross_fit_folds"] else "on the bounds given"
+    _out.print(f"MMDF: {summary['sites']} bounded sites from {summary['bounds_source']}")
+    _out.print(f"d on D ({cal['n']} inputs{' with 1-pixel shifts' if cal['augment'] else ''}, {how}): "
+               f"{_pct(gap['zero_fraction'])} zero, median {gap['quantiles']['0.5']:.3g}, "
+               f"99% {gap['quantiles']['0.99']:.3g}, max {gap['max']:.3g}")
+    feats = summary.get("features")
+    focus = summary.get("focus") or {}
+    alpha = null["alpha"]  # each test's level: alpha, split between the tests, over the focus share
+    if focus.get("class") is not None:
+        _out.print(f"focus: only inputs predicted as class {focus['class']} are tested "
+                   f"({focus['n']} of D's inputs, {_pct(focus['share'])}; alpha {alpha:.3g} each "
+                   f"keeps {summary['alpha']:g} over all inputs)")
+    _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
+    if feats:
+        folds = cal.get("feature_folds") or cal["cross_fit_folds"]
+        _out.print(f"feature test: {len(feats['sites'])} sites (channel mean, spread and skew; "
+                   f"class-conditional Gaussian, {folds}-fold cross-fitted on D): "
+                   f"threshold {feats['threshold']:.4g} at alpha {alpha:g}")
+    _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
+    avoid = summary.get("avoid") or {}
+    scan = avoid.get("scan")
+    if scan is not None and "skipped" in scan:
+        _out.print(f"scan skipped, no class avoided: {scan['skipped']}")
+    elif scan is not None:
+        found = (f"suspected target class {scan['target_class']}" if scan["verdict"] == "backdoor"
+                 else "no backdoor target")
+        _out.print(f"scan: {found} (p = {scan['p_value']:.3g}); "
+                   + ("flagged inputs never go to it" if avoid["class"] is not None else "no class avoided"))
+    elif avoid.get("class") is not None:
+        _out.print(f"flagged inputs never go to class {avoid['class']} (given)")
+    for kind, path in summary["written"].items():
+        _out.print(f"wrote {kind}: {path}")
+
+
+def print_compare(rep) -> None:
+    """PRE vs POST: a summary table, a per-class table, then one verdict line per metric."""
+    from ..comparison.report import per_class_rows, summary_rows
+
+    rows = summary_rows(rep)
+    t = Table(title=f"{rep.pre.path or 'PRE'} vs {rep.post.path or 'POST'}  ({rep.provider} provider, "
+                    f"n={rep.n})", title_justify="left")
+    for col in ("metric", "PRE", "POST"):
+        t.add_column(col, justify="left" if col == "metric" else "right")
+    for _, label, x, y, _v in rows:
+        t.add_row(label, x, y)
+    _out.print(t)
+    c = Table(title="per class", title_justify="left")
+    for col in ("class", "accuracy PRE", "accuracy POST", "max margin PRE", "max margin POST"):
+        c.add_column(col, justify="right")
+    for row in per_class_rows(rep):
+        c.add_row(*row)
+    _out.print(c)
+    ops = ", ".join(f"{op} {d:+d}" for op, d in rep.node_type_diff.items()) or "none"
+    _out.print(f"prediction agreement {_pct(rep.agreement)}, max abs logit difference "
+               f"{rep.max_abs_logit_diff:.4g}; node types POST - PRE: {ops}")
+    if rep.margins_note:
+        _out.print(f"[yellow]{rep.margins_note}[/]")
+    width = max(len(key) for key, *_ in rows)
+    for key, _label, x, y, v in rows:
+        if v:
+            style = _VERDICT_STYLE.get(v, "")
+            shown = f"[{style}]{v:<6}[/]" if style else f"{v:<6}"
+            _out.print(f"{key:<{width}}  {shown}  {x} -> {y}")
+
+
+def print_scan(result: dict) -> None:
+    """Per-class statistics, each test's candidate and p-value, then the verdict line."""
+    tests = result["tests"]
+    t = Table(title=f"{result['model'] or 'model'}: MM-BD scan ({result['device']}, {result['seconds']:.1f} s)",
+              title_justify="left")
+    t.add_column("class", justify="right")
+    t.add_column("max margin", justify="right")
+    t.add_column("universal gain", justify="right")
+    rows = zip(tests["max_margin"]["values"], tests["universal_gain"]["values"], strict=True)
+    for c, (a, b) in enumerate(rows):
+        mark_a = " *" if c == tests["max_margin"]["candidate"] else ""
+        mark_b = " *" if c == tests["universal_gain"]["candidate"] else ""
+        t.add_row(str(c), f"{a:.2f}{mark_a}", f"{b:.2f}{mark_b}")
+    _out.print(t)
+    for name, test in tests.items():
+        _out.print(f"{name}: largest at class {test['candidate']}, p = {test['p_value']:.3g} "
+                   f"(gamma null on the other classes: shape {test['null_shape']:.3g}, scale {test['null_scale']:.3g})")
+    if result["verdict"] == "backdoor":
+        _out.print(f"[red]BACKDOOR[/] target class {result['target_class']} (p = {result['p_value']:.3g} < "
+                   f"alpha {result['alpha']:g}, {result['statistic']})")
+    else:
+        _out.print(f"[green]CLEAN[/] no class stands out (p = {result['p_value']:.3g} >= alpha {result['alpha']:g})")

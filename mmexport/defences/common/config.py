@@ -1,0 +1,71 @@
+"""The bound search's settings, apart from the search itself so the CLI can read them without torch."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ...core.config import check_choices, param
+from ...core.errors import ParameterError
+
+REDUCTIONS = ("mean", "max", "excess", "softmax")
+
+
+MAXIMISERS = ("universal", "points", "both", "masked", "universal+masked")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Every knob of the max-margin bound search; the defaults are the shipped recipe.
+
+    MMAC and MMOM each have a subclass (`MmacConfig`, `MmomConfig`) holding their defaults.
+    """
+
+    method: str = param("mmac", "Objective on D: keep its logits (mmac) or cross-entropy on its labels (mmom).",
+                        choices=("mmac", "mmom"), cli=False)
+    granularity: str = param("channel", "One bound per channel, or one per site.", choices=("channel", "layer"))
+    restarts: int = param(10, "Ascent points per class (universal: clean images per class).")
+    clean_fraction: float = param(0.5, "Share of ascent starts taken from clean images of D.", cli=False)
+    warmup_steps: int = param(100, "Ascent steps before the first bound update.", cli=False)
+    steps: int = param(5, "Ascent steps on the maximisers per epoch (warm-started).")
+    refresh_every: int = param(1, "Epochs between refreshes of the maximisers.", cli=False)
+    step_size: float = param(0.02, "Signed-gradient ascent step, as a fraction of the input range.", cli=False)
+    max_epochs: int = param(150, "Upper limit on bound-update epochs.")
+    lr: float = param(0.02, "Adam's learning rate on the relative bounds.", cli=False)
+    lambda0: float = param(0.1, "Starting weight of the margin term.")
+    lambda_up: float = param(1.3, "Factor on lambda while the accuracy floor holds.", cli=False)
+    lambda_down: float = param(2.0, "Divisor of lambda when the accuracy floor breaks.", cli=False)
+    check_every: int = param(2, "Epochs between accuracy checks (and lambda updates).", cli=False)
+    acc_floor: float = param(0.98, "Fraction of the clean set's originally-correct samples that must stay correct "
+                                   "(checked on D and its 1-pixel shifts).")
+    reduction: str = param("max", "How per-class max margins combine into the objective.", choices=REDUCTIONS)
+    patience: int = param(20, "Checks without a better feasible point before stopping.", cli=False)
+    controller: str = param("floor", "floor: lambda rises until the accuracy floor binds; fixed: lambda stays.",
+                            choices=("floor", "fixed"), cli=False)
+    optimiser: str = param("adam", "adam, or ngd (normalised gradient descent).", choices=("adam", "ngd"), cli=False)
+    augment: bool = param(True, "Logit term also on shifted/mixed-up D; floor checked on shifted D.", cli=False)
+    maximisers: str = param("universal+masked",
+                            "Where margins are maximised: one norm-bounded perturbation per class shared by the "
+                            "clean images (universal), free points in the input box (points, the paper's choice), "
+                            "both of those, one stamped pattern of bounded area per class (masked), or universal "
+                            "and masked together.", choices=MAXIMISERS)
+    budget: float = param(0.2, "L2 radius of the universal perturbations, as a fraction of the input box's norm.")
+    mask_area: float = param(0.05, "Largest area of the masked maximisers' patterns, as a fraction of the image; "
+                                   "the pattern concentrates on a patch of about that size.")
+    seed: int = param(0, "Seed: same seed, same bounds (on CPU).")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not 0.0 < self.acc_floor <= 1.0:
+            raise ParameterError("acc_floor", f"must be in (0, 1], got {self.acc_floor}")
+        for name in ("restarts", "check_every", "refresh_every"):
+            if getattr(self, name) < 1:
+                raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "warmup_steps", "max_epochs"):
+            if getattr(self, name) < 0:
+                raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("budget", "mask_area", "lr", "step_size"):
+            if not getattr(self, name) > 0:
+                raise ParameterError(name, f"must be > 0, got {getattr(self, name)}")
+
+    def to_json(self) -> dict:
+        return asdict(self)

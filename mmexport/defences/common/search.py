@@ -1,0 +1,341 @@
+"""The bound search: MMAC (logit preservation) and MMOM (cross-entropy), one loop.
+
+min_Z  fit(D; Z) + lambda * R(max margins of the clipped model)
+
+Bounds are parameterised relative to their data-derived start, Z = Z0 * s with s in [0, 1]:
+Z0 is the largest activation seen on D per channel (or per site), so at s = 1 no clean
+input is clipped and one learning rate suits every layer whatever its scale. The fit term
+is divided by the logit scale of D and the margin term by its square root, so lambda is
+unitless. lambda is driven up while accuracy on D stays above the floor and down when it
+falls below; the best feasible bounds (lowest margin objective with the floor met) win.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...core.bounds import Bounds
+from .config import REDUCTIONS, SearchConfig
+from .margins import Box, MaskedMaximisers, Maximisers, UniversalMaximisers, margins
+
+# After a back-off lambda still grows this much per feasible check: the floor is probed
+# again and again while the maximisers keep adapting, instead of freezing the first answer.
+MIN_GROWTH = 1.05
+
+
+@dataclass
+class SearchResult:
+    bounds: Bounds
+    lambda_: float
+    accuracy: float  # on D, fraction of the originally-correct samples kept correct
+    objective_before: float  # margin objective of the search's own maximisers
+    objective_after: float
+    epochs: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def initial_bounds(engine, x: torch.Tensor, granularity: str, batch_size: int = 256) -> dict:
+    """Largest activation per channel (or per site) over the clean set."""
+    names = [s.name for s in engine.sites]
+    out: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            _, acts = engine.run(x[i : i + batch_size], record=names, outputs=[engine.output_name])
+            for name, a in acts.items():
+                if granularity == "layer" or a.dim() < 2:
+                    v = a.max()
+                else:
+                    v = a.transpose(0, 1).reshape(a.shape[1], -1).max(dim=1).values
+                out[name] = v if name not in out else torch.maximum(out[name], v)
+    return {k: v.clamp_min(0) for k, v in out.items()}
+
+
+class _NormalisedDescent:
+    """Gradient descent scaled so the largest step over all bounds is `lr`.
+
+    Unlike Adam, which moves every bound with a non-zero gradient at the same pace, this
+    keeps the gradient's proportions: the channels that carry the largest margins move most.
+    """
+
+    def __init__(self, params, lr: float):
+        self.params = params
+        self.lr = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return
+        top = max(float(g.abs().max()) for g in grads)
+        if top <= 0:
+            return
+        for p in self.params:
+            if p.grad is not None:
+                p.sub_(self.lr * p.grad / top)
+
+
+def shifts(x: torch.Tensor) -> list[torch.Tensor]:
+    """The four 1-pixel shifts of an image batch [N, C, H, W], edges replicated."""
+    pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    h, w = x.shape[2], x.shape[3]
+    return [pad[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fresh neighbours of D for the logit term: random 1-pixel shifts, then mixup.
+
+    Logit preservation only needs inputs, not labels, so it can cover more of the clean
+    distribution than D itself; the bounds then cannot trade unseen clean inputs away.
+    """
+    n = x.shape[0]
+    if x.dim() == 4:
+        pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+        h, w = x.shape[2], x.shape[3]
+        off = torch.randint(0, 3, (n, 2), generator=gen)
+        x = torch.stack([pad[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(off.tolist())])
+    partner = torch.randint(0, n, (n,), generator=gen).to(x.device)
+    lam = (0.5 * torch.rand(n, generator=gen)).to(x.device).view(n, *([1] * (x.dim() - 1)))
+    return (1 - lam) * x + lam * x[partner]
+
+
+def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True):
+    """Where the accuracy floor is checked: D and its 1-pixel shifts (labels kept), and which
+    of those the original model gets right (the floor counts only those).
+
+    Bounds tuned on 200 images otherwise keep exactly those right while held-out accuracy slips.
+    """
+    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if shifted and x.dim() == 4 else (x, y)
+    with torch.no_grad():
+        correct = engine(xc).argmax(1) == yc
+    if not correct.any():
+        correct = torch.ones_like(correct)
+    return xc, yc, correct
+
+
+def kept_correct(engine, xc: torch.Tensor, yc: torch.Tensor, correct: torch.Tensor, bounds) -> float:
+    """The floor's measure: the fraction of the originally-correct inputs still correct."""
+    with torch.no_grad():
+        pred = engine(xc, bounds).argmax(1)
+    return float((pred[correct] == yc[correct]).float().mean())
+
+
+def descend(opt, loss: torch.Tensor, rel: dict) -> None:
+    """One step on the relative bounds, kept in [0, 1]: never above the clean maxima."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for v in rel.values():
+            v.clamp_(0.0, 1.0)
+
+
+def restore(rel: dict, saved: dict) -> None:
+    """Put the relative bounds back to a saved point (the floor controller's back-off)."""
+    with torch.no_grad():
+        for k, v in rel.items():
+            v.copy_(saved[k])
+
+
+def to_bounds(snap: dict) -> Bounds:
+    """Bounds (float32 arrays keyed by site) from the search's tensors."""
+    return Bounds({k: v.detach().cpu().numpy().astype(np.float32) for k, v in snap.items()})
+
+
+def conclude(best, z0: dict, before: float, accuracy: Callable[[dict], float], *, weight: float,
+             epochs: int, start: float, history: list[dict]) -> SearchResult:
+    """The search's answer from its best feasible check, (objective, epoch, bounds, accuracy,
+    weight); where the floor never held (`best` None), the unclipped start at `before`."""
+    if best is None:
+        snap = {k: v.clone() for k, v in z0.items()}
+        best = (before, 0, snap, accuracy(snap), weight)
+    objective, _, snap, acc, w = best
+    return SearchResult(
+        bounds=to_bounds(snap),
+        lambda_=float(w),
+        accuracy=float(acc),
+        objective_before=before,
+        objective_after=float(objective),
+        epochs=epochs,
+        seconds=time.perf_counter() - start,
+        history=history,
+    )
+
+
+def reduce_margins(per_class: torch.Tensor, how: str) -> torch.Tensor:
+    """One number from the per-class max margins; `how` picks which classes count."""
+    if how == "mean":
+        return per_class.mean()
+    if how == "max":
+        return per_class.max()
+    if how == "excess":
+        return (per_class - per_class.median().detach()).clamp_min(0).sum()
+    if how == "softmax":
+        temp = per_class.detach().std().clamp_min(1e-6)
+        w = torch.softmax(per_class.detach() / temp, dim=0)
+        return (w * per_class).sum()
+    raise ValueError(f"unknown reduction {how!r}; choose from {', '.join(REDUCTIONS)}")
+
+
+def fit_bounds(
+    engine,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    box: Box,
+    num_classes: int,
+    config: SearchConfig | None = None,
+    *,
+    progress: Callable[[dict], None] | None = None,
+    monitor: Callable[[dict], dict] | None = None,
+) -> SearchResult:
+    """Search bounds for every site of `engine` on the clean set (x, y).
+
+    `monitor(bounds) -> dict` adds diagnostics to each check's row (research use: it must
+    never feed back into the search).
+    """
+    config = config or SearchConfig()
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+
+    with torch.no_grad():
+        ref = engine(x)
+    scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
+    xc, yc, correct = floor_set(engine, x, y, shifted=config.augment)
+
+    z0 = initial_bounds(engine, x, config.granularity)
+    names = list(z0)
+    rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
+
+    def new_optimiser():
+        if config.optimiser == "ngd":
+            return _NormalisedDescent(list(rel.values()), lr=config.lr)
+        return torch.optim.Adam(list(rel.values()), lr=config.lr)
+
+    opt = new_optimiser()
+
+    def current() -> dict:
+        return {k: z0[k] * rel[k] for k in names}
+
+    def accuracy(bounds) -> float:
+        return kept_correct(engine, xc, yc, correct, bounds)
+
+    sets = []
+    if config.maximisers in ("points", "both"):
+        sets.append(
+            Maximisers(
+                box,
+                num_classes,
+                config.restarts,
+                generator=gen,
+                clean_x=x,
+                clean_fraction=config.clean_fraction,
+                step_size=config.step_size,
+            )
+        )
+    if config.maximisers in ("universal", "both", "universal+masked"):
+        sets.append(
+            UniversalMaximisers(box, x, y, num_classes, generator=gen, budget=config.budget, batch=config.restarts)
+        )
+    if config.maximisers in ("masked", "universal+masked"):
+        sets.append(
+            MaskedMaximisers(box, x, y, num_classes, generator=gen, area=config.mask_area, batch=config.restarts)
+        )
+    if not sets:
+        raise ValueError(f"unknown maximisers {config.maximisers!r}")
+
+    def objective(bounds) -> torch.Tensor:
+        total = 0.0
+        for ms in sets:
+            m = margins(engine(ms.x, bounds), ms.classes)
+            total = total + reduce_margins(ms.per_class(m, "mean"), config.reduction)
+        return total
+
+    for ms in sets:
+        ms.ascend(engine, None, config.warmup_steps)
+    with torch.no_grad():
+        before = float(objective(None))
+
+    lam = config.lambda0
+    up = config.lambda_up
+    best = None  # (objective, epoch, bounds snapshot, acc, lambda)
+    last_ok = {k: v.detach().clone() for k, v in rel.items()}
+    checks_since_best = 0
+    history: list[dict] = []
+    epoch = 0
+    for epoch in range(1, config.max_epochs + 1):
+        with torch.no_grad():
+            bounds_now = {k: v.detach() for k, v in current().items()}
+        for ms in sets:
+            if isinstance(ms, (UniversalMaximisers, MaskedMaximisers)):
+                ms.resample()
+            if config.refresh_every == 1 or (epoch > 1 and (epoch - 1) % config.refresh_every == 0):
+                ms.ascend(engine, bounds_now, config.steps)
+
+        bounds = current()
+        if config.method == "mmom":
+            fit = torch.nn.functional.cross_entropy(engine(x, bounds), y)
+        elif config.augment:
+            xa = augment(x, gen)
+            with torch.no_grad():
+                ref_a = engine(xa)
+            out = engine(torch.cat([x, xa]), bounds)
+            fit = ((out - torch.cat([ref, ref_a])) ** 2).sum(dim=1).mean() / scale
+        else:
+            fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
+        reg = objective(bounds) / scale.sqrt()
+        descend(opt, fit + lam * reg, rel)
+
+        if epoch % config.check_every == 0 or epoch == config.max_epochs:
+            with torch.no_grad():
+                snap = {k: v.detach().clone() for k, v in current().items()}
+                obj = float(objective(snap))
+            acc = accuracy(snap)
+            feasible = acc >= config.acc_floor
+            row = {
+                "epoch": epoch,
+                "max_epochs": config.max_epochs,
+                "lambda": lam,
+                "accuracy": acc,
+                "fit": float(fit.detach()),
+                "objective": obj,
+                "feasible": feasible,
+                "seconds": time.perf_counter() - start,
+            }
+            if monitor is not None:
+                row.update(monitor(snap))
+            history.append(row)
+            if progress is not None:
+                progress(row)
+            if config.controller == "fixed":
+                # Fixed lambda (MMOM's cross-validated setting): the last bounds are the answer.
+                best = (obj, epoch, snap, acc, lam)
+            elif feasible:
+                last_ok = {k: v.detach().clone() for k, v in rel.items()}
+                if best is None or obj < best[0]:
+                    best = (obj, epoch, snap, acc, lam)
+                    checks_since_best = 0
+                else:
+                    checks_since_best += 1
+                lam *= up
+            else:
+                # Back off: return to the last feasible bounds, with a smaller lambda and a
+                # gentler growth, instead of letting Adam's momentum run through the floor.
+                restore(rel, last_ok)
+                opt = new_optimiser()
+                lam /= config.lambda_down
+                up = max(1.0 + (up - 1.0) / 2, MIN_GROWTH)
+                checks_since_best += 1
+            if checks_since_best >= config.patience:
+                break
+
+    return conclude(best, z0, before, accuracy, weight=lam, epochs=epoch, start=start, history=history)

@@ -1,0 +1,217 @@
+"""`harden`: bounds searched on the clean set, written into the model with provenance.
+
+ONNX -> engine -> MMAC or MMOM (the config's type picks which) -> rewritten ONNX. A
+transformer in ART's terms: it returns a new, repaired classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import onnx
+import torch
+
+from .. import __version__
+from ..core.bounds import Bounds
+from ..core.config import with_overrides
+from ..core.data import as_dataset
+from ..core.errors import ParameterError
+from ..core.model import as_model, from_proto
+from ..core.provenance import data_sha256, model_sha256, set_metadata
+from ..engine.executor import Engine
+from ..graph.rewrite import FORMS, apply_bounds
+from .common.checks import check_clean_set, check_original
+from .common.device import reproducible, resolve_device
+from .common.margins import input_box, max_margins
+from .common.search import fit_bounds
+from .mmac.config import MmacConfig
+from .mmac.unlearn import find_stamp, unlearn_bounds
+from .mmom.config import MmomConfig
+from .mmom.refit import find_classifier, refit, write_classifier
+from .mmom.search import fit_mmom
+
+METHODS = ("mmac", "mmom", "mmom-refit")
+
+
+@dataclass
+class HardenReport:
+    """What `harden` did, with the settings and hashes that reproduce it (JSON via `to_json`)."""
+
+    method: str
+    settings: dict
+    seed: int
+    device: str
+    model_sha256: str
+    data_sha256: str
+    model: str | None
+    data: str | None
+    sites: int
+    stage: str  # "max-margin", "unlearn" (a stamp was found) or "mmom"
+    stamp: dict | None
+    lambda_: float
+    clean_set_accuracy: float
+    max_margins_before: list[float]
+    max_margins_after: list[float]
+    epochs: int
+    seconds: float
+    form: str
+    site_forms: dict
+    history: list[dict] = field(default_factory=list)
+    cross_validation: list[dict] | None = None
+    refit: dict | None = None
+    mmexport_version: str = __version__
+    torch: str = torch.__version__
+    python: str = field(default_factory=platform.python_version)
+
+    def to_json(self, *, history: bool = True) -> dict:
+        out = asdict(self)
+        out["lambda"] = out.pop("lambda_")
+        if not history:
+            out.pop("history")
+        return out
+
+
+@dataclass
+class HardenResult:
+    """The bounds found, the rewritten model and what was done."""
+
+    bounds: Bounds
+    model: onnx.ModelProto
+    report: HardenReport
+
+
+def method_config(method: str) -> MmacConfig | MmomConfig:
+    """The default config of a method name (`mmom-refit` is MMOM with `refit=True`)."""
+    if method not in METHODS:
+        raise ParameterError("method", f"{method!r}: expected one of {', '.join(METHODS)}")
+    if method == "mmac":
+        return MmacConfig()
+    return MmomConfig(refit=method == "mmom-refit")
+
+
+def resolve_config(config, method: str | None, overrides: dict) -> MmacConfig | MmomConfig:
+    """The config a call asks for: its type picks the method, overrides replace fields."""
+    if config is None:
+        config = method_config(method or "mmac")
+    elif not isinstance(config, (MmacConfig, MmomConfig)):
+        raise ParameterError("config", f"expected an MmacConfig or MmomConfig, got {type(config).__name__}")
+    elif method is not None and method_name(config) != method:
+        raise ParameterError("method", f"{method!r} contradicts the config given ({type(config).__name__})")
+    what = "MMAC" if isinstance(config, MmacConfig) else "MMOM"
+    return with_overrides(config, overrides, what=what)
+
+
+def method_name(config: MmacConfig | MmomConfig) -> str:
+    if isinstance(config, MmacConfig):
+        return "mmac"
+    return "mmom-refit" if config.refit else "mmom"
+
+
+def harden(
+    model,
+    clean_set,
+    config: MmacConfig | MmomConfig | None = None,
+    *,
+    method: str | None = None,
+    form: str = "auto",
+    input_range: tuple[float, float] | None = None,
+    device: str = "auto",
+    input_name: str | None = None,
+    output_name: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+    **overrides,
+) -> HardenResult:
+    """Search bounds on the clean set and return the bounded ONNX model.
+
+    `config`: `MmacConfig` (default; backdoors) or `MmomConfig` (imbalance, over-training);
+    or name the method (`"mmac"`, `"mmom"`, `"mmom-refit"`). Keyword `overrides` replace the
+    config's fields (`seed=1, max_epochs=40`). MMAC first looks for a stamped trigger on the
+    original model: where one class's stamp stands out, the bounds unlearn it, otherwise the
+    max-margin search runs; `report.stage` says which ran.
+
+    `form`: how per-channel bounds are written: "auto" folds them into the weights where
+    that is exact (a unit clip, clip(x, 0, 1), that onnxruntime fuses) and uses Min
+    elsewhere; "min" always uses Min after the site.
+    `model`: path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y).
+    """
+    cfg = resolve_config(config, method, overrides)
+    if form not in FORMS:
+        raise ParameterError("form", f"{form!r}: expected one of {', '.join(FORMS)}")
+    name = method_name(cfg)
+    m = as_model(model, input_name=input_name, output_name=output_name)
+    k = check_original(m)
+    clean = as_dataset(clean_set)
+    check_clean_set(clean, m, k)
+    if name == "mmom-refit":
+        find_classifier(m)  # fail before the search if there is no last layer to refit
+    dev = resolve_device(device)
+    with reproducible(dev):
+        engine = Engine(m, device=dev)
+        x = torch.from_numpy(clean.x).to(dev)
+        y = torch.from_numpy(clean.y).to(dev)
+        box = input_box(x, input_range).to(dev)
+
+        cv = stamp = None
+        if isinstance(cfg, MmomConfig):
+            result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress)
+        else:
+            if cfg.unlearn == "auto":
+                stamp = find_stamp(engine, x, y, box, k, cfg)
+                if progress is not None:
+                    progress({"stamp": stamp.to_json()})
+            if stamp is not None and stamp.found:
+                result = unlearn_bounds(engine, x, y, stamp, cfg, progress=progress)
+            else:
+                result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
+
+        # Fresh, equal-seeded estimates before and after: the search's own maximisers have
+        # adapted to the clipped model, a new search is the fair comparison.
+        probe = dict(restarts=cfg.restarts, steps=max(cfg.warmup_steps, 100), seed=cfg.seed + 1, clean_x=x)
+        zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
+        mm_before = max_margins(engine, box, k, **probe)
+        source, refit_table = m.proto, None
+        if name == "mmom-refit":
+            w, b, refit_table = refit(engine, x, y, k, bounds=zb, seed=cfg.seed)
+            source = write_classifier(m, w, b)
+            engine = Engine(from_proto(source, input_name=m.input_name, output_name=m.output_name), device=dev)
+        mm_after = max_margins(engine, box, k, bounds=zb, **probe)
+
+    hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
+    settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None}
+    stage = "unlearn" if stamp is not None and stamp.found else "max-margin"
+    report = HardenReport(
+        method=name, settings=settings, seed=cfg.seed, device=str(dev),
+        model_sha256=model_sha256(m), data_sha256=data_sha256(clean),
+        model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
+        sites=len(result.bounds), stage=stage, stamp=stamp.to_json() if stamp is not None else None,
+        lambda_=result.lambda_, clean_set_accuracy=result.accuracy,
+        max_margins_before=[float(v) for v in mm_before.cpu()],
+        max_margins_after=[float(v) for v in mm_after.cpu()],
+        epochs=result.epochs, seconds=result.seconds, form=form, site_forms=forms.to_json(),
+        history=result.history, cross_validation=cv, refit=refit_table,
+    )
+    result.bounds.meta = {"method": name, "seed": cfg.seed, "model_sha256": report.model_sha256,
+                          "data_sha256": report.data_sha256}
+    set_metadata(hardened, provenance(report, cfg))
+    return HardenResult(bounds=result.bounds, model=hardened, report=report)
+
+
+def provenance(report: HardenReport, cfg) -> dict[str, str]:
+    """The metadata_props a hardened model carries: how it was made, and from what."""
+    return {
+        "mmexport.version": __version__,
+        "mmexport.method": report.method,
+        "mmexport.stage": report.stage,
+        "mmexport.settings": json.dumps(report.settings, sort_keys=True),
+        "mmexport.seed": str(cfg.seed),
+        "mmexport.source_sha256": report.model_sha256,
+        "mmexport.data_sha256": report.data_sha256,
+        "mmexport.lambda": repr(report.lambda_),
+        "mmexport.clean_set_accuracy": repr(report.clean_set_accuracy),
+        "mmexport.max_margins_before": json.dumps(report.max_margins_before),
+        "mmexport.max_margins_after": json.dumps(report.max_margins_after),
+        "mmexport.granularity": cfg.granularity,
+    }

@@ -1,0 +1,36 @@
+"""MMAC's defaults: keep D's logits while the maximum margins shrink; first look for a stamp."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...core.config import param
+from ...core.errors import ParameterError
+from ..common.config import SearchConfig
+
+
+@dataclass(frozen=True)
+class MmacConfig(SearchConfig):
+    """The max-margin search with D's logits kept, after an optional stamp-unlearning stage.
+
+    `unlearn="auto"` first reverse-engineers one stamp per class on the original model; where
+    one class's stamped margin on D stands out by `unlearn_gate` (its gap to the runner-up
+    over the others' MAD), the bounds unlearn that stamp instead (`mmac.unlearn`).
+    """
+
+    method: str = param("mmac", "Objective on D: keep its logits.", choices=("mmac",), cli=False)
+    unlearn: str = param("auto", "First look for a stamped trigger on the original model (one pattern of "
+                                 "mask_area per class); if one class's stamp stands out, fit the bounds to send "
+                                 "D's stamped images back to their labels instead of the max-margin search "
+                                 "(auto), or always run the max-margin search alone (off).",
+                         choices=("auto", "off"))
+    unlearn_gate: float = param(4.0, "How far (in MADs of the other classes) one class's stamp must stand out.",
+                                cli=False)
+    unlearn_floor: float = param(0.97, "Accuracy floor on D and its shifts while unlearning.", cli=False)
+    unlearn_weight0: float = param(0.02, "Starting weight of the stamped cross-entropy.", cli=False)
+    unlearn_epochs: int = param(200, "Epochs of the unlearning stage.", cli=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 < self.unlearn_floor <= 1.0:
+            raise ParameterError("unlearn_floor", f"must be in (0, 1], got {self.unlearn_floor}")

@@ -1,0 +1,289 @@
+"""Backdoor detection without a trigger: the MM-BD test on two maximum-margin statistics.
+
+MM-BD (Wang, Miller & Kesidis): a backdoor target is the class whose maximum margin is
+abnormally large. Estimate one statistic per class, take the largest as the candidate target,
+fit a null law to the other K-1 values and ask how likely a maximum at least this large is
+among K draws from it: p = 1 - F(s_max)^K.
+
+One statistic does not see every trigger, so two are tested, each with its own null:
+
+- ``max_margin``: the class's maximum margin over the whole input box (ascent from noise and
+  from clean images). Triggers that change a few pixels a lot (patches) show here; but natural
+  classes can reach large free margins too (a ResNet's texture-like classes), and a trigger of
+  small amplitude spread over the image need not stand out among them.
+- ``universal_gain``: one shared perturbation per class, at most `budget` x the input range
+  per pixel (L-infinity), added to D's images of every other class; the mean gain in margin
+  toward the class, in units of the spread (std) of those images' margins toward it on D.
+  A backdoor is a shortcut that moves natural images of all classes to the target with a
+  small change; dividing by the clean spread keeps classes whose margins merely run on a
+  larger logit scale from standing out. The two statistics cover the two kinds of trigger:
+  large and local, small and global.
+
+The null law is a gamma with location 0 (both statistics are magnitudes with a natural zero),
+fitted by maximum likelihood on the K-1 non-maximal values. The two p-values are combined by
+Bonferroni (twice the smaller, capped at 1): the verdict is `backdoor` when that is below
+alpha, and the target is the candidate of the statistic with the smaller p-value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from ...core.config import check_choices, param, with_overrides
+from ...core.errors import MmexportError, ParameterError
+from .stats import StatisticTest, decide, mmbd_test
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Every knob of the scan; the defaults are the shipped test, the same for every model."""
+
+    alpha: float = param(0.05, "Significance level of the combined test.")
+    restarts: int = param(10, "Max-margin ascent starts per class (half noise, half clean images).")
+    ascent_steps: int = param(200, "Max-margin ascent steps per start.")
+    step_size: float = param(0.02, "Signed-gradient ascent step, as a fraction of the input range.", cli=False)
+    universal_steps: int = param(100, "Ascent steps on the shared perturbations.", cli=False)
+    universal_batch: int = param(20, "Other-class images per class per step.", cli=False)
+    norm: str = param("linf", "The shared perturbation's norm.", choices=("linf", "l2"), cli=False)
+    budget: float = param(0.05, "The shared perturbation's radius: a fraction of the box's range (linf) or "
+                                "of its norm (l2).", cli=False)
+    seed: int = param(0, "Seed of the searches: same seed, same result (on CPU).")
+
+    def __post_init__(self):
+        check_choices(self)
+        if not 0.0 < self.alpha < 1.0:
+            raise ParameterError("alpha", f"must be in (0, 1), got {self.alpha}")
+        for name in ("restarts", "universal_batch"):
+            if getattr(self, name) < 1:
+                raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("ascent_steps", "universal_steps"):
+            if getattr(self, name) < 0:
+                raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.budget > 0:
+            raise ParameterError("budget", f"must be > 0, got {self.budget}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ScanResult:
+    """Verdict of the scan; `target_class` is None when the verdict is `clean`.
+
+    `max_margins` are the per-class maximum margins (logit units); `tests` holds each
+    statistic's test; `p_value` is the combined (Bonferroni) p-value.
+    """
+
+    verdict: str
+    target_class: int | None
+    p_value: float
+    max_margins: list[float]
+    candidate_class: int
+    statistic: str  # the statistic whose test decided (smaller p-value)
+    tests: dict[str, StatisticTest] = field(default_factory=dict)
+    alpha: float = 0.05
+    settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    device: str = "cpu"
+    model: str | None = None
+    data: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# --- the searches (torch) ------------------------------------------------------------------
+
+
+def universal_gain(
+    engine,
+    box,
+    x,
+    y,
+    num_classes: int,
+    *,
+    norm: str,
+    budget: float,
+    steps: int,
+    batch: int,
+    generator,
+    progress: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Per class c: the mean margin gain toward c of D's other-class images under one shared
+    perturbation, over its std on D (how many clean spreads a small shared change buys).
+
+    The perturbation is bounded in `norm`: "l2" (radius `budget` x the norm of the box) or
+    "linf" (`budget` x the box's range, per element); it is found by normalised (l2) or
+    signed (linf) gradient ascent on the mean margin of a fresh batch of `batch` images
+    per class each step.
+    """
+    import torch
+
+    from ..common.margins import margins
+
+    span = box.hi - box.lo
+    shape = (num_classes, *box.lo.shape)
+    if norm == "l2":
+        radius = budget * float(span.norm())
+        step = 0.1 * radius
+    elif norm == "linf":
+        radius = budget * span
+        step = 0.1 * radius
+    else:
+        raise MmexportError(f"unknown norm {norm!r}; choose l2 or linf")
+    pools = [torch.nonzero(y != c).flatten() for c in range(num_classes)]
+    classes = torch.arange(num_classes, device=x.device).repeat_interleave(batch)
+    delta = torch.zeros(shape, device=x.device)
+    for i in range(steps):
+        pick = torch.cat(
+            [p[torch.randint(0, len(p), (batch,), generator=generator).to(p.device)] for p in pools]
+        )
+        delta = delta.detach().requires_grad_(True)
+        m = margins(engine(box.clamp(x[pick] + delta.repeat_interleave(batch, dim=0))), classes)
+        (grad,) = torch.autograd.grad(m.sum(), delta)
+        with torch.no_grad():
+            if norm == "l2":
+                g = grad.flatten(1)
+                g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
+                d = delta.flatten(1) + step * g
+                d = d * (radius / d.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+                delta = d.view(shape)
+            else:
+                delta = torch.maximum(torch.minimum(delta + step * grad.sign(), radius), -radius)
+        if progress is not None and (i + 1) % 10 == 0:
+            progress(10)
+    if progress is not None and steps % 10:
+        progress(steps % 10)
+    out = []
+    with torch.no_grad():
+        for c in range(num_classes):
+            xs = x[pools[c]]
+            cls = torch.full((len(xs),), c, device=x.device)
+            before = margins(engine(xs), cls)
+            after = margins(engine(box.clamp(xs + delta[c])), cls)
+            spread = float(before.std()) if len(xs) > 1 else 0.0
+            out.append(float((after - before).mean()) / max(spread, 1e-6))
+    return out
+
+
+def scan_engine(
+    engine,
+    x,
+    y,
+    num_classes: int,
+    box,
+    config: ScanConfig = ScanConfig(),
+    *,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> dict[str, StatisticTest]:
+    """Both statistics and their MM-BD tests for an engine, a clean set (x, y) and a box."""
+    import torch
+
+    from ..common.margins import Maximisers
+
+    total = config.ascent_steps + config.universal_steps
+    done = 0
+
+    def tick(stage: str, n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(stage, done, total)
+
+    gen = torch.Generator().manual_seed(config.seed)
+    maxi = Maximisers(
+        box, num_classes, config.restarts, generator=gen, clean_x=x, step_size=config.step_size
+    )
+    chunk = 20
+    m = None
+    for start in range(0, config.ascent_steps, chunk):
+        n = min(chunk, config.ascent_steps - start)
+        m = maxi.ascend(engine, None, n)
+        tick("max margins", n)
+    if m is None:  # steps == 0: the starts themselves
+        m = maxi.ascend(engine, None, 0)
+    mm = [float(v) for v in maxi.per_class(m, "max").cpu()]
+
+    gen_u = torch.Generator().manual_seed(config.seed + 1)
+    ug = universal_gain(
+        engine,
+        box,
+        x,
+        y,
+        num_classes,
+        norm=config.norm,
+        budget=config.budget,
+        steps=config.universal_steps,
+        batch=config.universal_batch,
+        generator=gen_u,
+        progress=lambda n: tick("universal perturbations", n),
+    )
+    return {"max_margin": mmbd_test(mm), "universal_gain": mmbd_test(ug)}
+
+
+def scan(
+    model,
+    clean_set,
+    config: ScanConfig | None = None,
+    *,
+    input_range: tuple[float, float] | None = None,
+    device: str = "auto",
+    input_name: str | None = None,
+    output_name: str | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    **overrides,
+) -> ScanResult:
+    """Is `model` backdoored? MM-BD's test, no trigger needed, on a small clean set.
+
+    `model`: ONNX path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y), every
+    class present. Keyword overrides (alpha, restarts, ascent_steps, universal_steps, budget, seed,
+    ...) replace fields of the default ScanConfig. `progress(stage, done, total)` follows the
+    searches.
+    """
+    import torch
+
+    from ...core.data import as_dataset, check_every_class, check_for_model
+    from ...core.model import as_model
+    from ...engine.executor import Engine
+    from ..common.device import reproducible, resolve_device
+    from ..common.margins import input_box
+
+    cfg = with_overrides(config or ScanConfig(), overrides, what="the scan")
+
+    start = time.perf_counter()
+    m = as_model(model, input_name=input_name, output_name=output_name)
+    clean = as_dataset(clean_set)
+    k = m.num_classes
+    where = m.path or "model"
+    if k is None:
+        raise MmexportError(f"{where}: output {m.output_name!r} has no static class dimension")
+    if k < 3:
+        raise MmexportError(f"{where}: {k} classes; the scan's null needs at least 3")
+    check_for_model(clean, m.input_shape, k)
+    check_every_class(clean, k)
+    dev = resolve_device(device)
+    engine = Engine(m, device=dev)
+    x = torch.from_numpy(clean.x).to(dev)
+    y = torch.from_numpy(clean.y).to(dev)
+    box = input_box(x, input_range).to(dev)
+
+    with reproducible(dev):
+        tests = scan_engine(engine, x, y, k, box, cfg, progress=progress)
+    verdict, target, p, name = decide(tests, cfg.alpha)
+    return ScanResult(
+        verdict=verdict,
+        target_class=target,
+        p_value=p,
+        max_margins=tests["max_margin"].values,
+        candidate_class=tests[name].candidate,
+        statistic=name,
+        tests=tests,
+        alpha=cfg.alpha,
+        settings=cfg.to_json() | {"input_range": list(input_range) if input_range else None},
+        seconds=time.perf_counter() - start,
+        device=str(dev),
+        model=str(m.path) if m.path else None,
+        data=str(clean.path) if clean.path else None,
+    )

@@ -1,0 +1,53 @@
+"""MMDF: test-time backdoor detection and fix in one ONNX graph (Wang, Miller & Kesidis).
+
+A backdoor trigger drives a few neurons far outside anything clean inputs do; bounding the
+ReLUs removes that, while a clean input's margin barely moves. So for the original model's
+predicted class c^ = argmax g(x),
+
+    d(x) = m_c^(x) - m_c^(x; Z),      m_c(x) = g_c(x) - max_{k != c} g_k(x),
+
+the margin the bounds Z take away, is small on clean inputs and large on triggered ones. An
+input is flagged when d exceeds a threshold calibrated on the clean set D (the *null*).
+
+Bounds. The default ("clean-max") bounds every channel at the upper end of its range on D
+(and D's 1-pixel shifts): the limit of MMAC's search at lambda = 0, the point it starts
+from. MMAC's margin term pulls bounds into the clean range; that moves clean margins too
+and blurs clean and triggered inputs (on the sample patch models MMAC bounds detect 82-95%
+of triggered inputs, clean-max bounds 95-99.6%; the lower the accuracy floor, the worse).
+Bounds fitted on D hold every D activation, so d on D is 0: the null is cross-fitted (each
+image scored with bounds fitted on the other folds). MMAC or any other bounds can be given
+instead; their null is d on D itself, optimistic when they were fitted on D (up to ~2x
+alpha false positives on new clean inputs).
+
+Null law. d on clean data is a point mass at 0 plus a short, skewed right tail: a fitted
+Gaussian (the paper's choice) puts the threshold far too low (1.6-2.6% false positives at
+alpha = 0.5% here, 5% on the prototype). The default is the conformal quantile, the
+ceil((n + 1)(1 - alpha))-th smallest null score, which a new clean score exceeds with
+probability <= alpha whatever the law (`fit_null`).
+
+The graph holds both branches. The bounded branch duplicates only the nodes that depend on
+a bounded site and reads the very same weight initializers, so the file grows by a few
+nodes, not by a second copy of the weights. It outputs
+
+- the original logits name: the original logits where the input is not flagged; where it
+  is, the bounded logits with c^ pushed to a large negative value (argmax = the best other
+  class);
+- `mmdf_detected` (bool [N]) and `mmdf_score` (float [N], d - threshold);
+- with the feature test (`statistic="margin+features"`, the default), `mmdf_feature_score`:
+  how far the input's site channel statistics (mean, spread, skew) lie from class c^ on D
+  (from the focus class, see below), minus its threshold (`mmexport.features`). It catches
+  triggers that stay inside the clean range, which d cannot see; an input is flagged by
+  either test, alpha split between them.
+
+Focus. A trigger that works makes the model predict its target. Where the MM-BD scan on D
+(or the user) names the suspected target t, only inputs the original model sends to t can
+be flagged, and both thresholds are set on D's inputs sent to t at alpha / p (p: their
+share of D), so the false-positive rate over all clean inputs stays alpha while the tests
+spend it where triggered inputs are. On the sample zoo this removed the false positives on
+classes a trigger never produces (correctly classified "1"s of a signal-attack CNN, 2.0% ->
+0.2%); the price: a wrongly named target leaves the triggered inputs untested. The graph
+then stores the focus class's feature means only, and scores every input against them.
+
+Bounds are written unfolded (`Min` / `Clip`, as `apply_bounds(form="min")`): folding them
+would rescale weights the original branch shares.
+"""

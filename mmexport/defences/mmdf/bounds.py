@@ -1,0 +1,57 @@
+"""Clean-range bounds: each channel bounded at the top of its range on D and D's shifts."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ...core.bounds import Bounds
+
+
+def shifted(x: np.ndarray) -> np.ndarray:
+    """x and its four 1-pixel shifts (edges replicated), [5N, ...], for image batches
+    [N, C, H, W]; other inputs come back as they are. Copy j of sample i is row j*N + i."""
+    if x.ndim != 4:
+        return x
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
+    h, w = x.shape[2], x.shape[3]
+    moves = ((-1, 0), (1, 0), (0, -1), (0, 1))
+    return np.concatenate([x] + [pad[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+                                 for dy, dx in moves])
+
+
+def site_maxima(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str,
+                provider: str = "cpu", batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Per sample, the largest activation of every channel of every site: {site: [N, C]}.
+
+    A site without a known channel axis gets one value per sample ([N, 1] -> a scalar bound).
+    Run by onnxruntime with the sites added as graph outputs.
+    """
+    from ...runtime.sessions import tensor_summaries
+
+    channelled = {s.name for s in sites if s.channels is not None}
+
+    def per_channel_max(name, a):
+        if name in channelled and a.ndim >= 2:
+            return a.reshape(a.shape[0], a.shape[1], -1).max(axis=2)
+        return a.reshape(a.shape[0], -1).max(axis=1, keepdims=True)
+
+    return tensor_summaries(proto, [s.name for s in sites], x, per_channel_max,
+                            input_name=input_name, provider=provider, batch_size=batch_size)
+
+
+def clean_max_bounds(maxima: dict[str, np.ndarray], index=None) -> Bounds:
+    """The upper end of each channel's clean range, from per-sample maxima {site: [N, C]}.
+
+    x_(n) + (x_(n) - x_(n-1)) per channel (the two largest values): the largest clean value
+    seen plus the last gap, an estimate of the range's endpoint that a new clean input rarely
+    passes and a trigger, which drives a few channels well outside it, does. `index` picks
+    the samples to use. Sites without a channel axis ([N, 1]) get a scalar bound.
+    """
+    values = {}
+    for name, m in maxima.items():
+        m = m if index is None else m[index]
+        top = np.sort(m, axis=0)[-2:] if len(m) > 1 else np.concatenate([m, m])
+        z = np.maximum(2 * top[-1] - top[-2], 0.0).astype(np.float32)
+        values[name] = z.reshape(()) if z.shape == (1,) else z
+    return Bounds(values, {"method": "clean-max"})

@@ -1,0 +1,353 @@
+"""`detect`: calibrate MMDF on the clean set and build its detect-and-fix model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import onnx
+
+from ... import __version__
+from ...core.bounds import Bounds, check_bounds_for_sites, load_bounds
+from ...core.config import with_overrides
+from ...core.data import Dataset, as_dataset, check_for_model
+from ...core.errors import MmexportError, ParameterError
+from ...core.model import Model
+from ...core.provenance import data_sha256, get_metadata, model_sha256, set_metadata
+from ...graph.rewrite import count_bounded_sites
+from ..common.checks import check_original
+from ..common.stats import fold_ids
+from ..mmac.config import MmacConfig
+from .bounds import clean_max_bounds, shifted, site_maxima
+from .config import MmdfConfig
+from .features import fit_features, site_feature_arrays
+from .graph import METHOD, SCORE, build_mmdf_graph
+from .null import ROUNDING, NullFit, fit_null
+
+
+@dataclass
+class DetectReport:
+    """How the MMDF model was calibrated, and what it flags on D (JSON via `to_json`)."""
+
+    model: str | None
+    data: str | None
+    model_sha256: str
+    data_sha256: str
+    bounds_source: str  # "clean-max", "mmac", "bounds", "bounds:<file>" or "hardened:<file>"
+    sites: int
+    seed: int
+    alpha: float
+    statistic: str
+    threshold: float
+    null: dict
+    features: dict | None
+    calibration: dict
+    false_positive_rate_clean_set: float
+    margin_gap_clean_set: dict
+    harden: dict | None
+    avoid: dict
+    focus: dict
+    settings: dict = field(default_factory=dict)
+    method: str = METHOD
+    mmexport_version: str = __version__
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DetectResult:
+    """The MMDF model, its threshold on d, the bounds it holds and what was done."""
+
+    model: onnx.ModelProto
+    threshold: float
+    report: DetectReport
+    bounds: Bounds | None = None
+    null: NullFit | None = None
+
+
+def _bounds_from_hardened(hardened, m: Model, source_sha: str) -> tuple[Bounds, str]:
+    """The bounds a hardened model holds (Min / Clip nodes, or fold metadata)."""
+    from ...core.model import read_onnx
+    from ...graph.rewrite import extract_bounds
+
+    if isinstance(hardened, onnx.ModelProto):
+        proto, where = hardened, "hardened model"
+    else:
+        proto, where = read_onnx(hardened), str(hardened)
+    if not count_bounded_sites(proto)["total"]:
+        raise MmexportError(f"{where}: holds no mmexport bounds (not a hardened model)")
+    made_from = get_metadata(proto).get("mmexport.source_sha256")
+    if made_from and made_from != source_sha:
+        raise MmexportError(
+            f"{where}: was hardened from another model (source sha256 {made_from[:12]}..., "
+            f"this model {source_sha[:12]}...)"
+        )
+    try:
+        bounds = extract_bounds(proto)
+    except MmexportError as exc:
+        raise MmexportError(f"{where}: {exc}") from None
+    return bounds, f"hardened:{where}"
+
+
+def _scores(proto: onnx.ModelProto, x: np.ndarray, m: Model, provider: str,
+            output: str = SCORE) -> np.ndarray:
+    """One output of `proto` (default: the MMDF score) on x, run by onnxruntime, as float64."""
+    from ...runtime.sessions import predict, session
+
+    sess, _ = session(proto, provider=provider)
+    return predict(sess, x, input_name=m.input_name, output_name=output).astype(np.float64)
+
+
+def _probe(m: Model, bounds: Bounds) -> onnx.ModelProto:
+    """The MMDF graph at threshold 0: its score output is d itself."""
+    return build_mmdf_graph(m.proto, bounds, 0.0, output_name=m.output_name, sites=m.sites)
+
+
+def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, copies: int,
+                         folds: int, seed: int, provider: str) -> np.ndarray:
+    """d of every calibration input under clean-max bounds fitted without its source image.
+
+    Bounds fitted on D itself hold every D activation, so d on D would be 0 and say nothing
+    about a new input; K-fold cross-fitting scores each image (and its shifts) with the
+    bounds of the other folds, as a new clean input meets the bounds of all of D.
+    """
+    fold = np.tile(fold_ids(y, folds, seed), copies)
+    d = np.empty(len(x), dtype=np.float64)
+    for k in range(folds):
+        rows = np.flatnonzero(fold == k)
+        if len(rows) == 0:
+            continue
+        bounds = clean_max_bounds(maxima, np.flatnonzero(fold != k))
+        d[rows] = _scores(_probe(m, bounds), x[rows], m, provider)
+    return d
+
+
+def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, progress) -> dict:
+    """{"class": the class flagged inputs must not go to or None, "source", "scan": its report}.
+
+    Where the scan cannot run (fewer than 3 classes, a class missing from D) no class is
+    avoided and the report says why: the rule is an addition to MMDF, not a precondition.
+    """
+    if avoid != "scan":
+        return {"class": avoid, "source": None if avoid is None else "given", "scan": None}
+    from ..mmbd.scan import scan
+
+    if progress is not None:
+        progress({"stage": "scan (MM-BD: which class would a backdoor target?)", "n": len(clean)})
+    try:
+        res = scan(m, clean, seed=seed, device=device)
+    except MmexportError as exc:
+        return {"class": None, "source": "scan", "scan": {"skipped": str(exc)}}
+    report = {"verdict": res.verdict, "target_class": res.target_class, "p_value": res.p_value,
+              "statistic": res.statistic, "alpha": res.alpha}
+    target = res.target_class if res.verdict == "backdoor" else None
+    return {"class": target, "source": "scan", "scan": report}
+
+
+def focus_plan(target: int | None, predicted: np.ndarray | None, alpha: float) -> dict:
+    """Which inputs can be flagged and at what level: {"class", "n", "share", "alpha", "reason"}.
+
+    A trigger that works makes the model predict its target, so when the target is known
+    only inputs sent to it need testing: the calibration keeps D's inputs predicted as the
+    target (share p of D), tested at alpha / p, so that P(flagged) = p * alpha / p = alpha
+    over all clean inputs. Too few such inputs (< 10) and every input is tested.
+    """
+    if target is None:
+        return {"class": None, "reason": "no suspected target"}
+    on = predicted == target
+    n = int(on.sum())
+    if n < 10:
+        return {"class": None, "reason": f"{n} calibration inputs predicted as class {target}, "
+                                         "need at least 10"}
+    share = n / len(predicted)
+    return {"class": int(target), "n": n, "share": share, "alpha": min(alpha / share, 0.25)}
+
+
+def detect(
+    model,
+    clean_set,
+    config: MmdfConfig | None = None,
+    *,
+    bounds=None,
+    hardened=None,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    device: str = "auto",
+    provider: str = "auto",
+    progress: Callable[[dict], None] | None = None,
+    **overrides,
+) -> DetectResult:
+    """Build the MMDF model of `model`, its threshold calibrated on `clean_set`.
+
+    `model`: path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y).
+    `config` (`MmdfConfig`) holds the method's settings; keyword `overrides` replace its
+    fields, and where the bounds method is "mmac" also MMAC's (`max_epochs=40`).
+    Bounds come from `bounds` (Bounds or a .bounds.json path), from `hardened` (a model
+    mmexport hardened from this one), or are computed on the clean set by `method`:
+    "clean-max" (default: each channel's clean range endpoint, `clean_max_bounds`, with the
+    null cross-fitted over `folds` folds) or "mmac" (`mmexport.harden(..., seed=seed)`
+    with `search`). `augment` adds the 1-pixel shifts of image inputs to D. The threshold is
+    the 1 - `alpha` quantile of `law` (`fit_null`) over d on D; d is computed by onnxruntime
+    (`provider`) on the built graph itself, so the model reproduces the calibrated scores.
+    `statistic` "margin+features" (default) adds the feature test (`mmexport.features`,
+    fitted and cross-fitted on the same inputs and folds) and splits alpha between the two
+    tests; "margin" is the paper's test alone.
+    `avoid`: a class that a flagged input is never sent to. "scan" (default): the target of
+    the MM-BD scan on the clean set (`mmexport.scan`, same seed and device) when its verdict
+    is backdoor, else none; an int: that class; None: none. Without it, a triggered input
+    that the backdoor did not win over is flagged, its (true) class suppressed, and the
+    bounded model's best other class is often the target.
+    `focus` (default): where a class is avoided, only inputs the original model assigns to
+    it can be flagged, and the thresholds are set on D's inputs assigned to it at the level
+    that keeps the false-positive rate over all clean inputs at `alpha` (`focus_plan`).
+    """
+    from ...core.model import as_model
+
+    cfg = resolve_config(config, overrides)
+    if bounds is not None and hardened is not None:
+        raise ParameterError("bounds", "give bounds or a hardened model, not both")
+    given = bounds is not None or hardened is not None
+    if cfg.search is not None and given:
+        raise ParameterError("search", "MMAC settings apply where MMDF searches the bounds, not to bounds given")
+    method, statistic, alpha, law, folds = cfg.method, cfg.statistic, cfg.alpha, cfg.law, cfg.folds
+    augment, seed, avoid, focus = cfg.augment, cfg.seed, cfg.avoid, cfg.focus
+    m = as_model(model, input_name=input_name, output_name=output_name)
+    k = check_original(m, hardened_hint=" and pass the hardened one as `hardened`")
+    if isinstance(avoid, int) and not 0 <= avoid < k:
+        raise ParameterError("avoid", f"{avoid}: not one of the model's {k} classes (0..{k - 1})")
+    clean = as_dataset(clean_set)
+    check_for_model(clean, m.input_shape, k)
+    if len(clean) < max(folds, 10):
+        raise MmexportError(
+            f"{clean.path or 'clean set'}: {len(clean)} samples; MMDF needs at least "
+            f"{max(folds, 10)} to calibrate its threshold"
+        )
+    source_sha = model_sha256(m)
+    x = shifted(clean.x) if augment else clean.x
+    copies = len(x) // len(clean)
+
+    harden_report = None
+    cross_fit = False
+    if isinstance(bounds, Bounds):
+        source = "bounds"
+    elif bounds is not None:
+        source, bounds = f"bounds:{bounds}", load_bounds(bounds)
+    elif hardened is not None:
+        bounds, source = _bounds_from_hardened(hardened, m, source_sha)
+    elif method == "mmac":
+        from ..harden import harden
+
+        res = harden(m, clean, cfg.search or MmacConfig(), seed=seed, device=device, progress=progress)
+        bounds, source = res.bounds, "mmac"
+        harden_report = res.report.to_json(history=False)
+    else:
+        if progress is not None:
+            progress({"stage": "clean range", "n": len(x)})
+        maxima = site_maxima(m.proto, m.sites, x, input_name=m.input_name, provider=provider)
+        bounds, source, cross_fit = clean_max_bounds(maxima), "clean-max", True
+    where = source.split(":", 1)[1] if ":" in source else "bounds"
+    try:
+        check_bounds_for_sites(bounds, m.sites, where=where)
+    except MmexportError as exc:
+        raise MmexportError(f"{exc} ({m.path or 'model'})") from None
+
+    avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
+    avoided = avoid_report["class"]
+    if progress is not None:
+        progress({"stage": "calibrate", "n": len(x)})
+    if cross_fit:
+        d = _cross_fitted_scores(m, maxima, x, clean.y, copies, folds, seed, provider)
+    else:
+        d = _scores(_probe(m, bounds), x, m, provider)
+    use_features = statistic == "margin+features"
+    features = predicted = None
+    target = avoided if focus else None
+    if use_features:
+        if progress is not None:
+            progress({"stage": "features", "n": len(x)})
+        # The same inputs as the margin test (D and, with `augment`, its shifts): fitted
+        # without them, the Gaussians flag up to 28% of shifted clean test images.
+        feats, logits = site_feature_arrays(m.proto, m.sites, x, input_name=m.input_name,
+                                            output_name=m.output_name, provider=provider)
+        predicted = logits.argmax(axis=1)
+        features = fit_features(feats, np.tile(clean.y, copies), predicted, k,
+                                np.tile(fold_ids(clean.y, folds, seed), copies))
+    elif target is not None:
+        predicted = _scores(m.proto, x, m, provider, m.output_name).argmax(axis=1)
+    alpha_each = alpha / 2 if use_features else alpha
+    plan = focus_plan(target, predicted, alpha_each)
+    tested = predicted == plan["class"] if plan["class"] is not None else np.ones(len(d), bool)
+    level = plan.get("alpha", alpha_each)
+    null = fit_null(d[tested], level, law=law,
+                    floor=ROUNDING * max(1.0, float(np.abs(d).max())))
+    feature_null = None if features is None else fit_null(features.null[tested], level, law=law)
+    flagged_on_d = d > null.threshold
+    if feature_null is not None:
+        flagged_on_d = flagged_on_d | (features.null > feature_null.threshold)
+    flagged_on_d &= tested
+    out = build_mmdf_graph(m.proto, bounds, null.threshold, output_name=m.output_name,
+                           sites=m.sites, features=features,
+                           feature_threshold=feature_null.threshold if feature_null else None,
+                           avoid=avoided, focus=plan["class"])
+
+    calibration = {"n": len(d), "images": len(clean), "augment": copies > 1,
+                   "cross_fit_folds": folds if cross_fit else None,
+                   "feature_folds": folds if use_features else None}
+    report = DetectReport(
+        model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
+        model_sha256=source_sha, data_sha256=data_sha256(clean), bounds_source=source,
+        sites=len(bounds), seed=seed, alpha=alpha, statistic=statistic, threshold=null.threshold,
+        null=null.to_json(),
+        features=None if features is None else {
+            "threshold": feature_null.threshold,
+            "null": feature_null.to_json(),
+            "sites": [g.to_json() for g in features.sites],
+        },
+        calibration=calibration,
+        false_positive_rate_clean_set=float(np.mean(flagged_on_d)),
+        margin_gap_clean_set={
+            "mean": float(d.mean()), "std": float(d.std()), "max": float(d.max()),
+            "zero_fraction": float(np.mean(np.abs(d) <= 1e-6)),
+            "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
+        },
+        harden=harden_report, avoid=avoid_report, focus=plan,
+        settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"},
+    )
+    set_metadata(out, {
+        "mmexport.version": __version__,
+        "mmexport.method": METHOD,
+        "mmexport.mmdf.threshold": repr(null.threshold),
+        "mmexport.mmdf.statistic": statistic,
+        "mmexport.mmdf.feature_threshold": repr(feature_null.threshold) if feature_null else "",
+        "mmexport.mmdf.alpha": repr(alpha),
+        "mmexport.mmdf.null": json.dumps(null.to_json(), sort_keys=True),
+        "mmexport.mmdf.calibration": json.dumps(calibration, sort_keys=True),
+        "mmexport.mmdf.bounds_source": source,
+        "mmexport.mmdf.avoid": "" if avoided is None else str(avoided),
+        "mmexport.mmdf.focus": "" if plan["class"] is None else str(plan["class"]),
+        "mmexport.mmdf.output": m.output_name,
+        "mmexport.seed": str(seed),
+        "mmexport.source_sha256": source_sha,
+        "mmexport.data_sha256": report.data_sha256,
+    })
+    return DetectResult(model=out, threshold=null.threshold, report=report, bounds=bounds,
+                        null=null)
+
+
+def resolve_config(config: MmdfConfig | None, overrides: dict) -> MmdfConfig:
+    """The config a call asks for; overrides that are not MMDF's go to its MMAC search."""
+    cfg = config or MmdfConfig()
+    if not isinstance(cfg, MmdfConfig):
+        raise ParameterError("config", f"expected an MmdfConfig, got {type(cfg).__name__}")
+    own = {k: v for k, v in overrides.items() if k in MmdfConfig.__dataclass_fields__}
+    rest = {k: v for k, v in overrides.items() if k not in own}
+    cfg = with_overrides(cfg, own, what="MMDF")
+    if rest:
+        if cfg.method != "mmac":
+            raise ParameterError(sorted(rest)[0], f"not a parameter of MMDF; MMAC's settings apply to method "
+                                                  f"'mmac' only, not {cfg.method!r}")
+        cfg = replace(cfg, search=with_overrides(cfg.search or MmacConfig(), rest, what="MMAC"))
+    return cfg
