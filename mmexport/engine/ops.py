@@ -184,8 +184,8 @@ def _torch_pads(pads: list[int], nd: int) -> list[int]:
 # --- elementwise -----------------------------------------------------------------------------
 
 
-def _unary(op_type: str, f: Callable):
-    op(op_type)(lambda node: f)
+def _unary(op_type: str, f: Callable, since: int = 1):
+    op(op_type, since=since)(lambda node: f)
 
 
 _unary("Relu", torch.relu)
@@ -197,6 +197,19 @@ _unary("Log", torch.log)
 _unary("Sqrt", torch.sqrt)
 _unary("Abs", torch.abs)
 _unary("Erf", torch.erf)
+_unary("Reciprocal", torch.reciprocal)
+_unary("Floor", torch.floor)
+_unary("Ceil", torch.ceil)
+_unary("Round", torch.round, since=11)  # half to even, as ONNX
+_unary("Sign", torch.sign, since=9)
+_unary("Sin", torch.sin, since=7)
+_unary("Cos", torch.cos, since=7)
+_unary("Softsign", F.softsign)
+_unary("Softplus", F.softplus)
+_unary("HardSwish", F.hardswish, since=14)
+_unary("Mish", F.mish, since=18)
+_unary("Not", torch.logical_not)
+_unary("IsNaN", torch.isnan, since=9)
 
 
 @op("Identity")
@@ -218,6 +231,46 @@ def leaky_relu(node):
     return lambda x: F.leaky_relu(x, alpha)
 
 
+@op("Elu")
+def elu(node):
+    alpha = float(node.attr("alpha", 1.0))
+    return lambda x: F.elu(x, alpha)
+
+
+@op("Celu", since=12)
+def celu(node):
+    alpha = float(node.attr("alpha", 1.0))
+    return lambda x: F.celu(x, alpha)
+
+
+@op("Selu")
+def selu(node):
+    """gamma * elu(x, alpha), with the node's constants (torch's selu fixes its own)."""
+    alpha = float(node.attr("alpha", 1.67326319217681884765625))
+    gamma = float(node.attr("gamma", 1.05070102214813232421875))
+    return lambda x: F.elu(x, alpha) * gamma
+
+
+@op("ThresholdedRelu", since=10)
+def thresholded_relu(node):
+    alpha = float(node.attr("alpha", 1.0))
+    return lambda x: F.threshold(x, alpha, 0.0)
+
+
+@op("Gelu", since=20)
+def gelu(node):
+    approximate = node.attr("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise node.fail(f"approximate {approximate!r} is not supported")
+    return lambda x: F.gelu(x, approximate=approximate)
+
+
+@op("PRelu")
+def prelu(node):
+    """x where x >= 0, slope * x below: the slope broadcasts numpy-style ([C, 1, 1] over NCHW)."""
+    return _device_safe(lambda x, slope: torch.where(x < 0, x * slope, x))
+
+
 def _div(a, b):
     if a.is_floating_point():
         return torch.div(a, b)
@@ -229,9 +282,9 @@ def _pow(a, b):
     return y if y.dtype == a.dtype else y.to(a.dtype)  # ONNX: the result has X's type
 
 
-def _binary(op_type: str, f: Callable):
+def _binary(op_type: str, f: Callable, since: int = 1):
     g = _device_safe(f)
-    op(op_type)(lambda node: g)
+    op(op_type, since=since)(lambda node: g)
 
 
 _binary("Add", torch.add)
@@ -240,7 +293,20 @@ _binary("Mul", torch.mul)
 _binary("Div", _div)
 _binary("Pow", _pow)
 _binary("Equal", torch.eq)
+_binary("Less", torch.lt)
+_binary("Greater", torch.gt)
+_binary("LessOrEqual", torch.le, since=12)
+_binary("GreaterOrEqual", torch.ge, since=12)
+_binary("And", torch.logical_and)
+_binary("Or", torch.logical_or)
+_binary("Xor", torch.logical_xor)
 _binary("Where", torch.where)  # ternary, but the same device-safe wrapper applies
+
+
+@op("Mod", since=10)
+def mod(node):
+    # fmod=0: the result takes the divisor's sign (Python %); fmod=1: the dividend's (C fmod).
+    return _device_safe(torch.fmod if node.attr("fmod", 0) else torch.remainder)
 
 
 def _variadic(f: Callable, finish: Callable | None = None):
@@ -334,6 +400,20 @@ def cast(node):
     raise node.fail(f"cast to {T.DataType.Name(to)} is not supported")
 
 
+@op("CastLike", since=15)
+def cast_like(node):
+    """Cast to the kind of the second input: float (the engine's dtype), bool or int64."""
+
+    def fn(x, like):
+        if like.is_floating_point():
+            return x.to(node.rt.dtype)
+        if like.dtype == torch.bool:
+            return x != 0
+        return x.to(torch.int64)
+
+    return fn
+
+
 # --- linear algebra --------------------------------------------------------------------------
 
 
@@ -364,6 +444,14 @@ def gemm(node):
         return y
 
     return fn
+
+
+@op("Einsum", since=12)
+def einsum(node):
+    equation = node.attr("equation", "").replace(" ", "")
+    if not equation:
+        raise node.fail("the equation attribute is required")
+    return lambda *xs: torch.einsum(equation, *xs)
 
 
 # --- convolution and pooling -----------------------------------------------------------------
@@ -692,6 +780,64 @@ def batch_norm(node):
     return fn
 
 
+@op("LayerNormalization", since=17)
+def layer_norm(node):
+    """Normalise over the dims from `axis` on; the optional Mean and InvStdDev outputs keep
+    those dims as 1. Statistics compute in the engine's dtype (stash_type is moot)."""
+    axis = int(node.attr("axis", -1))
+    eps = float(node.attr("epsilon", 1e-5))
+    n_out = node.num_outputs
+    stats = any(node.outputs[1:])
+
+    def fn(x, scale, bias=None):
+        ax = axis + x.dim() if axis < 0 else axis
+        shape = tuple(x.shape[ax:])
+        if not stats:
+            if tuple(scale.shape) == shape and (bias is None or tuple(bias.shape) == shape):
+                return F.layer_norm(x, shape, scale, bias, eps)
+            y = F.layer_norm(x, shape, None, None, eps) * scale  # scale broadcasts
+            return y if bias is None else y + bias
+        dims = tuple(range(ax, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        centred = x - mean
+        inv_std = torch.rsqrt((centred * centred).mean(dims, keepdim=True) + eps)
+        y = centred * inv_std * scale
+        if bias is not None:
+            y = y + bias
+        return (y, mean, inv_std)[:n_out]
+
+    return fn
+
+
+@op("InstanceNormalization")
+def instance_norm(node):
+    eps = float(node.attr("epsilon", 1e-5))
+    return lambda x, scale, bias: F.instance_norm(x, weight=scale, bias=bias, eps=eps)
+
+
+@op("GroupNormalization", since=18)
+def group_norm(node):
+    """Opset 18 gives scale and bias per group, opset 21 per channel; a per-channel pair in
+    an opset 18 model (as some exporters wrote it) is taken as such."""
+    groups = int(node.attr("num_groups"))
+    eps = float(node.attr("epsilon", 1e-5))
+
+    def fn(x, scale, bias):
+        c = x.shape[1]
+        if scale.numel() == c and bias.numel() == c:
+            return F.group_norm(x, groups, scale.reshape(c), bias.reshape(c), eps)
+        if c % groups or scale.numel() != groups or bias.numel() != groups:
+            raise node.fail(
+                f"{c} channels, {groups} groups: scale and bias need {groups} or {c} values"
+            )
+        per = c // groups
+        scale = scale.reshape(groups).repeat_interleave(per)
+        bias = bias.reshape(groups).repeat_interleave(per)
+        return F.group_norm(x, groups, scale, bias, eps)
+
+    return fn
+
+
 @op("LRN")
 def lrn(node):
     """ONNX LRN: window of `size` channels, floor((size-1)/2) before and ceil after.
@@ -956,6 +1102,40 @@ def expand(node):
     return fn
 
 
+@op("Tile", since=6)
+def tile(node):
+    static = node.const_ints(1)
+    if static is not None:
+        return lambda x, *_: x.repeat(static)
+    return lambda x, repeats: x.repeat(_as_ints(repeats))
+
+
+@op("Range", since=11)
+def range_(node):
+    """start + i * delta for i < max(ceil((limit - start) / delta), 0), as onnxruntime counts."""
+
+    def fn(start, limit, delta):
+        if not start.is_floating_point():
+            return torch.arange(int(start), int(limit), int(delta), dtype=torch.int64)
+        s, lim, d = float(start), float(limit), float(delta)
+        n = max(math.ceil((lim - s) / d), 0)
+        steps = torch.arange(n, dtype=node.rt.dtype, device=node.rt.device)
+        return s + steps * d
+
+    return fn
+
+
+@op("Trilu", since=14)
+def trilu(node):
+    """The upper (or lower) triangle of the last two dims, from diagonal k."""
+    f = torch.triu if node.attr("upper", 1) else torch.tril
+    if node.is_static(1):
+        k = node.const(1)
+        k = 0 if k is None else int(k.reshape(-1)[0])
+        return lambda x, *_: f(x, k)
+    return lambda x, k=None: f(x, 0 if k is None else int(k.reshape(-1)[0]))
+
+
 @op("Constant")
 def constant(node):
     a = node.attrs
@@ -1050,12 +1230,279 @@ def _pad_fn(node, static_pads, fill, axes, static_value: bool) -> Callable:
     return fn
 
 
+# --- resampling ------------------------------------------------------------------------------
+#
+# Resize (and the older Upsample) is separable: along each resized axis, an output index maps
+# to a source coordinate, then to one input index (nearest), two (linear) or four (cubic)
+# with weights. Those maps depend only on the shapes, so they are built once per shape in
+# numpy with onnxruntime's float32 arithmetic (which decides the ties of nearest rounding),
+# and the run-time work is index_select and multiply-add: differentiable in the input.
+
+_F32 = np.float32
+
+
+def _source_coords(mode: str, out_len: int, in_len: int, scale) -> np.ndarray:
+    """onnxruntime's source coordinate of every output index along one axis (float32)."""
+    x = np.arange(out_len, dtype=_F32)
+    scale = _F32(scale)
+    half = _F32(0.5)
+    if mode == "asymmetric":
+        return x / scale
+    if mode == "half_pixel":
+        return (x + half) / scale - half
+    if mode == "pytorch_half_pixel":
+        return (x + half) / scale - half if out_len > 1 else np.zeros_like(x)
+    if mode == "tf_half_pixel_for_nn":
+        return (x + half) / scale
+    if mode == "align_corners":
+        if out_len == 1:
+            return np.zeros_like(x)
+        return x * _F32(in_len - 1) / _F32(out_len - 1)
+    if mode == "half_pixel_symmetric":
+        adjustment = _F32(out_len) / (scale * _F32(in_len))
+        offset = _F32(in_len) / _F32(2) * (_F32(1) - adjustment)
+        return (offset + (x.astype(np.float64) + 0.5) / scale - 0.5).astype(_F32)
+    raise AssertionError(mode)
+
+
+_COORDINATE_MODES = (
+    "asymmetric",
+    "half_pixel",
+    "pytorch_half_pixel",
+    "tf_half_pixel_for_nn",
+    "align_corners",
+    "half_pixel_symmetric",
+)
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _nearest_index(c: np.ndarray, mode: str, downsample: bool) -> np.ndarray:
+    c = c.astype(np.float64)  # exact for float32 values: the tie test below stays exact
+    if mode == "floor":
+        i = np.floor(c)
+    elif mode == "ceil":
+        i = np.ceil(c)
+    elif mode == "simple":  # Resize-10 and Upsample: ceil when shrinking, truncate otherwise
+        i = np.ceil(c) if downsample else np.trunc(c)
+    else:
+        away = np.where(c >= 0, np.floor(c + 0.5), np.ceil(c - 0.5))  # std::round
+        if mode == "round_prefer_floor":
+            i = np.where(c == np.trunc(c) + 0.5, np.floor(c), away)
+        else:
+            i = away
+    return i.astype(np.int64)
+
+
+def _cubic_coeffs(s: np.ndarray, a: float) -> np.ndarray:
+    """Keys' cubic weights of the taps at floor - 1 .. floor + 2, for fractions s ([n, 4])."""
+    s = np.abs(s.astype(np.float64))
+    a = float(_F32(a))
+    d0, d1, d2, d3 = s + 1, s, 1 - s, 2 - s
+    return np.stack(
+        [
+            ((a * d0 - 5 * a) * d0 + 8 * a) * d0 - 4 * a,
+            ((a + 2) * d1 - (a + 3)) * d1 * d1 + 1,
+            ((a + 2) * d2 - (a + 3)) * d2 * d2 + 1,
+            ((a * d3 - 5 * a) * d3 + 8 * a) * d3 - 4 * a,
+        ],
+        axis=1,
+    ).astype(_F32)
+
+
+def _axis_taps(kind, coord, nearest, cubic_a, exclude, in_len, out_len, scale):
+    """(indices [taps, out_len], weights [taps, out_len] or None) for one resized axis."""
+    c = _source_coords(coord, out_len, in_len, scale)
+    if kind == "nearest":
+        i = np.clip(_nearest_index(c, nearest, _F32(scale) < 1), 0, in_len - 1)
+        return i[None], None
+    if kind == "linear":
+        c = np.clip(c, _F32(0), _F32(in_len - 1))
+        i0 = np.minimum(c.astype(np.int64), in_len - 1)
+        i1 = np.minimum(i0 + 1, in_len - 1)
+        w0 = np.abs(c - i1.astype(_F32))  # the far neighbour's distance weighs the near one
+        w1 = np.abs(c - i0.astype(_F32))
+        same = i0 == i1
+        w0[same] = w1[same] = 0.5
+        return np.stack([i0, i1]), np.stack([w0, w1])
+    base = np.floor(c).astype(np.int64)
+    w = _cubic_coeffs(c - np.floor(c), cubic_a).T.astype(np.float64)  # [4, out_len]
+    taps = base[None] + np.arange(-1, 3)[:, None]
+    if exclude:
+        w = np.where((taps < 0) | (taps >= in_len), 0.0, w)
+        w = w / w.sum(axis=0, keepdims=True)
+    return np.clip(taps, 0, in_len - 1), w
+
+
+class _ResizePlan:
+    """Output sizes and per-axis maps of one Resize node, cached per input shape."""
+
+    def __init__(self, node):
+        self.node = node
+        resize = node.op_type == "Resize"
+        # The op's own version, as onnxruntime reads its attributes (Resize-10: asymmetric).
+        version = node.opset if resize else min(node.opset, 9)
+        self.mode = node.attr("mode", "nearest")
+        if self.mode not in ("nearest", "linear", "cubic"):
+            raise node.fail(f"mode {self.mode!r} is not supported")
+        self.coord = (
+            node.attr("coordinate_transformation_mode", "half_pixel")
+            if resize and version >= 11
+            else "asymmetric"
+        )
+        if self.coord == "tf_crop_and_resize":
+            raise node.fail("coordinate_transformation_mode 'tf_crop_and_resize' is not supported")
+        if self.coord not in _COORDINATE_MODES:
+            raise node.fail(f"coordinate_transformation_mode {self.coord!r} is not supported")
+        self.nearest = "simple"  # before Resize-11: onnxruntime's own rounding, no attribute
+        if version >= 11:
+            self.nearest = node.attr("nearest_mode", "round_prefer_floor")
+            if self.nearest not in _NEAREST_MODES:
+                raise node.fail(f"nearest_mode {self.nearest!r} is not supported")
+        if node.attr("antialias", 0):
+            raise node.fail("antialias=1 is not supported")
+        self.cubic_a = float(node.attr("cubic_coeff_a", -0.75))
+        self.exclude = bool(node.attr("exclude_outside", 0))
+        self.policy = node.attr("keep_aspect_ratio_policy", "stretch")
+        if self.policy not in ("stretch", "not_larger", "not_smaller"):
+            raise node.fail(f"keep_aspect_ratio_policy {self.policy!r} is not supported")
+        axes = node.attr("axes")
+        self.axes = None if axes is None else [int(a) for a in axes]
+        self._cache: dict[tuple, list] = {}
+
+    def _full(self, values, rank: int, fill) -> list:
+        if self.axes is None:
+            if len(values) != rank:
+                raise self.node.fail(f"{len(values)} scales or sizes for a rank-{rank} input")
+            return list(values)
+        full = [fill[i] for i in range(rank)]
+        for a, v in zip(self.axes, values, strict=True):
+            full[a % rank] = v
+        return full
+
+    def shapes(self, in_shape: tuple, scales, sizes) -> tuple[list[int], list]:
+        """(output sizes, float32 scales) as onnxruntime derives them."""
+        rank = len(in_shape)
+        if sizes is not None:
+            out = self._full(sizes, rank, in_shape)
+            scales = [
+                _F32(o) / _F32(n) if n else _F32(1) for o, n in zip(out, in_shape, strict=True)
+            ]
+            if self.policy != "stretch":
+                chosen = self.axes if self.axes is not None else range(rank)
+                chosen = {a % rank for a in chosen}
+                pick = min if self.policy == "not_larger" else max
+                s = pick(scales[a] for a in chosen)
+                scales = [s if a in chosen else _F32(1) for a in range(rank)]
+                out = [
+                    int(math.floor(float(s * _F32(n)) + 0.5)) if a in chosen else n  # std::round
+                    for a, n in enumerate(in_shape)
+                ]
+            return out, scales
+        if scales is None:
+            raise self.node.fail("neither scales nor sizes is given")
+        scales = [_F32(v) for v in self._full(scales, rank, [1.0] * rank)]
+        return [int(s * _F32(n)) for s, n in zip(scales, in_shape, strict=True)], scales
+
+    def taps(self, in_shape: tuple, scales, sizes) -> list:
+        key = (in_shape, scales, sizes)
+        hit = self._cache.get(key)
+        if hit is None:
+            out, scales = self.shapes(in_shape, scales, sizes)
+            hit = []
+            if out != list(in_shape):
+                for axis, (n, m, s) in enumerate(zip(in_shape, out, scales, strict=True)):
+                    if s == 1 and n == m:
+                        continue
+                    idx, w = _axis_taps(
+                        self.mode, self.coord, self.nearest, self.cubic_a, self.exclude, n, m, s
+                    )
+                    hit.append(
+                        (axis, torch.from_numpy(idx), None if w is None else torch.from_numpy(w))
+                    )
+            self._cache[key] = hit
+        return hit
+
+
+def _resample(x: torch.Tensor, taps: list, on_device: dict) -> torch.Tensor:
+    for axis, idx, w in taps:
+        key = (id(idx), x.device, x.dtype)
+        moved = on_device.get(key)
+        if moved is None:
+            shape = [1] * x.dim()
+            shape[axis] = -1
+            moved = on_device[key] = (
+                idx.to(x.device),
+                None if w is None else w.to(x.device, x.dtype).reshape(len(w), *shape),
+            )
+        idx, w = moved
+        if w is None:
+            x = x.index_select(axis, idx[0])
+            continue
+        y = x.index_select(axis, idx[0]) * w[0]
+        for t in range(1, len(idx)):
+            y = y + x.index_select(axis, idx[t]) * w[t]
+        x = y
+    return x
+
+
+@op("Upsample", since=7)
+@op("Resize", since=10)
+def resize(node):
+    plan = _ResizePlan(node)
+    if node.op_type == "Upsample" and node.opset < 9:
+        scales_at, sizes_at = None, None
+        static_scales = tuple(float(v) for v in node.attr("scales"))
+    else:
+        scales_at, sizes_at = (2, 3) if node.op_type == "Resize" and node.opset >= 11 else (1, None)
+        static_scales = None
+    on_device: dict[tuple, tuple] = {}
+
+    def read(t, cast):
+        if t is None or t.numel() == 0:
+            return None
+        return tuple(cast(v) for v in t.reshape(-1).tolist())
+
+    def targets(rest) -> tuple:
+        """(scales, sizes) from the node's inputs; sizes win when both are given."""
+        scales, sizes = static_scales, None
+        if sizes_at is not None and len(rest) >= sizes_at:
+            sizes = read(rest[sizes_at - 1], int)
+        if sizes is None and scales_at is not None and len(rest) >= scales_at:
+            scales = read(rest[scales_at - 1], float)
+        return scales, sizes
+
+    inputs = [i for i in (scales_at, sizes_at) if i is not None]
+    if all(node.is_static(i) for i in inputs):
+        fixed = targets([node.const(i) for i in range(1, max(inputs, default=0) + 1)])
+        return lambda x, *_: _resample(x, plan.taps(tuple(x.shape), *fixed), on_device)
+
+    def fn(x, *rest):
+        return _resample(x, plan.taps(tuple(x.shape), *targets(rest)), on_device)
+
+    return fn
+
+
 # --- reductions ------------------------------------------------------------------------------
+
+
+def _reduce_prod(x, dims, keep):
+    for d in sorted((d % x.dim() for d in dims), reverse=True):
+        x = torch.prod(x, dim=d, keepdim=keep)
+    return x
+
 
 _REDUCE = {
     "ReduceMean": lambda x, dims, keep: torch.mean(x, dim=dims, keepdim=keep),
     "ReduceSum": lambda x, dims, keep: torch.sum(x, dim=dims, keepdim=keep),
     "ReduceMax": lambda x, dims, keep: torch.amax(x, dim=dims, keepdim=keep),
+    "ReduceMin": lambda x, dims, keep: torch.amin(x, dim=dims, keepdim=keep),
+    "ReduceProd": _reduce_prod,
+    # vector_norm: a zero subgradient at 0 where sqrt(sum(x^2)) would give NaN
+    "ReduceL1": lambda x, dims, keep: torch.linalg.vector_norm(x, 1, dim=dims, keepdim=keep),
+    "ReduceL2": lambda x, dims, keep: torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keep),
+    "ReduceSumSquare": lambda x, dims, keep: torch.sum(x * x, dim=dims, keepdim=keep),
+    "ReduceLogSum": lambda x, dims, keep: torch.log(torch.sum(x, dim=dims, keepdim=keep)),
+    "ReduceLogSumExp": lambda x, dims, keep: torch.logsumexp(x, dim=dims, keepdim=keep),
 }
 
 
@@ -1077,7 +1524,7 @@ def _reduce_fn(node, static_axes, from_input: bool) -> Callable:
     return lambda x, axes=None: run(x, [] if axes is None else _as_ints(axes))
 
 
-@op("ReduceMean", "ReduceSum", "ReduceMax")
+@op(*_REDUCE)
 def reduce_attr(node):
     axes = node.attr("axes")
     return _reduce_fn(node, None if axes is None else [int(a) for a in axes], False)
@@ -1090,4 +1537,4 @@ def _reduce_input(node):
 
 
 op("ReduceSum", since=13)(_reduce_input)
-op("ReduceMean", "ReduceMax", since=18)(_reduce_input)
+op(*(name for name in _REDUCE if name != "ReduceSum"), since=18)(_reduce_input)
