@@ -12,7 +12,7 @@ import warnings
 import onnx
 import torch
 import torch.nn.functional as F
-from conftest import IR_VERSION
+from builders import IR_VERSION
 from torch import nn
 
 

@@ -32,7 +32,7 @@ from builders import labelled_set, run_cli, tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
 import mmexport
-from mmexport.engine import Engine
+from mmexport.engine.executor import Engine
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
@@ -78,8 +78,8 @@ def test_harden_defaults_reach_the_readme_asr_and_accuracy(folder):
     result = mmexport.harden(d / "model.onnx", d / "clean.npz", device="cpu")
 
     # the default MMAC runs the stamp stage on these samples and finds the planted target
-    assert result.report["stage"] == "unlearn", result.report["stage"]
-    assert result.report["stamp"]["target"] == target
+    assert result.report.stage == "unlearn", result.report.stage
+    assert result.report.stamp["target"] == target
     before = mmexport.validate(str(d / "model.onnx"), test, attack=attack, provider="cpu")
     after = mmexport.validate(result.model, test, attack=attack, provider="cpu")
     # the sample is the one the docs measured

@@ -12,8 +12,8 @@ import pytest
 import torch
 from builders_modern import MODELS, MaskedAttention, build, export
 
-from mmexport.engine import Engine, unsupported_ops
-from mmexport.model import from_proto
+from mmexport.core.model import from_proto
+from mmexport.engine.executor import Engine, unsupported_ops
 
 VARIANTS = [(name, dynamic) for name in MODELS for dynamic in (True, False)]
 IDS = [f"{name}-{'dynamic' if dynamic else 'batch1'}" for name, dynamic in VARIANTS]

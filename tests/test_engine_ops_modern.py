@@ -9,12 +9,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_onnx_model, ort_run
+from builders import make_onnx_model, ort_run
 from onnx import TensorProto, helper
 
-from mmexport.engine import Engine
-from mmexport.errors import MmexportError
-from mmexport.model import from_proto
+from mmexport.core.errors import MmexportError
+from mmexport.core.model import from_proto
+from mmexport.engine.executor import Engine
 
 N = helper.make_node
 _rng = np.random.default_rng(10)
