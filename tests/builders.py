@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 # --- graphs from node lists --------------------------------------------------------------
@@ -218,8 +219,6 @@ def tiny_cnn(seed: int = 0, *, opset: int = 13, ir_version: int = 8, classes: in
 
 
 def _session(model):
-    import onnxruntime as ort
-
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
@@ -287,3 +286,28 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     for frag in fragments:
         assert frag in lines[0]
+
+
+# --- engine-vs-onnxruntime op cases ----------------------------------------------------------
+
+
+def i64(*values):
+    return np.array(values, dtype=np.int64)
+
+
+def case(
+    name,
+    nodes,
+    shape=(2, 3, 5, 5),
+    *,
+    opset=13,
+    inits=None,
+    outputs=("y",),
+    atol=1e-5,
+    positive=False,
+):
+    return pytest.param(nodes, shape, opset, inits or {}, outputs, atol, positive, id=name)
+
+
+def unary(op_type, **attrs):
+    return [helper.make_node(op_type, ["x"], ["y"], **attrs)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import make_onnx_model, ort_run
+from builders import case, i64, make_onnx_model, ort_run, unary
 from onnx import TensorProto, helper
 
 from mmexport.core.errors import MmexportError
@@ -24,30 +24,8 @@ def f32(*shape):
     return _rng.standard_normal(shape).astype(np.float32)
 
 
-def i64(*values):
-    return np.array(values, dtype=np.int64)
-
-
 def fl(*values):
     return np.array(values, dtype=np.float32)
-
-
-def case(
-    name,
-    nodes,
-    shape=(2, 3, 5, 5),
-    *,
-    opset=13,
-    inits=None,
-    outputs=("y",),
-    atol=1e-5,
-    positive=False,
-):
-    return pytest.param(nodes, shape, opset, inits or {}, outputs, atol, positive, id=name)
-
-
-def unary(op_type, **attrs):
-    return [N(op_type, ["x"], ["y"], **attrs)]
 
 
 def compare(op_type, other):

@@ -212,8 +212,7 @@ def detect(
     given = bounds is not None or hardened is not None
     if cfg.search is not None and given:
         raise ParameterError("search", "MMAC settings apply where MMDF searches the bounds, not to bounds given")
-    method, statistic, alpha, law, folds = cfg.method, cfg.statistic, cfg.alpha, cfg.law, cfg.folds
-    augment, seed, avoid, focus = cfg.augment, cfg.seed, cfg.avoid, cfg.focus
+    statistic, alpha, folds, seed, avoid = cfg.statistic, cfg.alpha, cfg.folds, cfg.seed, cfg.avoid
     m = as_model(model, input_name=input_name, output_name=output_name)
     k = check_original(m, hardened_hint=" and pass the hardened one as `hardened`")
     if isinstance(avoid, int) and not 0 <= avoid < k:
@@ -226,45 +225,98 @@ def detect(
             f"{max(folds, 10)} to calibrate its threshold"
         )
     source_sha = model_sha256(m)
-    x = shifted(clean.x) if augment else clean.x
-    copies = len(x) // len(clean)
+    x = shifted(clean.x) if cfg.augment else clean.x
+    bounds, source, harden_report, maxima = _resolve_bounds(
+        m, clean, x, cfg, bounds, hardened, source_sha, device=device, provider=provider, progress=progress)
+    avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
+    avoided = avoid_report["class"]
+    cal = _calibrate(m, clean, x, k, cfg, bounds, maxima, avoided, provider=provider, progress=progress)
+    out = build_mmdf_graph(m.proto, bounds, cal.null.threshold, output_name=m.output_name,
+                           sites=m.sites, features=cal.features,
+                           feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
+                           avoid=avoided, focus=cal.plan["class"])
+    d = cal.d
+    report = DetectReport(
+        model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
+        model_sha256=source_sha, data_sha256=data_sha256(clean), bounds_source=source,
+        sites=len(bounds), seed=seed, alpha=alpha, statistic=statistic, threshold=cal.null.threshold,
+        null=cal.null.to_json(),
+        features=None if cal.features is None else {
+            "threshold": cal.feature_null.threshold,
+            "null": cal.feature_null.to_json(),
+            "sites": [g.to_json() for g in cal.features.sites],
+        },
+        calibration=cal.summary,
+        false_positive_rate_clean_set=float(np.mean(cal.flagged)),
+        margin_gap_clean_set={
+            "mean": float(d.mean()), "std": float(d.std()), "max": float(d.max()),
+            "zero_fraction": float(np.mean(np.abs(d) <= 1e-6)),
+            "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
+        },
+        harden=harden_report, avoid=avoid_report, focus=cal.plan,
+        settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"},
+    )
+    set_metadata(out, _provenance(report, cal, m.output_name))
+    return DetectResult(model=out, threshold=cal.null.threshold, report=report, bounds=bounds,
+                        null=cal.null)
 
-    harden_report = None
-    cross_fit = False
+
+def _resolve_bounds(m: Model, clean: Dataset, x: np.ndarray, cfg: MmdfConfig, bounds, hardened,
+                    source_sha: str, *, device: str, provider: str, progress):
+    """(bounds, their source, MMAC's report or None, clean maxima when cross-fitting else None)."""
+    harden_report = maxima = None
     if isinstance(bounds, Bounds):
         source = "bounds"
     elif bounds is not None:
         source, bounds = f"bounds:{bounds}", load_bounds(bounds)
     elif hardened is not None:
         bounds, source = _bounds_from_hardened(hardened, m, source_sha)
-    elif method == "mmac":
+    elif cfg.method == "mmac":
         from ..harden import harden
 
-        res = harden(m, clean, cfg.search or MmacConfig(), seed=seed, device=device, progress=progress)
+        res = harden(m, clean, cfg.search or MmacConfig(), seed=cfg.seed, device=device, progress=progress)
         bounds, source = res.bounds, "mmac"
         harden_report = res.report.to_json(history=False)
     else:
         if progress is not None:
             progress({"stage": "clean range", "n": len(x)})
         maxima = site_maxima(m.proto, m.sites, x, input_name=m.input_name, provider=provider)
-        bounds, source, cross_fit = clean_max_bounds(maxima), "clean-max", True
+        bounds, source = clean_max_bounds(maxima), "clean-max"
     where = source.split(":", 1)[1] if ":" in source else "bounds"
     try:
         check_bounds_for_sites(bounds, m.sites, where=where)
     except MmexportError as exc:
         raise MmexportError(f"{exc} ({m.path or 'model'})") from None
+    return bounds, source, harden_report, maxima
 
-    avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
-    avoided = avoid_report["class"]
+
+@dataclass
+class Calibration:
+    """The clean scores and the null laws fitted to them; `flagged`: D's inputs the model flags."""
+
+    d: np.ndarray
+    null: NullFit
+    features: object | None
+    feature_null: NullFit | None
+    plan: dict
+    flagged: np.ndarray
+    summary: dict
+
+
+def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig, bounds: Bounds, maxima,
+               avoided, *, provider: str, progress) -> Calibration:
+    """Score D (and its shifts) under the bounds, fit the feature test, set both thresholds."""
+    copies = len(x) // len(clean)
+    cross_fit = maxima is not None
     if progress is not None:
         progress({"stage": "calibrate", "n": len(x)})
     if cross_fit:
-        d = _cross_fitted_scores(m, maxima, x, clean.y, copies, folds, seed, provider)
+        d = _cross_fitted_scores(m, maxima, x, clean.y, copies, cfg.folds, cfg.seed, provider)
     else:
         d = _scores(_probe(m, bounds), x, m, provider)
-    use_features = statistic == "margin+features"
+    use_features = cfg.statistic == "margin+features"
     features = predicted = None
-    target = avoided if focus else None
+    target = avoided if cfg.focus else None
     if use_features:
         if progress is not None:
             progress({"stage": "features", "n": len(x)})
@@ -274,67 +326,46 @@ def detect(
                                             output_name=m.output_name, provider=provider)
         predicted = logits.argmax(axis=1)
         features = fit_features(feats, np.tile(clean.y, copies), predicted, k,
-                                np.tile(fold_ids(clean.y, folds, seed), copies))
+                                np.tile(fold_ids(clean.y, cfg.folds, cfg.seed), copies))
     elif target is not None:
         predicted = _scores(m.proto, x, m, provider, m.output_name).argmax(axis=1)
-    alpha_each = alpha / 2 if use_features else alpha
+    alpha_each = cfg.alpha / 2 if use_features else cfg.alpha
     plan = focus_plan(target, predicted, alpha_each)
     tested = predicted == plan["class"] if plan["class"] is not None else np.ones(len(d), bool)
     level = plan.get("alpha", alpha_each)
-    null = fit_null(d[tested], level, law=law,
+    null = fit_null(d[tested], level, law=cfg.law,
                     floor=ROUNDING * max(1.0, float(np.abs(d).max())))
-    feature_null = None if features is None else fit_null(features.null[tested], level, law=law)
-    flagged_on_d = d > null.threshold
+    feature_null = None if features is None else fit_null(features.null[tested], level, law=cfg.law)
+    flagged = d > null.threshold
     if feature_null is not None:
-        flagged_on_d = flagged_on_d | (features.null > feature_null.threshold)
-    flagged_on_d &= tested
-    out = build_mmdf_graph(m.proto, bounds, null.threshold, output_name=m.output_name,
-                           sites=m.sites, features=features,
-                           feature_threshold=feature_null.threshold if feature_null else None,
-                           avoid=avoided, focus=plan["class"])
+        flagged = flagged | (features.null > feature_null.threshold)
+    flagged &= tested
+    summary = {"n": len(d), "images": len(clean), "augment": copies > 1,
+               "cross_fit_folds": cfg.folds if cross_fit else None,
+               "feature_folds": cfg.folds if use_features else None}
+    return Calibration(d, null, features, feature_null, plan, flagged, summary)
 
-    calibration = {"n": len(d), "images": len(clean), "augment": copies > 1,
-                   "cross_fit_folds": folds if cross_fit else None,
-                   "feature_folds": folds if use_features else None}
-    report = DetectReport(
-        model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
-        model_sha256=source_sha, data_sha256=data_sha256(clean), bounds_source=source,
-        sites=len(bounds), seed=seed, alpha=alpha, statistic=statistic, threshold=null.threshold,
-        null=null.to_json(),
-        features=None if features is None else {
-            "threshold": feature_null.threshold,
-            "null": feature_null.to_json(),
-            "sites": [g.to_json() for g in features.sites],
-        },
-        calibration=calibration,
-        false_positive_rate_clean_set=float(np.mean(flagged_on_d)),
-        margin_gap_clean_set={
-            "mean": float(d.mean()), "std": float(d.std()), "max": float(d.max()),
-            "zero_fraction": float(np.mean(np.abs(d) <= 1e-6)),
-            "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
-        },
-        harden=harden_report, avoid=avoid_report, focus=plan,
-        settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"},
-    )
-    set_metadata(out, {
+
+def _provenance(report: DetectReport, cal: Calibration, output_name: str) -> dict[str, str]:
+    """The metadata_props an MMDF model carries: its thresholds, null and where its bounds came from."""
+    avoided = report.avoid["class"]
+    return {
         "mmexport.version": __version__,
         "mmexport.method": METHOD,
-        "mmexport.mmdf.threshold": repr(null.threshold),
-        "mmexport.mmdf.statistic": statistic,
-        "mmexport.mmdf.feature_threshold": repr(feature_null.threshold) if feature_null else "",
-        "mmexport.mmdf.alpha": repr(alpha),
-        "mmexport.mmdf.null": json.dumps(null.to_json(), sort_keys=True),
-        "mmexport.mmdf.calibration": json.dumps(calibration, sort_keys=True),
-        "mmexport.mmdf.bounds_source": source,
+        "mmexport.mmdf.threshold": repr(cal.null.threshold),
+        "mmexport.mmdf.statistic": report.statistic,
+        "mmexport.mmdf.feature_threshold": repr(cal.feature_null.threshold) if cal.feature_null else "",
+        "mmexport.mmdf.alpha": repr(report.alpha),
+        "mmexport.mmdf.null": json.dumps(cal.null.to_json(), sort_keys=True),
+        "mmexport.mmdf.calibration": json.dumps(cal.summary, sort_keys=True),
+        "mmexport.mmdf.bounds_source": report.bounds_source,
         "mmexport.mmdf.avoid": "" if avoided is None else str(avoided),
-        "mmexport.mmdf.focus": "" if plan["class"] is None else str(plan["class"]),
-        "mmexport.mmdf.output": m.output_name,
-        "mmexport.seed": str(seed),
-        "mmexport.source_sha256": source_sha,
+        "mmexport.mmdf.focus": "" if cal.plan["class"] is None else str(cal.plan["class"]),
+        "mmexport.mmdf.output": output_name,
+        "mmexport.seed": str(report.seed),
+        "mmexport.source_sha256": report.model_sha256,
         "mmexport.data_sha256": report.data_sha256,
-    })
-    return DetectResult(model=out, threshold=null.threshold, report=report, bounds=bounds,
-                        null=null)
+    }
 
 
 def resolve_config(config: MmdfConfig | None, overrides: dict) -> MmdfConfig:
