@@ -8,8 +8,6 @@ from ...core.config import check_choices, param
 from ...core.errors import ParameterError
 
 REDUCTIONS = ("mean", "max", "excess", "softmax")
-
-
 MAXIMISERS = ("universal", "points", "both", "masked", "universal+masked")
 
 

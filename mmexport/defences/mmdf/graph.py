@@ -23,24 +23,12 @@ from ...graph.edit import BOUND_PREFIX, Namer, restore_model_fields, value_types
 from .features import FeatureFit, write_feature_score
 
 DETECTED = "mmdf_detected"
-
-
 SCORE = "mmdf_score"
-
-
 FEATURE_SCORE = "mmdf_feature_score"
-
-
 BRANCH_PREFIX = "mmdf/bounded/"
-
-
 DECISION_PREFIX = "mmdf/"
-
-
 # Where (the flagged output) exists from opset 9; every other decision op is older.
 MIN_OPSET = 9
-
-
 # The value the original class gets in a flagged row: far below any real logit, finite so a
 # softmax or a difference downstream stays finite.
 SUPPRESSED = -1e9

@@ -17,8 +17,6 @@ from ...core.errors import MmexportError, ParameterError
 
 # d is a difference of float32 margins: below this (relative) it is rounding, not clipping.
 ROUNDING = 1e-5
-
-
 LAWS = ("conformal", "exponential-tail", "gaussian")
 
 
