@@ -143,6 +143,14 @@ def test_scale_mean_std_and_layout_are_applied_per_channel(tmp_path):
     assert raw.x.shape == (1, 1, 4, 6) and raw.x.max() > 1
 
 
+def test_16_bit_images_keep_their_values_and_only_as_one_channel(tmp_path):
+    write_png(tmp_path / "a" / "x.png", np.arange(16, dtype=np.uint16).reshape(4, 4) * 4000)
+    d = mmexport.load_image_folder(tmp_path, preprocess=Preprocess(scale=1))
+    assert d.x.ravel().tolist() == [4000.0 * i for i in range(16)]
+    with pytest.raises(ParameterError, match="one channel only"):
+        mmexport.load_image_folder(tmp_path, preprocess=Preprocess(channels=3))
+
+
 def test_classes_txt_sets_the_class_order(tmp_path):
     for name in ("cat", "dog"):
         write_png(tmp_path / name / "a.png", np.full((4, 4), 10 if name == "cat" else 20, np.uint8))

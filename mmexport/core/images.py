@@ -195,6 +195,10 @@ def read_images(files: list[Path], preprocess: Preprocess) -> np.ndarray:
     Image = _pil()
     heads = _headers(files)
     channels = preprocess.channels or (1 if all(mode in GRAY_MODES for mode, _ in heads) else 3)
+    if channels == 3:
+        for f, (mode, _) in zip(files, heads, strict=True):
+            if mode in WIDE_MODES:
+                raise ParameterError("channels", f"{f}: mode {mode} (16-bit or float) is read as one channel only")
     if preprocess.resize is None:
         first_size = heads[0][1]
         for f, (_, size) in zip(files, heads, strict=True):
