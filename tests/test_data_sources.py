@@ -165,6 +165,7 @@ def test_preprocess_json_keys_are_the_option_names_and_options_win(tmp_path):
     f.write_text(json.dumps({"resize": 16, "mean": [0.5], "std": 0.25, "layout": "nhwc", "scale": 255}))
     p = Preprocess.from_json(f, {"std": "0.5", "channels": None})
     assert p == Preprocess(resize=(16, 16), mean=(0.5,), std=(0.5,), layout="nhwc", scale=255.0)
+    assert Preprocess(resize=16, mean=0.5, std=[0.5]) == Preprocess(resize=(16, 16), mean=(0.5,), std=(0.5,))
 
 
 def test_an_nhwc_model_input_gives_the_nhwc_layout():

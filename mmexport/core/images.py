@@ -64,6 +64,12 @@ class Preprocess:
                                            "0.229,0.224,0.225); default 1.")
 
     def __post_init__(self):
+        # One number or a list, as a tuple (hashable, comparable); one size means a square.
+        for name in ("mean", "std", "resize"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                one = (value,) * (2 if name == "resize" else 1)
+                object.__setattr__(self, name, tuple(value) if isinstance(value, (list, np.ndarray)) else one)
         if self.layout is not None and self.layout not in LAYOUTS:
             raise ParameterError("layout", f"{self.layout!r}: expected one of {', '.join(LAYOUTS)}")
         if self.channels is not None and self.channels not in (1, 3):
