@@ -1,7 +1,7 @@
 """mmexport: harden ONNX classifiers with maximum-margin activation clipping.
 
 The flat public API. Every defence takes an ONNX model (path, ModelProto or Model) and a
-small clean labelled set (.npz path, Dataset or (x, y)); its settings are one config
+small clean labelled set (.npz or image folder path, Dataset or (x, y)); its settings are one config
 dataclass (`MmacConfig`, `MmomConfig`, `MmdfConfig`, `ScanConfig`) or keyword overrides of
 its fields. torch and onnxruntime load lazily: `validate` must not pay for torch.
 """
@@ -17,6 +17,9 @@ from .core.model import Model, Site, load_model, save_model  # noqa: E402
 
 # name -> module that defines it, imported on first use.
 _LAZY = {
+    "load_data": "core.sources",
+    "Preprocess": "core.images",
+    "load_image_folder": "core.images",
     "harden": "defences.harden",
     "HardenResult": "defences.harden",
     "HardenReport": "defences.harden",
@@ -51,6 +54,7 @@ __all__ = [
     "MmomConfig",
     "Model",
     "ParameterError",
+    "Preprocess",
     "ScanConfig",
     "ScanResult",
     "Site",
@@ -62,6 +66,8 @@ __all__ = [
     "extract_bounds",
     "harden",
     "load_bounds",
+    "load_data",
+    "load_image_folder",
     "load_model",
     "load_npz",
     "save_model",

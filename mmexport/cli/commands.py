@@ -14,6 +14,7 @@ from ..defences.mmbd.scan import ScanConfig
 from ..defences.mmdf.config import MmdfConfig
 from ..defences.mmom.config import MmomConfig
 from ..graph.rewrite import FORMS
+from .data import attack_folder_options, data_path_option, preprocess_options, read_sources
 from .main import console, main, print_json, write_outputs
 from .options import (
     avoid_class,
@@ -72,7 +73,10 @@ def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_nam
 
 @main.command()
 @path_argument("model")
-@path_option("--data", required=True, help="Clean labelled set D (.npz with x, y): tens of images per class.")
+@data_path_option("--data", required=True,
+                  help="Clean labelled set D, an .npz (x, y) or an image folder DIR/<class>/*.png: tens of images per "
+                       "class.")
+@preprocess_options
 @path_option("-o", "--out", help="Output model [default: <model>.<method>.onnx beside the input].")
 @click.option("--method", type=click.Choice(["mmac", "mmom", "mmom-refit"]), default="mmac", show_default=True,
               help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training); "
@@ -86,8 +90,8 @@ def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_nam
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
-def harden(model, data, out, method, form, input_range, device, report_path, no_bounds_file, force, as_json,
-           quiet, input_name, output_name, **settings):
+def harden(model, data, preprocess, out, method, form, input_range, device, report_path, no_bounds_file, force,
+           as_json, quiet, input_name, output_name, **settings):
     """Search bounds on a clean set and write a hardened ONNX model.
 
     The model keeps its input/output names, opset and IR version: a drop-in replacement.
@@ -103,8 +107,9 @@ def harden(model, data, out, method, form, input_range, device, report_path, no_
     for p in (out, bounds_path, report_path):
         if p is not None:
             check_output_path(p, force=force, inputs=(model, data))
+    clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
     with SearchProgress(quiet, method) as progress:
-        result = run_harden(model, data, method=method, form=form, input_range=input_range, device=device,
+        result = run_harden(model, clean, method=method, form=form, input_range=input_range, device=device,
                             input_name=input_name, output_name=output_name, progress=progress,
                             **set_only(**settings))
     written = write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
@@ -144,19 +149,22 @@ def apply(model, bounds, out, form, force, input_name, output_name):
 
 @main.command()
 @path_argument("model")
-@path_option("--data", required=True, help="Test set (.npz: x, y).")
-@path_option("--attack", help="Triggered set (.npz: x, y = target, y_true) for ASR and RA.")
+@data_path_option("--data", required=True, help="Test set: an .npz (x, y) or an image folder DIR/<class>/*.png.")
+@data_path_option("--attack", help="Triggered set for ASR and RA: an .npz (x, y = target, y_true) or an image "
+                                   "folder (labels.csv, or a folder per true class with --target).")
+@attack_folder_options
+@preprocess_options
 @provider_option()
 @click.option("--batch-size", default=256, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @model_io
-def validate(model, data, attack, provider, batch_size, as_json, input_name, output_name):
+def validate(model, data, attack, target, attack_labels, preprocess, provider, batch_size, as_json, input_name,
+             output_name):
     """Measure accuracy, per-class accuracy, ASR and RA under onnxruntime."""
-    from ..core.data import load_npz
     from ..runtime.metrics import validate as run_validate
 
-    test = load_npz(data)
-    att = load_npz(attack, attack=True) if attack else None
+    test, att = read_sources(data, attack, preprocess=preprocess, model=model, input_name=input_name,
+                             output_name=output_name, target=target, attack_labels=attack_labels)
     rep = run_validate(model, test, attack=att, provider=provider, batch_size=batch_size,
                        input_name=input_name, output_name=output_name)
     if as_json:
@@ -170,8 +178,11 @@ def validate(model, data, attack, provider, batch_size, as_json, input_name, out
 @main.command()
 @path_argument("pre")
 @path_argument("post")
-@path_option("--data", required=True, help="Test set (.npz: x, y).")
-@path_option("--attack", help="Triggered set (.npz: x, y = target, y_true) for ASR and RA.")
+@data_path_option("--data", required=True, help="Test set: an .npz (x, y) or an image folder DIR/<class>/*.png.")
+@data_path_option("--attack", help="Triggered set for ASR and RA: an .npz (x, y = target, y_true) or an image "
+                                   "folder (labels.csv, or a folder per true class with --target).")
+@attack_folder_options
+@preprocess_options
 @provider_option("onnxruntime provider; both models run on the one PRE gets.")
 @config_options(ScanConfig, exclude=("alpha",))
 @click.option("--no-margins", is_flag=True, help="Skip the max-margin search (no torch needed).")
@@ -184,8 +195,9 @@ def validate(model, data, attack, provider, batch_size, as_json, input_name, out
              help="Also draw per-class max margins and accuracy, PRE vs POST (needs mmexport[plot]).")
 @output_flags
 @model_io
-def compare(pre, post, data, attack, provider, restarts, ascent_steps, seed, no_margins, input_range, device, runs,
-            markdown_path, plot_path, force, as_json, quiet, input_name, output_name):
+def compare(pre, post, data, attack, target, attack_labels, preprocess, provider, restarts, ascent_steps, seed,
+            no_margins, input_range, device, runs, markdown_path, plot_path, force, as_json, quiet, input_name,
+            output_name):
     """Compare a model (PRE) with its hardened version (POST) side by side.
 
     Both run under onnxruntime on the same provider: accuracy, balanced and per-class
@@ -196,7 +208,6 @@ def compare(pre, post, data, attack, provider, restarts, ascent_steps, seed, no_
     """
     from ..comparison import compare as run_compare
     from ..comparison.report import plot, to_markdown
-    from ..core.data import load_npz
     from ..core.provenance import atomic_write_bytes, check_output_path
 
     inputs = (pre, post, data, attack)
@@ -208,8 +219,8 @@ def compare(pre, post, data, attack, provider, restarts, ascent_steps, seed, no_
     search = ScanConfig(**set_only(restarts=restarts, ascent_steps=ascent_steps, seed=seed))
     if runs < 1:
         raise MmexportError("--runs must be >= 1")
-    test = load_npz(data)
-    att = load_npz(attack, attack=True) if attack else None
+    test, att = read_sources(data, attack, preprocess=preprocess, model=pre, input_name=input_name,
+                             output_name=output_name, target=target, attack_labels=attack_labels)
     with Stages(quiet, "compare") as progress:
         rep = run_compare(pre, post, test, attack=att, provider=provider, seed=search.seed,
                           restarts=search.restarts, ascent_steps=search.ascent_steps, runs=runs,
@@ -236,8 +247,10 @@ def _check_plot_available() -> None:
 
 @main.command()
 @path_argument("model")
-@path_option("--data", required=True,
-             help="Clean labelled set D (.npz with x, y): calibrates the threshold (and the bounds).")
+@data_path_option("--data", required=True,
+                  help="Clean labelled set D, an .npz (x, y) or an image folder DIR/<class>/*.png: calibrates the "
+                       "threshold (and the bounds).")
+@preprocess_options
 @path_option("-o", "--out", help="Output model [default: <model>.mmdf.onnx beside the input].")
 @path_option("--bounds", "bounds_path", help="Use these bounds (.bounds.json) instead of computing them.")
 @path_option("--hardened", help="Use the bounds of this model, hardened by mmexport from MODEL.")
@@ -250,8 +263,8 @@ def _check_plot_available() -> None:
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
-def detect(model, data, out, bounds_path, hardened, device, provider, report_path, no_bounds_file, force, as_json,
-           quiet, input_name, output_name, **settings):
+def detect(model, data, preprocess, out, bounds_path, hardened, device, provider, report_path, no_bounds_file, force,
+           as_json, quiet, input_name, output_name, **settings):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
     The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
@@ -276,6 +289,7 @@ def detect(model, data, out, bounds_path, hardened, device, provider, report_pat
     overrides = set_only(**settings)
     if overrides.get("avoid") == "none":
         overrides["avoid"] = None
+    clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
     with SearchProgress(quiet, "mmac") as bar:
         def progress(row):
             if "stage" in row:
@@ -283,7 +297,7 @@ def detect(model, data, out, bounds_path, hardened, device, provider, report_pat
             else:
                 bar(row)
 
-        result = run_detect(model, data, bounds=bounds_path, hardened=hardened, device=device, provider=provider,
+        result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, device=device, provider=provider,
                             input_name=input_name, output_name=output_name,
                             progress=progress if bar is not None else None, **overrides)
     written = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
@@ -298,7 +312,10 @@ def detect(model, data, out, bounds_path, hardened, device, provider, report_pat
 
 @main.command()
 @path_argument("model")
-@path_option("--data", required=True, help="Clean labelled set D (.npz with x, y), every class present.")
+@data_path_option("--data", required=True,
+                  help="Clean labelled set D, an .npz (x, y) or an image folder DIR/<class>/*.png; every class "
+                       "present.")
+@preprocess_options
 @config_options(ScanConfig)
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the searches [default: per-channel min/max of D].")
@@ -306,7 +323,7 @@ def detect(model, data, out, bounds_path, hardened, device, provider, report_pat
 @path_option("--report", "report_path", help="Also write the full result as JSON.")
 @output_flags
 @model_io
-def scan(model, data, input_range, device, report_path, force, as_json, quiet, input_name, output_name,
+def scan(model, data, preprocess, input_range, device, report_path, force, as_json, quiet, input_name, output_name,
          **settings):
     """Detect a backdoor without its trigger (MM-BD) from a small clean set.
 
@@ -321,8 +338,9 @@ def scan(model, data, input_range, device, report_path, force, as_json, quiet, i
 
     if report_path is not None:
         check_output_path(report_path, force=force, inputs=(model, data))
+    clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
     with Stages(quiet, "scan") as progress:
-        result = run_scan(model, data, input_range=input_range, device=device, input_name=input_name,
+        result = run_scan(model, clean, input_range=input_range, device=device, input_name=input_name,
                           output_name=output_name, progress=progress, **set_only(**settings))
     out = result.to_json()
     if report_path is not None:

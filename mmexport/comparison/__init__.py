@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.data import Dataset
+from ..core.data import Dataset, as_dataset
 from ..core.errors import MmexportError
 from ..core.model import Model, as_model
 from ..graph.rewrite import count_bounded_sites
@@ -242,7 +242,8 @@ def compare(
     """Compare an original model (PRE) with its hardened version (POST) on the same data.
 
     `pre`, `post`: ONNX paths, ModelProtos or Models with the same input and classes.
-    `data`: the clean test set; `attack`: a triggered set with `y_true` (adds ASR and RA).
+    `data`: the clean test set; `attack`: a triggered set with `y_true` (adds ASR and RA); each a
+    Dataset or a path (.npz or image folder, see `load_data`).
     The max-margin search (`restarts` x `ascent_steps` per class, same `seed` for both; the box is
     `input_range` or the per-channel range of `data`) runs in the engine on `device`;
     `margins=False` skips it. Latency: `runs` timed inferences per model and batch size,
@@ -251,6 +252,8 @@ def compare(
     a = as_model(pre, input_name=input_name, output_name=output_name)
     b = as_model(post, input_name=input_name, output_name=output_name)
     _check_pair(a, b)
+    data = as_dataset(data, model=a)
+    attack = None if attack is None else as_dataset(attack, attack=True, model=a)
     fixed = _fixed_batch(a) or _fixed_batch(b)
     sizes = (fixed,) if fixed else tuple(batch_sizes)
     total = 2 + (2 if margins else 0) + len(sizes)

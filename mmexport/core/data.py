@@ -1,11 +1,15 @@
 """Datasets as .npz files: `x` float32 (N, ...) shaped like the model input, `y` int64 labels.
 
 An attack set adds `y_true` (the true label); its `y` is the attacker's target per sample.
-Files are read with allow_pickle=False: a pickle inside an .npz is refused, never executed.
+An optional `classes` (strings) names the classes in index order (`mmexport data pack` keeps a
+folder's class names there). Files are read with allow_pickle=False: a pickle inside an .npz
+is refused, never executed. Image folders are read by `images.py`; `sources.load_data` takes
+either.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +21,13 @@ from .errors import MmexportError
 
 @dataclass(frozen=True)
 class Dataset:
-    """Images and labels; `y_true` is set for attack sets only."""
+    """Images and labels; `y_true` is set for attack sets only; `classes` names the classes where known."""
 
     x: np.ndarray
     y: np.ndarray
     y_true: np.ndarray | None = None
     path: Path | None = None
+    classes: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -33,7 +38,7 @@ class Dataset:
 
     def subset(self, index) -> Dataset:
         yt = None if self.y_true is None else self.y_true[index]
-        return Dataset(self.x[index], self.y[index], yt, self.path)
+        return Dataset(self.x[index], self.y[index], yt, self.path, self.classes)
 
 
 def load_npz(path: str | os.PathLike, *, attack: bool = False) -> Dataset:
@@ -73,11 +78,16 @@ def load_npz(path: str | os.PathLike, *, attack: bool = False) -> Dataset:
         if y_true.dtype.kind not in "iu" or y_true.shape != (len(x),):
             raise MmexportError(f"{path}: key 'y_true' must be {len(x)} integer labels")
         y_true = y_true.astype(np.int64)
+    classes = arrays.get("classes")
+    if classes is not None:
+        if classes.dtype.kind != "U" or classes.ndim != 1:
+            raise MmexportError(f"{path}: key 'classes' must be a list of class names")
+        classes = tuple(str(c) for c in classes)
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise MmexportError(f"{path}: key 'x' has NaN or Inf values in {bad} samples")
-    return Dataset(x=x, y=y.astype(np.int64), y_true=y_true, path=path)
+    return Dataset(x=x, y=y.astype(np.int64), y_true=y_true, path=path, classes=classes)
 
 
 def check_for_model(data: Dataset, input_shape: tuple, num_classes: int | None, *, name: str = "") -> None:
@@ -112,17 +122,31 @@ def check_every_class(data: Dataset, num_classes: int) -> None:
         raise MmexportError(f"{where}: no sample of class(es) {', '.join(map(str, missing))}")
 
 
-def save_npz(path: str | os.PathLike, data: Dataset) -> None:
+def npz_bytes(data: Dataset) -> bytes:
+    """The dataset as a compressed .npz (x, y[, y_true][, classes]), for an atomic write."""
     arrays = {"x": data.x.astype(np.float32), "y": data.y.astype(np.int64)}
     if data.y_true is not None:
         arrays["y_true"] = data.y_true.astype(np.int64)
-    np.savez_compressed(path, **arrays)
+    if data.classes is not None:
+        arrays["classes"] = np.asarray(data.classes, dtype=str)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
 
 
-def as_dataset(data, *, attack: bool = False) -> Dataset:
-    """A Dataset from a Dataset, an .npz path or an (x, y) pair: what the API takes."""
+def save_npz(path: str | os.PathLike, data: Dataset) -> None:
+    Path(path).write_bytes(npz_bytes(data))
+
+
+def as_dataset(data, *, attack: bool = False, model=None) -> Dataset:
+    """A Dataset from a Dataset, an (x, y) pair, or a path (.npz or image folder): what the API takes.
+
+    `model` (the one the data is for) fills an image folder's preprocessing from its input shape.
+    """
     if isinstance(data, Dataset):
         return data
     if isinstance(data, tuple) and len(data) == 2:
         return Dataset(np.asarray(data[0], np.float32), np.asarray(data[1], np.int64))
-    return load_npz(data, attack=attack)
+    from .sources import load_data  # sources reads through this module
+
+    return load_data(data, attack=attack, model=model)

@@ -135,7 +135,7 @@ def harden(
     `form`: how per-channel bounds are written: "auto" folds them into the weights where
     that is exact (a unit clip, clip(x, 0, 1), that onnxruntime fuses) and uses Min
     elsewhere; "min" always uses Min after the site.
-    `model`: path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y).
+    `model`: path, ModelProto or Model. `clean_set`: Dataset, (x, y), or a path (.npz or image folder).
     """
     cfg = resolve_config(config, method, overrides)
     if form not in FORMS:
@@ -143,7 +143,7 @@ def harden(
     name = method_name(cfg)
     m = as_model(model, input_name=input_name, output_name=output_name)
     k = check_original(m)
-    clean = as_dataset(clean_set)
+    clean = as_dataset(clean_set, model=m)
     check_clean_set(clean, m, k)
     if name == "mmom-refit":
         find_classifier(m)  # fail before the search if there is no last layer to refit

@@ -96,14 +96,14 @@ def validate(
     """Accuracy on `data` and, given an attack set (with `y_true`), ASR and RA.
 
     `model` is an ONNX path, an onnx.ModelProto or a mmexport Model; `data` and `attack` are
-    Datasets, .npz paths or (x, y) pairs. For an MMDF model (an
+    Datasets, (x, y) pairs, or paths (.npz, image folder: see `load_data`). For an MMDF model (an
     `mmdf_detected` output) also the false-positive rate (flagged samples of `data`) and the
     detection rate (flagged attack samples whose true class is not the target).
     """
     m = as_model(model, input_name=input_name, output_name=output_name)
     where = str(m.path) if m.path is not None else "model"
-    data = as_dataset(data)
-    attack = None if attack is None else as_dataset(attack, attack=True)
+    data = as_dataset(data, model=m)
+    attack = None if attack is None else as_dataset(attack, attack=True, model=m)
     _check_data(data, m, m.num_classes, "clean set")
     if attack is not None:
         if attack.y_true is None:

@@ -237,7 +237,7 @@ def scan(
 ) -> ScanResult:
     """Is `model` backdoored? MM-BD's test, no trigger needed, on a small clean set.
 
-    `model`: ONNX path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y), every
+    `model`: ONNX path, ModelProto or Model. `clean_set`: Dataset, (x, y), or a path (.npz or image folder), every
     class present. Keyword overrides (alpha, restarts, ascent_steps, universal_steps, budget, seed,
     ...) replace fields of the default ScanConfig. `progress(stage, done, total)` follows the
     searches.
@@ -254,7 +254,7 @@ def scan(
 
     start = time.perf_counter()
     m = as_model(model, input_name=input_name, output_name=output_name)
-    clean = as_dataset(clean_set)
+    clean = as_dataset(clean_set, model=m)
     k = m.num_classes
     where = m.path or "model"
     if k is None:

@@ -182,7 +182,7 @@ def detect(
 ) -> DetectResult:
     """Build the MMDF model of `model`, its threshold calibrated on `clean_set`.
 
-    `model`: path, ModelProto or Model. `clean_set`: .npz path, Dataset or (x, y).
+    `model`: path, ModelProto or Model. `clean_set`: Dataset, (x, y), or a path (.npz or image folder).
     `config` (`MmdfConfig`) holds the method's settings; keyword `overrides` replace its
     fields, and where the bounds method is "mmac" also MMAC's (`max_epochs=40`).
     Bounds come from `bounds` (Bounds or a .bounds.json path), from `hardened` (a model
@@ -217,7 +217,7 @@ def detect(
     k = check_original(m, hardened_hint=" and pass the hardened one as `hardened`")
     if isinstance(avoid, int) and not 0 <= avoid < k:
         raise ParameterError("avoid", f"{avoid}: not one of the model's {k} classes (0..{k - 1})")
-    clean = as_dataset(clean_set)
+    clean = as_dataset(clean_set, model=m)
     check_for_model(clean, m.input_shape, k)
     if len(clean) < max(folds, 10):
         raise MmexportError(
