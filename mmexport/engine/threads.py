@@ -14,8 +14,8 @@ from ..core.threads import using_threads
 def use_threads(threads: int | None = None) -> Iterator[int]:
     """torch's and onnxruntime's pools at `threads` for the work inside, restored after.
 
-    None: the count of an enclosing call, else the cores this process may run on. Results do
-    not depend on it: same seed, same bounds at any count (checked on the sample models).
+    None: the count of an enclosing call, else the cores this process may run on. The count
+    changes speed, not the search: same seed, same bounds at 1 and 2 threads (tests/test_threads.py).
     """
     with using_threads(threads) as count:
         before = torch.get_num_threads()
