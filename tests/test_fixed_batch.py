@@ -153,3 +153,12 @@ def test_gradients_reach_every_sample_through_runs_of_the_fixed_batch():
     for i in range(3):  # d/dx_i sum(x_i * mean(x_i)) = mean(x_i) + sum(x_i) / 4
         want = x[i].detach().mean() + x[i].detach().sum() / 4
         torch.testing.assert_close(x.grad[i], want.expand(4))
+
+
+def test_fewer_samples_than_the_fixed_batch_run_once_padded():
+    w = np.eye(4, dtype=np.float32)
+    proto = make_onnx_model([helper.make_node("MatMul", ["x", "w"], ["y"])], (4, 4), inits={"w": w})
+    engine = Engine(from_proto(proto))
+    x = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    torch.testing.assert_close(engine(x), x)
+    assert engine.batching == "fixed"  # no larger batch was run

@@ -303,7 +303,9 @@ class Engine(torch.nn.Module):
         pad = -size % n
         if pad:
             x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
-        if self._chunked:
+        if x.shape[0] == n:  # fewer samples than the fixed batch: one padded run
+            values = self._pass(x, bounds, plan)
+        elif self._chunked:
             values = self._chunks(x, bounds, plan)
         elif x.shape[0] in self._checked:
             values = self._pass(x, bounds, plan)
