@@ -19,8 +19,12 @@ Reported: median and p95 per model over `--runs` rounds after `--warmup`, at bat
 the ratio of medians to the original's, and per model how many sites fell back to Min in the
 folded form. Folded and min-form outputs are checked to agree first.
 
+A model whose batch is fixed at N (most exports outside PyTorch, and `--fixed-batch N`, which
+times copies of the samples with their input and output batch set to N) is timed on batches of
+N instead, and the report says so; its activations and outputs are computed N at a time.
+
 Writes `bench-results/latency.md` and `latency.json`. Usage:
-    python benchmarks/bench_latency.py [--models a,b] [--runs 300] [--threads 1]
+    python benchmarks/bench_latency.py [--models a,b] [--runs 300] [--threads 1] [--fixed-batch N]
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from mmexport.core.bounds import Bounds, load_bounds  # noqa: E402
 from mmexport.core.model import find_sites  # noqa: E402
 from mmexport.graph.edit import value_types  # noqa: E402
 from mmexport.graph.rewrite import apply_bounds  # noqa: E402
+from mmexport.runtime.sessions import run_batches  # noqa: E402
 
 FORMS = ("original", "min", "fold", "layer")
 TARGET = 1.02  # the issue's goal for fold / original
@@ -68,7 +73,7 @@ def channel_max(proto: onnx.ModelProto, x: np.ndarray, names: list[str]) -> dict
         if n not in have:
             tapped.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
     sess = session(tapped, threads=os.cpu_count() or 1)
-    values = sess.run(names, {sess.get_inputs()[0].name: x})
+    values = run_batches(sess, x, names)  # a fixed batch runs that many at a time
     return {
         n: v.max(axis=tuple(i for i in range(v.ndim) if i != 1)).astype(np.float32)
         for n, v in zip(names, values, strict=True)
@@ -102,7 +107,7 @@ def agreement(models: dict, x: np.ndarray) -> float:
     outs = {}
     for form in ("min", "fold"):
         sess = session(models[form], threads=os.cpu_count() or 1)
-        outs[form] = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+        outs[form] = run_batches(sess, x, [sess.get_outputs()[0].name])[0]
     return float(np.abs(outs["fold"] - outs["min"]).max() / np.abs(outs["min"]).max())
 
 
@@ -122,18 +127,43 @@ def time_interleaved(models: dict, x: np.ndarray, *, runs: int, warmup: int, thr
     return times
 
 
+def fixed_batch(proto: onnx.ModelProto) -> int | None:
+    """The batch size the model's input is fixed at, or None."""
+    inits = {i.name for i in proto.graph.initializer}
+    vi = next(i for i in proto.graph.input if i.name not in inits)
+    dim = vi.type.tensor_type.shape.dim[0]
+    return dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
+def with_fixed_batch(proto: onnx.ModelProto, n: int) -> onnx.ModelProto:
+    """A copy with the batch dimension of every graph input and output set to n."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    inits = {i.name for i in out.graph.initializer}
+    for vi in [*out.graph.input, *out.graph.output]:
+        if vi.name not in inits:
+            dim = vi.type.tensor_type.shape.dim[0]
+            dim.Clear()
+            dim.dim_value = n
+    del out.graph.value_info[:]
+    onnx.checker.check_model(out)
+    return out
+
+
 def stats(t: list[float]) -> dict:
     a = np.asarray(t)
     return {"median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)), "runs": len(a)}
 
 
 def markdown(rows: list[dict], env: dict) -> str:
+    fixed = sorted({str(r["fixed_batch"]) for r in rows if r.get("fixed_batch")})
     lines = [
         "# Latency of hardened models (onnxruntime CPU)",
         "",
         f"onnxruntime {env['onnxruntime']}, {env['threads']} intra-op thread(s), "
         f"{env['runs']} interleaved runs after {env['warmup']} warm-up, on {env['cpu']} "
         f"({env['cpu_count']} logical CPUs). Bounds: {env['bounds']}.",
+        *([f"Batch fixed in the models at {', '.join(fixed)}: timed on batches of that size."] if fixed else []),
         "",
         "Ratios are median latency / the original's median (p95 / original p95 in brackets).",
         "",
@@ -170,6 +200,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=300, help="timed rounds (>= 200 for the report)")
     ap.add_argument("--warmup", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    ap.add_argument("--fixed-batch", type=int, default=0,
+                    help="time copies of the samples with their batch fixed at N (timed at N)")
     ap.add_argument("--out", default=str(ROOT / "bench-results"))
     args = ap.parse_args()
 
@@ -194,6 +226,9 @@ def main() -> int:
     rows, worst = [], 0.0
     for folder in folders:
         proto = onnx.load(str(folder / "model.onnx"))
+        if args.fixed_batch:
+            proto = with_fixed_batch(proto, args.fixed_batch)
+        fixed = fixed_batch(proto)
         clean = np.load(folder / "clean.npz")["x"].astype(np.float32)
         if args.bounds and not (Path(args.bounds) / f"{folder.name}.bounds.json").exists():
             print(f"{folder.name}: no bounds in {args.bounds}, skipped")
@@ -204,11 +239,14 @@ def main() -> int:
         if diff > AGREE_ATOL:
             print(f"{folder.name}: folded and min forms differ by {diff:.2e} x logit scale")
             return 1
-        for batch in batches:
+        if fixed and batches != [fixed]:
+            print(f"{folder.name}: batch fixed at {fixed} in the model: timed on batches of {fixed}, "
+                  f"not {', '.join(map(str, batches))}")
+        for batch in [fixed] if fixed else batches:
             x = np.ascontiguousarray(np.resize(clean, (batch,) + clean.shape[1:]))
             times = time_interleaved(models, x, runs=args.runs, warmup=args.warmup,
                                      threads=args.threads)
-            row = {"model": folder.name, "batch": batch, "agreement": diff,
+            row = {"model": folder.name, "batch": batch, "fixed_batch": fixed, "agreement": diff,
                    "sites": len(report.sites), "fallbacks": report.count("min"),
                    "fallback_sites": [s.__dict__ for s in report.fallbacks]}
             base = stats(times["original"])

@@ -354,12 +354,16 @@ def test_an_attack_folder_without_labels_or_target_is_an_error(src):
     [
         (("--mean", "0.5,0.5"), ("--mean",)),
         (("--channels", "2"), ("--channels", "1 or 3")),
-        (("--layout", "chw"), ("--layout",)),
         (("--scale", "0"), ("--scale",)),
     ],
 )
 def test_bad_preprocessing_options_name_the_flag(src, args, fragments):
     assert_one_line_error(run("validate", MODEL, "--data", src["test"], *args), *fragments)
+
+
+def test_a_bad_layout_is_a_usage_error_naming_the_choices(src):
+    r = run("validate", MODEL, "--data", src["test"], "--layout", "chw")
+    assert r.exit_code == 2 and "--layout" in r.output and "nhwc" in r.output
 
 
 def test_a_bad_preprocess_json_names_the_file_and_key(src, tmp_path):

@@ -15,20 +15,22 @@ from ..defences.mmdf.config import MmdfConfig
 from ..defences.mmom.config import MmomConfig
 from ..graph.rewrite import FORMS
 from .data import attack_folder_options, data_path_option, preprocess_options, read_sources
-from .main import console, main, print_json, write_outputs
+from .main import main, print_json, write_outputs
 from .options import (
     avoid_class,
     config_options,
     device_option,
     input_range,
+    layout_option,
     model_io,
     output_flags,
     path_argument,
     path_option,
     provider_option,
     set_only,
+    threads_option,
 )
-from .progress import SearchProgress, Stages
+from .progress import Progress
 
 FORM_HELP = ("auto/fold: fold per-channel bounds into the weights where exact (a fused unit clip), Min "
              "elsewhere; min: always a Min node after the site.")
@@ -41,26 +43,35 @@ FORM_HELP = ("auto/fold: fold per-channel bounds into the weights where exact (a
               help="Range of the random inputs for --verify.")
 @click.option("--atol", default=1e-4, show_default=True, help="Absolute tolerance for --verify.")
 @click.option("--rtol", default=1e-3, show_default=True, help="Relative tolerance for --verify.")
+@click.option("--samples", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Random inputs for --verify.")
 @provider_option("onnxruntime provider for --verify.")
+@layout_option
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @model_io
-def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_name, output_name):
+def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, threads, as_json, input_name,
+            output_name):
     """Show a model's inputs, outputs, opset, classes and clipping sites.
 
-    Sites are every Relu and every Clip with min 0, named by their output tensor. With
-    --verify, exit 1 unless the engine matches onnxruntime within the tolerances.
+    Sites are every Relu and every Clip with min 0, named by their output tensor. Also says
+    where the input keeps its channels (NCHW or NHWC), whether its batch is fixed, and which
+    tensor holds the logits when the output is a Softmax of them. With --verify, exit 1
+    unless the engine matches onnxruntime within the tolerances (on every output, and on the
+    logits behind a Softmax).
     """
     from ..core.model import load_model
     from ..inspection import describe
     from ..inspection import verify as run_verify
 
     m = load_model(model, input_name=input_name, output_name=output_name)
-    info = describe(m)
+    info = describe(m, layout=layout)
     if verify:
         if info["unsupported_ops"]:
             ops = ", ".join(f"{u['op']} (node {u['node']!r})" for u in info["unsupported_ops"])
             raise MmexportError(f"{model}: cannot verify, unsupported ops: {ops}")
-        info["verify"] = run_verify(m, input_range=input_range, atol=atol, rtol=rtol, provider=provider)
+        info["verify"] = run_verify(m, input_range=input_range, n=samples, atol=atol, rtol=rtol,
+                                    provider=provider, threads=threads)
     if as_json:
         print_json(info)
     else:
@@ -86,12 +97,13 @@ def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_nam
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the margin search [default: per-channel min/max of D].")
 @device_option()
+@threads_option
 @path_option("--report", "report_path", help="Also write the full report (settings, history) as JSON.")
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
-def harden(model, data, preprocess, out, method, form, input_range, device, report_path, no_bounds_file, force,
-           as_json, quiet, input_name, output_name, **settings):
+def harden(model, data, preprocess, out, method, form, input_range, layout, device, threads, report_path,
+           no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
     """Search bounds on a clean set and write a hardened ONNX model.
 
     The model keeps its input/output names, opset and IR version: a drop-in replacement.
@@ -99,19 +111,17 @@ def harden(model, data, preprocess, out, method, form, input_range, device, repo
     <out>.bounds.json (keyed by site tensor name). Options left unset take the method's
     defaults (MmacConfig, MmomConfig).
     """
-    from ..core.provenance import check_output_path, default_output
+    from ..core.provenance import check_output_paths, default_output
     from ..defences.harden import harden as run_harden
 
     out = out or default_output(model, method)
     bounds_path = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
-    for p in (out, bounds_path, report_path):
-        if p is not None:
-            check_output_path(p, force=force, inputs=(model, data))
+    check_output_paths((out, bounds_path, report_path), force=force, inputs=(model, data))
     clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
-    with SearchProgress(quiet, method) as progress:
-        result = run_harden(model, clean, method=method, form=form, input_range=input_range, device=device,
-                            input_name=input_name, output_name=output_name, progress=progress,
-                            **set_only(**settings))
+    with Progress(quiet, method.upper()) as progress:
+        result = run_harden(model, clean, method=method, form=form, input_range=input_range, layout=layout,
+                            device=device, threads=threads, input_name=input_name, output_name=output_name,
+                            progress=progress, **set_only(**settings))
     written = write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
     summary = result.report.to_json(history=False) | {"written": written}
     if as_json:
@@ -133,10 +143,10 @@ def apply(model, bounds, out, form, force, input_name, output_name):
     """Write BOUNDS (a .bounds.json) into MODEL: the graph rewrite alone, no search."""
     from ..core.bounds import load_bounds
     from ..core.model import load_model, save_model
-    from ..core.provenance import check_output_path, set_metadata
+    from ..core.provenance import check_output_paths, set_metadata
     from ..graph.rewrite import apply_bounds
 
-    check_output_path(out, force=force, inputs=(model, bounds))
+    check_output_paths((out,), force=force, inputs=(model, bounds))
     m = load_model(model, input_name=input_name, output_name=output_name)
     b = load_bounds(bounds)
     proto, forms = apply_bounds(m.proto, b, sites=m.sites, form=form, report=True)
@@ -155,17 +165,19 @@ def apply(model, bounds, out, form, force, input_name, output_name):
 @attack_folder_options
 @preprocess_options
 @provider_option()
-@click.option("--batch-size", default=256, show_default=True)
+@click.option("--batch-size", default=256, show_default=True,
+              help="Samples per onnxruntime run (a model with a fixed batch runs that many).")
+@threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @model_io
-def validate(model, data, attack, target, attack_labels, preprocess, provider, batch_size, as_json, input_name,
-             output_name):
+def validate(model, data, attack, target, attack_labels, preprocess, layout, provider, batch_size, threads, as_json,
+             input_name, output_name):
     """Measure accuracy, per-class accuracy, ASR and RA under onnxruntime."""
     from ..runtime.metrics import validate as run_validate
 
     test, att = read_sources(data, attack, preprocess=preprocess, model=model, input_name=input_name,
                              output_name=output_name, target=target, attack_labels=attack_labels)
-    rep = run_validate(model, test, attack=att, provider=provider, batch_size=batch_size,
+    rep = run_validate(model, test, attack=att, provider=provider, batch_size=batch_size, threads=threads,
                        input_name=input_name, output_name=output_name)
     if as_json:
         print_json(rep.to_json())
@@ -189,15 +201,17 @@ def validate(model, data, attack, target, attack_labels, preprocess, provider, b
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Input box of the margin search [default: per-channel min/max of --data].")
 @device_option("Torch device of the margin search.")
-@click.option("--runs", default=100, show_default=True, help="Timed runs per model and batch size (1 and 64).")
+@threads_option
+@click.option("--runs", default=100, show_default=True,
+              help="Timed runs per model and batch size (1 and 64; a fixed batch N: N).")
 @path_option("--markdown", "markdown_path", help="Also write the comparison as a Markdown file.")
 @path_option("--plot", "plot_path",
              help="Also draw per-class max margins and accuracy, PRE vs POST (needs mmexport[plot]).")
 @output_flags
 @model_io
 def compare(pre, post, data, attack, target, attack_labels, preprocess, provider, restarts, ascent_steps, seed,
-            no_margins, input_range, device, runs, markdown_path, plot_path, force, as_json, quiet, input_name,
-            output_name):
+            no_margins, input_range, layout, device, threads, runs, markdown_path, plot_path, force, as_json, quiet,
+            input_name, output_name):
     """Compare a model (PRE) with its hardened version (POST) side by side.
 
     Both run under onnxruntime on the same provider: accuracy, balanced and per-class
@@ -208,12 +222,10 @@ def compare(pre, post, data, attack, target, attack_labels, preprocess, provider
     """
     from ..comparison import compare as run_compare
     from ..comparison.report import plot, to_markdown
-    from ..core.provenance import atomic_write_bytes, check_output_path
+    from ..core.provenance import atomic_write_bytes, check_output_paths
 
     inputs = (pre, post, data, attack)
-    for p in (markdown_path, plot_path):
-        if p is not None:
-            check_output_path(p, force=force, inputs=inputs)
+    check_output_paths((markdown_path, plot_path), force=force, inputs=inputs)
     if plot_path is not None:
         _check_plot_available()
     search = ScanConfig(**set_only(restarts=restarts, ascent_steps=ascent_steps, seed=seed))
@@ -221,11 +233,11 @@ def compare(pre, post, data, attack, target, attack_labels, preprocess, provider
         raise MmexportError("--runs must be >= 1")
     test, att = read_sources(data, attack, preprocess=preprocess, model=pre, input_name=input_name,
                              output_name=output_name, target=target, attack_labels=attack_labels)
-    with Stages(quiet, "compare") as progress:
+    with Progress(quiet, "compare") as progress:
         rep = run_compare(pre, post, test, attack=att, provider=provider, seed=search.seed,
                           restarts=search.restarts, ascent_steps=search.ascent_steps, runs=runs,
-                          margins=not no_margins, input_range=input_range, device=device,
-                          input_name=input_name, output_name=output_name, progress=progress)
+                          margins=not no_margins, input_range=input_range, layout=layout, device=device,
+                          threads=threads, input_name=input_name, output_name=output_name, progress=progress)
     if markdown_path is not None:
         atomic_write_bytes(markdown_path, to_markdown(rep).encode())
     if plot_path is not None:
@@ -259,12 +271,13 @@ def _check_plot_available() -> None:
 @config_options(MmacConfig, exclude=("seed", "granularity"))
 @device_option("Torch device of the scan and the mmac search.")
 @provider_option("onnxruntime provider that computes d for the calibration.")
+@threads_option
 @path_option("--report", "report_path", help="Also write the full report as JSON.")
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
-def detect(model, data, preprocess, out, bounds_path, hardened, device, provider, report_path, no_bounds_file, force,
-           as_json, quiet, input_name, output_name, **settings):
+def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, provider, threads, report_path,
+           no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
     The graph runs MODEL and a bounded copy of it on the same weights and computes d, the
@@ -277,29 +290,21 @@ def detect(model, data, preprocess, out, bounds_path, hardened, device, provider
     mmdf_feature_score (feature score minus its threshold; with --focus, every input is
     scored against the focus class). The MMAC options apply with --method mmac.
     """
-    from ..core.provenance import check_output_path, default_output
+    from ..core.provenance import check_output_paths, default_output
     from ..defences.mmdf.detector import detect as run_detect
 
     out = out or default_output(model, "mmdf")
     bounds_out = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
     inputs = (model, data, bounds_path, hardened)
-    for p in (out, bounds_out, report_path):
-        if p is not None:
-            check_output_path(p, force=force, inputs=inputs)
+    check_output_paths((out, bounds_out, report_path), force=force, inputs=inputs)
     overrides = set_only(**settings)
     if overrides.get("avoid") == "none":
         overrides["avoid"] = None
     clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
-    with SearchProgress(quiet, "mmac") as bar:
-        def progress(row):
-            if "stage" in row:
-                console().print(f"{row['stage']}: {row['n']} inputs")
-            else:
-                bar(row)
-
-        result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, device=device, provider=provider,
-                            input_name=input_name, output_name=output_name,
-                            progress=progress if bar is not None else None, **overrides)
+    with Progress(quiet, "MMDF") as progress:
+        result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, layout=layout, device=device,
+                            provider=provider, threads=threads, input_name=input_name, output_name=output_name,
+                            progress=progress, **overrides)
     written = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
     summary = result.report.to_json() | {"written": written}
     if as_json:
@@ -320,11 +325,12 @@ def detect(model, data, preprocess, out, bounds_path, hardened, device, provider
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the searches [default: per-channel min/max of D].")
 @device_option("Torch device of the searches.")
+@threads_option
 @path_option("--report", "report_path", help="Also write the full result as JSON.")
 @output_flags
 @model_io
-def scan(model, data, preprocess, input_range, device, report_path, force, as_json, quiet, input_name, output_name,
-         **settings):
+def scan(model, data, preprocess, input_range, layout, device, threads, report_path, force, as_json, quiet,
+         input_name, output_name, **settings):
     """Detect a backdoor without its trigger (MM-BD) from a small clean set.
 
     Estimates every class's maximum margin, and the margin a small shared perturbation
@@ -333,15 +339,15 @@ def scan(model, data, preprocess, input_range, device, report_path, force, as_js
     when the combined p-value is below --alpha, else `clean`. JSON keys: verdict,
     target_class, p_value, max_margins, tests, ...
     """
-    from ..core.provenance import atomic_write_bytes, check_output_path
+    from ..core.provenance import atomic_write_bytes, check_output_paths
     from ..defences.mmbd.scan import scan as run_scan
 
-    if report_path is not None:
-        check_output_path(report_path, force=force, inputs=(model, data))
+    check_output_paths((report_path,), force=force, inputs=(model, data))
     clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
-    with Stages(quiet, "scan") as progress:
-        result = run_scan(model, clean, input_range=input_range, device=device, input_name=input_name,
-                          output_name=output_name, progress=progress, **set_only(**settings))
+    with Progress(quiet, "scan") as progress:
+        result = run_scan(model, clean, input_range=input_range, layout=layout, device=device, threads=threads,
+                          input_name=input_name, output_name=output_name, progress=progress,
+                          **set_only(**settings))
     out = result.to_json()
     if report_path is not None:
         atomic_write_bytes(report_path, json.dumps(out, indent=1).encode())

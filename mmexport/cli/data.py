@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import fields
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import click
 from ..core.errors import MmexportError, ParameterError
 from ..core.images import Preprocess
 from .main import Group, main, print_json
-from .options import flag, model_io, path_option
+from .options import flag, layout_option, model_io, path_option
 
 _METAVARS = {"resize": "H,W", "channels": "1|3", "layout": "nchw|nhwc", "scale": "S", "mean": "M[,M,M]",
              "std": "S[,S,S]"}
@@ -30,9 +31,14 @@ def preprocess_options(func):
     `load_data`'s defaults apply). Options given on the command line win over the JSON's keys.
     """
 
+    # --layout is shared with the defences (the input's channel axis, `layout_option`): one
+    # option says both how folders are read and where the box and shifts take channels.
+    takes_layout = "layout" in inspect.signature(func).parameters
+
     @functools.wraps(func)
     def wrapper(*args, **kw):
-        values = {f.name: kw.pop(f.name) for f in fields(Preprocess)}
+        values = {f.name: kw.pop(f.name) for f in fields(Preprocess) if f.name != "layout"}
+        values["layout"] = kw["layout"] if takes_layout else kw.pop("layout")
         json_path = kw.pop("preprocess_file")
         if json_path is not None:
             kw["preprocess"] = Preprocess.from_json(json_path, values)
@@ -42,10 +48,11 @@ def preprocess_options(func):
             kw["preprocess"] = None
         return func(*args, **kw)
 
-    for f in reversed(fields(Preprocess)):
+    for f in reversed([f for f in fields(Preprocess) if f.name != "layout"]):
         wrapper = click.option(flag(f.name), f.name, default=None, metavar=_METAVARS.get(f.name),
                                help=f"{f.metadata['help']} [image folders]")(wrapper)
     keys = ", ".join(f.name for f in fields(Preprocess))
+    wrapper = layout_option(wrapper)
     return path_option("--preprocess", "preprocess_file", metavar="JSON",
                        help=f"Read the image folders' preprocessing from a JSON object with the keys {keys} (the "
                             "options below win over it).")(wrapper)

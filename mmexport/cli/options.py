@@ -112,3 +112,23 @@ def output_flags(f, *, what: str = "outputs"):
     f = click.option("-q", "--quiet", is_flag=True, help="No progress display.")(f)
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")(f)
     return click.option("--force", is_flag=True, help=f"Overwrite existing {what}.")(f)
+
+
+def threads_option(f):
+    """--threads N: torch's intra-op threads and onnxruntime's (`mmexport.core.threads`)."""
+    from ..core.threads import available_cores
+
+    return click.option(
+        "--threads", type=click.IntRange(min=1), default=None, metavar="N",
+        help="Threads for torch and onnxruntime; fewer can be faster on a busy machine "
+             f"[default: the cores this process may use, {available_cores()} here].")(f)
+
+
+def layout_option(f):
+    """--layout: where the input keeps its channels (`mmexport.core.conventions`)."""
+    return click.option(
+        "--layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto", show_default=True,
+        callback=lambda _ctx, _param, v: None if v == "auto" else v,
+        help="Channel axis of the input for the per-channel input box, stamps and 1-pixel shifts, and "
+             "the array layout image folders are read into; auto: nhwc where the graph starts with a "
+             "transpose to NCHW, else nchw.")(f)

@@ -1,64 +1,175 @@
-"""Progress displays: a rich bar over a search's stages and epochs; nothing when quiet."""
+"""Progress of a long command on stderr: the stage, the epoch of how many, lambda, accuracy on
+D and an estimate of the time left.
+
+On a terminal it is one live line (a rich bar) with a line printed as each stage starts. Where
+stderr is not a terminal (a log file, a pipe, a CI job) a live bar writes nothing for many
+minutes, so plain lines are printed instead: one as each stage starts, and one every
+`EVERY_EPOCHS` epochs (or `EVERY_STEPS` steps) or `EVERY_SECONDS` seconds, whichever comes
+first. Nothing at all with -q.
+
+One object takes what every command reports: the defences' rows (`{"stage": name}` as a stage
+starts, epoch rows of the bound search, `{"stamp": ...}`, `{"cv": ...}`, `{"step": ..., "done",
+"total"}`) and the `(step, done, total)` calls of scan and compare.
+"""
 
 from __future__ import annotations
 
+import time
+
+import click
+
 from .main import console
 
+EVERY_EPOCHS = 10
+EVERY_STEPS = 50
+EVERY_SECONDS = 30.0
 
-class Stages:
-    """A rich progress bar over named stages (compare) or search steps (scan); None when quiet."""
 
-    transient = True
+def duration(seconds: float) -> str:
+    """3 s, 45 s, 2 min 10 s, 1 h 05 min."""
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return "under 1 s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
 
-    def __init__(self, quiet: bool, title: str):
+
+def epoch_text(row: dict) -> str:
+    """An epoch row of the bound search or the stamp unlearning, in words."""
+    text = f"epoch {row['epoch']}/{row.get('max_epochs', '?')}"
+    if row.get("phase") == "unlearn":
+        return (f"{text}, weight {row['lambda']:.3g}, acc(D) {row['accuracy']:.3f}, stamped held-out "
+                f"to class {100 * row['objective']:.1f}%")
+    return (f"{text}, lambda {row['lambda']:.3g}, acc(D) {row['accuracy']:.3f}, "
+            f"margin objective {row['objective']:.2f}")
+
+
+def info_text(row: dict) -> str | None:
+    """The one-off results some stages report (the stamp found, a cross-validation row)."""
+    if "cv" in row:
+        cv = row["cv"]
+        return (f"cross-validation: lambda {cv['lambda']:g} -> held-out balanced accuracy "
+                f"{cv['balanced_accuracy']:.3f}")
+    if "stamp" in row:
+        st = row["stamp"]
+        verdict = "unlearning it" if st["found"] else "below the gate: max-margin search"
+        return (f"stamp search: class {st['target']} stands out by {st['outlier']:.1f} (sends "
+                f"{100 * st['fooled'][st['target']]:.0f}% of D's other classes to it); {verdict}")
+    return None
+
+
+class Progress:
+    """The progress display of one command (`with Progress(quiet, "MMAC") as progress:`);
+    `progress` is None with -q. Call it with a row dict or as `progress(step, done, total)`."""
+
+    def __init__(self, quiet: bool, title: str, *, interactive: bool | None = None, clock=time.monotonic):
         self.quiet = quiet
         self.title = title
+        self.interactive = interactive
+        self.clock = clock
+        self._bar = None
+        self.stage: str | None = None
+        self._step_name: str | None = None
+        self._stage_start = self._last_line = 0.0
+        self._last_count: int | None = None
+
+    # --- context ------------------------------------------------------------------------
 
     def __enter__(self):
         if self.quiet:
             return None
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        if self.interactive is None:
+            self.interactive = console().is_terminal
+        if self.interactive:
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as Bar
 
-        self._p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                           TimeElapsedColumn(), console=console(), transient=self.transient)
-        self._p.__enter__()
-        self._task = self._p.add_task(self.title, total=None, info="")
-        return self._update
-
-    def _update(self, info: str, done: int | None = None, total: int | None = None) -> None:
-        self._p.update(self._task, info=info, completed=done, total=total)
+            self._bar = Bar(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                            TimeElapsedColumn(), console=console(), transient=True)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.title, total=None, info="")
+        self._stage_start = self._last_line = self.clock()
+        return self
 
     def __exit__(self, *exc):
-        if not self.quiet:
-            self._p.__exit__(*exc)
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
         return False
 
+    # --- events -------------------------------------------------------------------------
 
-class SearchProgress(Stages):
-    """One line per accuracy check of the bound search: epoch, lambda, accuracy on D, objective."""
-
-    transient = False
-
-    def __init__(self, quiet: bool, method: str):
-        super().__init__(quiet, method.upper())
-
-    def _update(self, row: dict) -> None:
-        if "cv" in row:
-            cv = row["cv"]
-            self._p.console.print(f"cross-validation: lambda {cv['lambda']:g} -> held-out balanced "
-                                  f"accuracy {cv['balanced_accuracy']:.3f}")
-            return
-        if "stamp" in row:
-            st = row["stamp"]
-            verdict = "unlearning it" if st["found"] else "below the gate: max-margin search"
-            self._p.console.print(f"stamp search: class {st['target']} stands out by {st['outlier']:.1f} "
-                                  f"(sends {100 * st['fooled'][st['target']]:.0f}% of D's other classes to it); "
-                                  f"{verdict}")
-            return
-        if row.get("phase") == "unlearn":
-            info = (f"epoch {row['epoch']}  weight {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
-                    f"stamped held-out to class {100 * row['objective']:.1f}%")
+    def __call__(self, row, done: int | None = None, total: int | None = None) -> None:
+        if isinstance(row, str):  # scan, compare: (step, done, total)
+            self._step(row, done, total)
+        elif "stage" in row:
+            self._start(row["stage"], row.get("n"))
+        elif "step" in row:
+            self._step(row["step"], row.get("done"), row.get("total"))
+        elif "epoch" in row:
+            self._epoch(row)
         else:
-            info = (f"epoch {row['epoch']}  lambda {row['lambda']:.3g}  acc(D) {row['accuracy']:.3f}  "
-                    f"margin objective {row['objective']:.2f}")
-        super()._update(info, row["epoch"], row.get("max_epochs"))
+            text = info_text(row)
+            if text:
+                self._line(text, keep=True)
+
+    def _start(self, stage: str, n: int | None = None) -> None:
+        self.stage, self._step_name, self._last_count = stage, None, None
+        self._stage_start = self.clock()
+        self._line(stage + (f" ({n} inputs)" if n is not None else ""), keep=True)
+        self._show(stage, "", None, None)
+
+    def _epoch(self, row: dict) -> None:
+        epoch, total = row["epoch"], row.get("max_epochs")
+        left = self._left(epoch, total)
+        text = epoch_text(row) + (f", at most {duration(left)} left" if left is not None else "")
+        if self._due(epoch, EVERY_EPOCHS, total):
+            self._line(f"{self.stage}: {text}" if self.stage else text)
+        self._show(self.stage or "", text, epoch, total)
+
+    def _step(self, step: str, done: int | None, total: int | None) -> None:
+        """A step of a stage that counts its work (scan's ascent steps, compare's parts); `done`
+        and `total` count from the start of the stage."""
+        if self.stage is None:
+            self._start(self.title)
+        count = f" {done}/{total}" if done is not None and total else ""
+        if step != self._step_name:
+            self._step_name, self._last_count = step, done
+            self._line(f"{step}{count}", keep=True)
+        left = self._left(done, total)
+        text = f"{step}{count}" + (f", about {duration(left)} left" if left is not None else "")
+        if done and self._due(done, EVERY_STEPS, total):
+            self._line(text)
+        self._show(self.stage, text, done, total)
+
+    # --- output -------------------------------------------------------------------------
+
+    def _left(self, done: int | None, total: int | None) -> float | None:
+        if not done or not total or done >= total:
+            return None
+        return (self.clock() - self._stage_start) / done * (total - done)
+
+    def _due(self, count: int, every: int, total: int | None) -> bool:
+        """Whether a plain line is due: every `every` counts, every EVERY_SECONDS, at the end."""
+        last = self._last_count
+        due = (last is None or count - last >= every or count == total
+               or self.clock() - self._last_line >= EVERY_SECONDS)
+        if due:
+            self._last_count = count
+        return due
+
+    def _line(self, text: str, *, keep: bool = False) -> None:
+        """A plain line; on a terminal only the lines worth keeping (`keep`) go above the bar,
+        the rest is the bar's to show."""
+        self._last_line = self.clock()
+        if self._bar is None:
+            click.echo(f"[{self.title}] {text}", err=True)
+        elif keep:
+            self._bar.console.print(f"{self.title}: {text}", highlight=False)
+
+    def _show(self, description: str, info: str, done, total) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{self.title} {description}".strip(), info=info,
+                             completed=done, total=total)

@@ -19,6 +19,16 @@ def print_inspect(info: dict) -> None:
         for io in info[kind]:
             mark = " (chosen)" if io["name"] in (info["input"], info["output"]) else ""
             _out.print(f"  {kind[:-1]:6} {io['name']}  {io['shape']}{mark}")
+    lay = info.get("layout")
+    if lay and lay["channel_axis"] is not None:
+        _out.print(f"  layout {lay['name']} (channels on axis {lay['channel_axis']}: {lay['reason']})")
+    if info.get("fixed_batch"):
+        _out.print(f"  batch  fixed at {info['fixed_batch']} (onnxruntime runs batches of {info['fixed_batch']}, "
+                   "the last one padded)")
+    logits = info.get("logits")
+    if logits and logits["via"]:
+        _out.print(f"  logits  {logits['tensor']} ({info['output']} is its {logits['via']}): margins, "
+                   "bounds and MMDF use the logits")
     if info["unsupported_ops"]:
         ops = ", ".join(f"{u['op']} (node {u['node']!r})" for u in info["unsupported_ops"])
         _out.print(f"[red]unsupported ops:[/] {ops}")
@@ -34,8 +44,14 @@ def print_inspect(info: dict) -> None:
             if "error" in o:
                 _out.print(f"  verify {o['name']}: [red]{o['error']}[/]")
             else:
-                _out.print(f"  verify {o['name']}: max abs diff {o['max_abs_diff']:.3g}, "
+                what = f" (logits of {o['logits_of']})" if o.get("logits_of") else ""
+                _out.print(f"  verify {o['name']}{what}: max abs diff {o['max_abs_diff']:.3g}, "
                            f"max rel diff {o['max_rel_diff']:.3g}")
+        batching = {"scaled": "batched (shapes holding the fixed batch follow the batch, checked against "
+                              "single batches)",
+                    "chunks": f"in batches of {v.get('fixed_batch')} (the graph bakes its batch in)"}
+        if v.get("engine_batching") in batching:
+            _out.print(f"  engine ran the {v['samples']} inputs {batching[v['engine_batching']]}")
         verdict = "[green]PASSED[/]" if v["passed"] else "[red]FAILED[/]"
         _out.print(f"{verdict} engine vs onnxruntime ({v['provider']}, {v['samples']} inputs in "
                    f"{v['input_range']}, atol {v['atol']:g}, rtol {v['rtol']:g})")
@@ -158,6 +174,8 @@ def print_compare(rep) -> None:
                f"{rep.max_abs_logit_diff:.4g}; node types POST - PRE: {ops}")
     if rep.margins_note:
         _out.print(f"[yellow]{rep.margins_note}[/]")
+    if rep.latency_note:
+        _out.print(f"[yellow]{rep.latency_note}[/]")
     width = max(len(key) for key, *_ in rows)
     for key, _label, x, y, v in rows:
         if v:

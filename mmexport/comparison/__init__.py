@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.conventions import fixed_batch
 from ..core.data import Dataset, as_dataset
 from ..core.errors import MmexportError
 from ..core.model import Model, as_model
+from ..core.threads import check_threads, using_threads
 from ..graph.rewrite import count_bounded_sites
 from ..runtime.latency import latency_pair
 from ..runtime.metrics import validate
@@ -67,6 +69,7 @@ class CompareReport:
     verdicts: dict[str, str]
     settings: dict
     margins_note: str | None = None
+    latency_note: str | None = None  # where a fixed batch set the batch sizes timed
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -187,36 +190,49 @@ def _batch(x: np.ndarray, b: int) -> np.ndarray:
     return np.concatenate([x] * reps)[:b] if reps > 1 else x[:b]
 
 
-def _fixed_batch(m: Model) -> int | None:
-    d = m.input_shape[0] if m.input_shape else None
-    return d if isinstance(d, int) and d > 0 else None
-
-
 def engine_max_margins(
     model: Model,
     box_x: np.ndarray,
     *,
     input_range=None,
+    layout: str | None = None,
     restarts: int = 10,
     ascent_steps: int = 200,
     seed: int = 0,
     device: str = "cpu",
 ) -> list[float]:
-    """Per-class max margins of a graph as it stands (bounds inside it), by the engine's search."""
+    """Per-class max margins of a graph as it stands (bounds inside it), by the engine's search
+    (on the logits behind a final Softmax)."""
     import torch
 
+    from ..core.conventions import input_layout
     from ..defences.common.device import resolve_device
     from ..defences.common.margins import input_box, max_margins
     from ..engine.executor import Engine
+    from ..engine.threads import use_threads
 
     dev = resolve_device(device)
-    engine = Engine(model, device=dev)
-    x = torch.from_numpy(box_x).to(dev)
-    box = input_box(x, input_range).to(dev)
-    mm = max_margins(
-        engine, box, model.num_classes, restarts=restarts, steps=ascent_steps, seed=seed, clean_x=x
-    )
+    with use_threads(None):  # the count compare() holds
+        engine = Engine(model, device=dev)
+        x = torch.from_numpy(box_x).to(dev)
+        box = input_box(x, input_range, channel_axis=input_layout(model, layout).channel_axis).to(dev)
+        mm = max_margins(
+            engine, box, model.num_classes, restarts=restarts, steps=ascent_steps, seed=seed, clean_x=x
+        )
     return [float(v) for v in mm.cpu()]
+
+
+def _latency_sizes(a: Model, b: Model, batch_sizes) -> tuple[tuple, str | None]:
+    """The batch sizes to time, and a note where a fixed batch decided them."""
+    fa, fb = fixed_batch(a), fixed_batch(b)
+    if fa and fb and fa != fb:
+        return (), (f"latency not timed: PRE's batch is fixed at {fa} and POST's at {fb}, so no "
+                    "batch runs on both")
+    fixed = fa or fb
+    if fixed:
+        return (fixed,), (f"the batch is fixed at {fixed} in the model: latency timed on batches of "
+                          f"{fixed}, not at {' and '.join(map(str, batch_sizes))}")
+    return tuple(batch_sizes), None
 
 
 def compare(
@@ -234,7 +250,9 @@ def compare(
     batch_sizes=BATCH_SIZES,
     margins: bool = True,
     input_range: tuple[float, float] | None = None,
+    layout: str | None = None,
     device: str = "auto",
+    threads: int | None = None,
     input_name: str | None = None,
     output_name: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -247,15 +265,27 @@ def compare(
     The max-margin search (`restarts` x `ascent_steps` per class, same `seed` for both; the box is
     `input_range` or the per-channel range of `data`) runs in the engine on `device`;
     `margins=False` skips it. Latency: `runs` timed inferences per model and batch size,
-    interleaved PRE / POST. `progress(stage, done, total)` is called as each stage starts.
+    interleaved PRE / POST; where a model's batch is fixed at N, on batches of N
+    (`latency_note` says so). `layout`: the input's channel axis for the box ("nchw",
+    "nhwc", None: recognised); `threads`: torch's and onnxruntime's thread count (default: the
+    cores this process may use). `progress(stage, done, total)` is called as each stage starts.
     """
+    check_threads(threads)
+    with using_threads(threads):
+        return _compare(pre, post, data, attack=attack, provider=provider, seed=seed, restarts=restarts,
+                        ascent_steps=ascent_steps, runs=runs, warmup=warmup, batch_sizes=batch_sizes,
+                        margins=margins, input_range=input_range, layout=layout, device=device,
+                        input_name=input_name, output_name=output_name, progress=progress)
+
+
+def _compare(pre, post, data, *, attack, provider, seed, restarts, ascent_steps, runs, warmup, batch_sizes,
+             margins, input_range, layout, device, input_name, output_name, progress) -> CompareReport:
     a = as_model(pre, input_name=input_name, output_name=output_name)
     b = as_model(post, input_name=input_name, output_name=output_name)
     _check_pair(a, b)
     data = as_dataset(data, model=a)
     attack = None if attack is None else as_dataset(attack, attack=True, model=a)
-    fixed = _fixed_batch(a) or _fixed_batch(b)
-    sizes = (fixed,) if fixed else tuple(batch_sizes)
+    sizes, latency_note = _latency_sizes(a, b, batch_sizes)
     total = 2 + (2 if margins else 0) + len(sizes)
     done = 0
 
@@ -287,7 +317,8 @@ def compare(
     note = None
     if margins:
         say("max margins (PRE)")
-        kw = dict(input_range=input_range, restarts=restarts, ascent_steps=ascent_steps, seed=seed, device=device)
+        kw = dict(input_range=input_range, layout=layout, restarts=restarts, ascent_steps=ascent_steps,
+                  seed=seed, device=device)
         try:
             mm_a = engine_max_margins(a, data.x, **kw)
             say("max margins (POST)")
@@ -344,10 +375,12 @@ def compare(
             "runs": runs,
             "warmup": warmup,
             "input_range": list(input_range) if input_range else None,
+            "layout": layout,
             "margins": margins,
             "rate_tolerance": tol_rate,
         },
         margins_note=note,
+        latency_note=latency_note,
     )
 
 

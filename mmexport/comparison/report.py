@@ -90,6 +90,8 @@ def to_markdown(rep: CompareReport) -> str:
     lines += [f"| {c} | {x} | {y} | {ma} | {mb} |" for c, x, y, ma, mb in per_class_rows(rep)]
     if rep.margins_note:
         lines += ["", rep.margins_note]
+    if rep.latency_note:
+        lines += ["", rep.latency_note]
     return "\n".join(lines) + "\n"
 
 

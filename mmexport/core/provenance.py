@@ -35,16 +35,62 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def check_output_path(path: str | os.PathLike, *, force: bool, inputs=()) -> Path:
-    """Refuse to clobber an input, or an existing output without force."""
+    """Refuse, before any work, an output that must not or cannot be written.
+
+    Not an input, not an existing file without `force`, not a directory; its folder must
+    exist, be a directory and take a new file (checked by creating and removing one, which
+    also catches read-only file systems and root-owned folders that `os.access` passes).
+    """
     path = Path(path)
     for inp in inputs:
-        if inp is not None and Path(inp).exists() and path.exists() and path.resolve() == Path(inp).resolve():
+        if inp is not None and _same_file(path, Path(inp)):
             raise MmexportError(f"{path}: refusing to overwrite an input file")
+    if path.is_dir():
+        raise MmexportError(f"{path}: is a directory, expected an output file name")
+    parent = path.parent
+    if not parent.is_dir():
+        above = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise MmexportError(f"{above}: is a file, not a directory (output {path})")
+        raise MmexportError(f"{parent}: output directory does not exist")
     if path.exists() and not force:
         raise OutputExistsError(f"{path}: exists")
-    if not path.parent.exists():
-        raise MmexportError(f"{path.parent}: output directory does not exist")
+    if not _takes_new_files(parent):
+        raise MmexportError(f"{parent}: output directory is not writable (output {path})")
     return path
+
+
+def check_output_paths(paths, *, force: bool, inputs=()) -> list[Path]:
+    """`check_output_path` for each of a command's outputs (None skipped), and no two the same."""
+    seen: dict[Path, Path] = {}
+    out = []
+    for p in paths:
+        if p is None:
+            continue
+        p = check_output_path(p, force=force, inputs=inputs)
+        key = p.resolve()
+        if key in seen:
+            raise MmexportError(f"{p}: given for two outputs")
+        seen[key] = p
+        out.append(p)
+    return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _takes_new_files(folder: Path) -> bool:
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mmexport-probe.", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

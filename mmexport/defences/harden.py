@@ -17,11 +17,14 @@ import torch
 from .. import __version__
 from ..core.bounds import Bounds
 from ..core.config import with_overrides
+from ..core.conventions import input_layout
 from ..core.data import as_dataset
 from ..core.errors import ParameterError
 from ..core.model import as_model, from_proto
 from ..core.provenance import data_sha256, model_sha256, set_metadata
+from ..core.threads import check_threads
 from ..engine.executor import Engine
+from ..engine.threads import use_threads
 from ..graph.rewrite import FORMS, apply_bounds
 from .common.checks import check_clean_set, check_original
 from .common.device import reproducible, resolve_device
@@ -118,7 +121,9 @@ def harden(
     method: str | None = None,
     form: str = "auto",
     input_range: tuple[float, float] | None = None,
+    layout: str | None = None,
     device: str = "auto",
+    threads: int | None = None,
     input_name: str | None = None,
     output_name: str | None = None,
     progress: Callable[[dict], None] | None = None,
@@ -136,39 +141,57 @@ def harden(
     that is exact (a unit clip, clip(x, 0, 1), that onnxruntime fuses) and uses Min
     elsewhere; "min" always uses Min after the site.
     `model`: path, ModelProto or Model. `clean_set`: Dataset, (x, y), or a path (.npz or image folder).
+    `input_range`: the input box (default: the per-channel range of the clean set, channels
+    on the axis `layout` names: "nchw", "nhwc", or None to recognise it,
+    `mmexport.core.conventions.input_layout`). `threads`: torch's and onnxruntime's thread
+    count (default: the cores this process may use). `progress(row)` receives
+    {"stage": name} as each stage starts, then that stage's rows.
     """
     cfg = resolve_config(config, method, overrides)
     if form not in FORMS:
         raise ParameterError("form", f"{form!r}: expected one of {', '.join(FORMS)}")
+    check_threads(threads)
     name = method_name(cfg)
     m = as_model(model, input_name=input_name, output_name=output_name)
     k = check_original(m)
     clean = as_dataset(clean_set, model=m)
     check_clean_set(clean, m, k)
+    lay = input_layout(m, layout)
     if name == "mmom-refit":
         find_classifier(m)  # fail before the search if there is no last layer to refit
     dev = resolve_device(device)
-    with reproducible(dev):
+
+    def stage(what: str) -> None:
+        if progress is not None:
+            progress({"stage": what})
+
+    with use_threads(threads), reproducible(dev):
         engine = Engine(m, device=dev)
         x = torch.from_numpy(clean.x).to(dev)
         y = torch.from_numpy(clean.y).to(dev)
-        box = input_box(x, input_range).to(dev)
+        box = input_box(x, input_range, channel_axis=lay.channel_axis).to(dev)
 
         cv = stamp = None
         if isinstance(cfg, MmomConfig):
+            stage("cross-validation")
             result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress)
         else:
             if cfg.unlearn == "auto":
+                stage("stamp search")
                 stamp = find_stamp(engine, x, y, box, k, cfg)
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
             if stamp is not None and stamp.found:
-                result = unlearn_bounds(engine, x, y, stamp, cfg, progress=progress)
+                stage("unlearning")
+                result = unlearn_bounds(engine, x, y, stamp, cfg, progress=progress,
+                                        channel_axis=box.channel_axis)
             else:
+                stage("max-margin search")
                 result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
 
         # Fresh, equal-seeded estimates before and after: the search's own maximisers have
         # adapted to the clipped model, a new search is the fair comparison.
+        stage("margin check")
         probe = dict(restarts=cfg.restarts, steps=max(cfg.warmup_steps, 100), seed=cfg.seed + 1, clean_x=x)
         zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
         mm_before = max_margins(engine, box, k, **probe)
@@ -180,7 +203,8 @@ def harden(
         mm_after = max_margins(engine, box, k, bounds=zb, **probe)
 
     hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
-    settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None}
+    settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None,
+                                "layout": lay.name}
     stage = "unlearn" if stamp is not None and stamp.found else "max-margin"
     report = HardenReport(
         method=name, settings=settings, seed=cfg.seed, device=str(dev),

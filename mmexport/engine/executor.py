@@ -15,6 +15,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ..core.conventions import fixed_batch, logits_of
 from ..core.errors import MmexportError
 from ..core.model import Model, Site, onnx_opset
 from . import ops
@@ -69,12 +70,30 @@ class _Plan:
         self.targets = targets
 
 
+def _same(a, b) -> bool:
+    """Two results of one graph, batched and in chunks, equal up to float reordering."""
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+        return False
+    a, b = a.detach(), b.detach()
+    if not a.is_floating_point():
+        return bool(torch.equal(a, b))
+    finite = b[torch.isfinite(b)]
+    scale = float(finite.abs().max()) if finite.numel() else 1.0
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5 * max(scale, 1.0), equal_nan=True))
+
+
 class Engine(torch.nn.Module):
     """An ONNX classifier as a torch Module: logits = engine(x, bounds).
 
     Float initializers become buffers in `dtype` on `device`; integer ones stay int64 on the
     host (shapes, axes, indices), where the shape arithmetic of a dynamic-batch graph runs
     without device syncs, and `.to()` leaves them there.
+
+    A model exported with a fixed batch N still takes any batch (see `batching`): shapes that
+    bake N in are scaled to the batch, and the first call at each batch size is checked
+    against runs of N samples at a time; where they differ (or the batched run fails) the
+    engine runs N at a time from then on. A batch that is not a multiple of N is padded with
+    copies of its last sample, and the padding dropped.
     """
 
     def __init__(self, model: Model, *, device="cpu", dtype: torch.dtype = torch.float32):
@@ -82,9 +101,12 @@ class Engine(torch.nn.Module):
         self.model = model
         self.sites: list[Site] = list(model.sites)
         self.input_name = model.input_name
-        self.output_name = model.output_name
+        # The logits: behind a final Softmax where the model outputs probabilities.
+        self.output_name = logits_of(model).name
         self._where = str(model.path) if model.path is not None else "model"
-        self._rt = ops.Runtime(torch.device("cpu"), dtype)
+        self._rt = ops.Runtime(torch.device("cpu"), dtype, fixed_batch(model))
+        self._chunked = False  # a fixed-batch graph found to need runs of its batch size
+        self._checked: set[int] = set()  # batch sizes found to run batched as in chunks
         self._site_names = frozenset(s.name for s in self.sites)
         self._host_buffers: list[str] = []
         self._plans: dict[tuple, _Plan] = {}
@@ -217,6 +239,22 @@ class Engine(torch.nn.Module):
         }
 
     @property
+    def batching(self) -> str:
+        """How a batch of any size runs: "free" (the model's batch is free); for a batch fixed
+        at N, "fixed" (no other batch size run yet), "scaled" (batched, constant shapes that
+        hold N following the batch: checked equal to runs of N at every size met) or
+        "chunks" (N samples at a time: the graph bakes N in where scaling does not reach)."""
+        if self._rt.fixed_batch is None:
+            return "free"
+        if self._chunked:
+            return "chunks"
+        return "scaled" if self._checked else "fixed"
+
+    @property
+    def fixed_batch(self) -> int | None:
+        return self._rt.fixed_batch
+
+    @property
     def device(self) -> torch.device:
         return self._rt.device
 
@@ -258,6 +296,51 @@ class Engine(torch.nn.Module):
                 raise MmexportError(
                     f"{self._where}: bounds for unknown sites: {', '.join(unknown)}"
                 )
+        n = self._rt.fixed_batch
+        if n is None or x.dim() == 0 or x.shape[0] == n:
+            return self._pass(x, bounds, plan)
+        size = x.shape[0]
+        pad = -size % n
+        if pad:
+            x = torch.cat([x, x[-1:].expand(pad, *x.shape[1:])])
+        if x.shape[0] == n:  # fewer samples than the fixed batch: one padded run
+            values = self._pass(x, bounds, plan)
+        elif self._chunked:
+            values = self._chunks(x, bounds, plan)
+        elif x.shape[0] in self._checked:
+            values = self._pass(x, bounds, plan)
+        else:
+            values = self._checked_pass(x, bounds, plan)
+        return [v[:size] for v in values] if pad else values
+
+    def _chunks(self, x, bounds, plan: _Plan) -> list:
+        n = self._rt.fixed_batch
+        parts = [self._pass(x[i : i + n], bounds, plan) for i in range(0, x.shape[0], n)]
+        return [torch.cat(values) for values in zip(*parts, strict=True)]
+
+    def _checked_pass(self, x, bounds, plan: _Plan) -> list:
+        """The batched run where it equals runs of the fixed batch size, else those runs."""
+        try:
+            values = self._pass(x, bounds, plan)
+        except Exception:  # a shape the batch cannot follow: runs of N it is
+            values = None
+        with torch.no_grad():
+            reference = self._chunks(x, bounds, plan)
+        if values is not None and all(_same(a, b) for a, b in zip(values, reference, strict=True)):
+            self._checked.add(x.shape[0])
+            return values
+        self._chunked = True
+        return self._chunks(x, bounds, plan) if torch.is_grad_enabled() else reference
+
+    def _pass(self, x, bounds, plan: _Plan) -> list:
+        """One run of the compiled steps on the whole of x."""
+        self._rt.batch = x.shape[0] if x.dim() else None
+        try:
+            return self._steps_on(x, bounds, plan)
+        finally:
+            self._rt.batch = None
+
+    def _steps_on(self, x, bounds, plan: _Plan) -> list:
         env = self._template.copy()
         env[self._input_slot] = x
         for fn, ins, outs, site in plan.steps:
@@ -274,7 +357,8 @@ class Engine(torch.nn.Module):
         return [env[i] for i in plan.targets]
 
     def forward(self, x: torch.Tensor, bounds: Mapping[str, torch.Tensor] | None = None):
-        """Logits (the tensor `model.output_name`) for a batch x, sites bounded by `bounds`."""
+        """Logits for a batch x, sites bounded by `bounds`: the model's output, or the input of
+        its final Softmax / LogSoftmax (`mmexport.core.conventions.logits_of`)."""
         return self._execute(x, bounds, self._plan((self.output_name,), ()))[0]
 
     def run(

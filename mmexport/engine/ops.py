@@ -61,11 +61,18 @@ def supported_ops() -> frozenset[str]:
 
 
 class Runtime:
-    """Where float tensors created at run time go; the Engine updates it on `.to()`."""
+    """Where float tensors created at run time go; the Engine updates it on `.to()`.
 
-    def __init__(self, device: torch.device, dtype: torch.dtype):
+    `fixed_batch`: the batch size the model's input is fixed at (None: free); `batch`: the
+    batch of the call running now (None while compiling), so a Reshape whose constant shape
+    bakes in the fixed batch can follow a larger one (`rebatch`).
+    """
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, fixed_batch: int | None = None):
         self.device = device
         self.dtype = dtype
+        self.fixed_batch = fixed_batch
+        self.batch: int | None = None
 
 
 class OpNode:
@@ -136,6 +143,8 @@ class OpNode:
 def to_torch(array: np.ndarray, float_dtype: torch.dtype, fail=None) -> torch.Tensor:
     array = np.asarray(array)
     kind = array.dtype.kind
+    if kind == "f" and array.dtype == np.float32 and float_dtype == torch.float32:
+        return torch.from_numpy(np.array(array))  # the same values as through float64, half the memory
     if kind == "f" or array.dtype.name in ("bfloat16",):
         return torch.from_numpy(np.array(array, dtype=np.float64)).to(float_dtype)
     if kind == "b":
@@ -894,14 +903,30 @@ def flatten(node):
     return fn
 
 
-def _reshape_fn(static: list[int] | None, allowzero: bool) -> Callable:
-    if static is not None and (allowzero or 0 not in static):
+def rebatch(target: list[int], x: torch.Tensor, rt: Runtime) -> list[int]:
+    """A constant target shape that bakes in the model's fixed batch N, for a larger batch.
+
+    Exporters fold `x.view(x.size(0), -1)` of a batch-N model into the constant [N, -1]; where
+    the reshaped tensor leads with the batch B of the running call (a multiple of N), the
+    shape's N becomes B. The Engine checks the result against runs of N (`Engine.batching`).
+    """
+    n, b = rt.fixed_batch, rt.batch
+    if b is None or b == n or not target or target[0] != n or x.dim() == 0 or x.shape[0] != b:
+        return target
+    return [b, *target[1:]]
+
+
+def _reshape_fn(static: list[int] | None, allowzero: bool, rt: Runtime) -> Callable:
+    batch_free = static is None or not static or static[0] != rt.fixed_batch
+    if static is not None and (allowzero or 0 not in static) and batch_free:
         return lambda x, *_: x.reshape(static)
 
     def fn(x, shape=None):
         target = static if static is not None else _as_ints(shape)
         if not allowzero:
             target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+        if static is not None:
+            target = rebatch(target, x, rt)
         return x.reshape(target)
 
     return fn
@@ -909,12 +934,12 @@ def _reshape_fn(static: list[int] | None, allowzero: bool) -> Callable:
 
 @op("Reshape")
 def reshape_attr(node):
-    return _reshape_fn([int(v) for v in node.attr("shape")], False)
+    return _reshape_fn([int(v) for v in node.attr("shape")], False, node.rt)
 
 
 @op("Reshape", since=5)
 def reshape(node):
-    return _reshape_fn(node.const_ints(1), bool(node.attr("allowzero", 0)))
+    return _reshape_fn(node.const_ints(1), bool(node.attr("allowzero", 0)), node.rt)
 
 
 @op("Transpose")

@@ -10,6 +10,7 @@ import numpy as np
 from ..core.data import Dataset, as_dataset, check_for_model
 from ..core.errors import MmexportError
 from ..core.model import MMDF_OUTPUTS, Model, as_model
+from ..core.threads import check_threads, using_threads
 from .sessions import run_batches, session
 
 
@@ -92,6 +93,7 @@ def validate(
     batch_size: int = 256,
     input_name: str | None = None,
     output_name: str | None = None,
+    threads: int | None = None,
 ) -> ValidationReport:
     """Accuracy on `data` and, given an attack set (with `y_true`), ASR and RA.
 
@@ -99,7 +101,15 @@ def validate(
     Datasets, (x, y) pairs, or paths (.npz, image folder: see `load_data`). For an MMDF model (an
     `mmdf_detected` output) also the false-positive rate (flagged samples of `data`) and the
     detection rate (flagged attack samples whose true class is not the target).
+    A model with a fixed batch N runs N samples at a time (the last run padded).
+    `threads`: onnxruntime's intra-op threads (default: the cores this process may use).
     """
+    check_threads(threads)
+    with using_threads(threads):
+        return _validate(model, data, attack, provider, batch_size, input_name, output_name)
+
+
+def _validate(model, data, attack, provider, batch_size, input_name, output_name) -> ValidationReport:
     m = as_model(model, input_name=input_name, output_name=output_name)
     where = str(m.path) if m.path is not None else "model"
     data = as_dataset(data, model=m)

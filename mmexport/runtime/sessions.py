@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from ..core.errors import MmexportError, first_line
 from ..core.model import Model
+from ..core.threads import threads_in_use
 
 PROVIDERS = ("auto", "cuda", "cpu")
 _CUDA_EP = "CUDAExecutionProvider"
@@ -77,6 +78,7 @@ def _check_cuda_libraries() -> str:
 def _options() -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = _LOG_SEVERITY
+    opts.intra_op_num_threads = threads_in_use()  # see mmexport.core.threads
     return opts
 
 

@@ -22,10 +22,15 @@ def margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Box:
-    """The valid input region, per-element lower and upper limits shaped like one sample."""
+    """The valid input region, per-element lower and upper limits shaped like one sample.
+
+    `channel_axis`: the input's channel axis in a batch (1 for NCHW, 3 for NHWC; None for
+    flat inputs), which stamps share their mask over and shifts move across.
+    """
 
     lo: torch.Tensor
     hi: torch.Tensor
+    channel_axis: int | None = 1
 
     def clamp(self, x: torch.Tensor) -> torch.Tensor:
         return torch.maximum(torch.minimum(x, self.hi), self.lo)
@@ -35,22 +40,28 @@ class Box:
         return self.lo + (self.hi - self.lo) * u.to(self.lo.device)
 
     def to(self, device) -> Box:
-        return Box(self.lo.to(device), self.hi.to(device))
+        return Box(self.lo.to(device), self.hi.to(device), self.channel_axis)
 
 
-def input_box(x_clean: torch.Tensor, input_range: tuple[float, float] | None = None) -> Box:
-    """Per-channel min/max of the clean set (dim 1 is the channel), or a fixed range."""
+def input_box(x_clean: torch.Tensor, input_range: tuple[float, float] | None = None, *,
+              channel_axis: int | None = 1) -> Box:
+    """Per-channel min/max of the clean set (over samples and every other axis), or a fixed
+    range. `channel_axis` is the batch's channel axis (1: NCHW, 3: NHWC; see
+    `mmexport.core.conventions.input_layout`); flat inputs (N, F) get one range per feature."""
     shape = x_clean.shape[1:]
+    axis = channel_axis if x_clean.dim() >= 3 else None
     if input_range is not None:
         lo, hi = input_range
-        return Box(torch.full(shape, float(lo)), torch.full(shape, float(hi)))
-    if x_clean.dim() >= 3:
-        dims = [0] + list(range(2, x_clean.dim()))
-        lo = x_clean.amin(dim=dims).view(-1, *([1] * (x_clean.dim() - 2))).expand(shape)
-        hi = x_clean.amax(dim=dims).view(-1, *([1] * (x_clean.dim() - 2))).expand(shape)
+        return Box(torch.full(shape, float(lo)), torch.full(shape, float(hi)), axis)
+    if axis is not None:
+        dims = [d for d in range(x_clean.dim()) if d != axis]
+        keep = [1] * (x_clean.dim() - 1)
+        keep[axis - 1] = -1
+        lo = x_clean.amin(dim=dims).view(keep).expand(shape)
+        hi = x_clean.amax(dim=dims).view(keep).expand(shape)
     else:  # flat inputs: one range per feature
         lo, hi = x_clean.amin(dim=0), x_clean.amax(dim=0)
-    return Box(lo.contiguous().clone(), hi.contiguous().clone())
+    return Box(lo.contiguous().clone(), hi.contiguous().clone(), axis)
 
 
 class Maximisers:
@@ -256,8 +267,10 @@ class MaskedMaximisers(_OnCleanImages):
     ):
         super().__init__(clean_x, clean_y, num_classes, generator=generator, batch=batch)
         self.box = box
-        shape = tuple(box.lo.shape)
-        mask_shape = (1, *shape[1:]) if len(shape) >= 2 else shape  # shared over image channels
+        mask_shape = list(box.lo.shape)
+        if box.channel_axis is not None:  # shared over the image's channels
+            mask_shape[box.channel_axis - 1] = 1
+        mask_shape = tuple(mask_shape)
         self.area = area * float(torch.tensor(mask_shape).prod())
         self.mask = torch.full((num_classes, *mask_shape), area, device=clean_x.device)
         self.pattern = box.uniform(num_classes, generator)

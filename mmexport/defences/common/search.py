@@ -84,14 +84,17 @@ class _NormalisedDescent:
                 p.sub_(self.lr * p.grad / top)
 
 
-def shifts(x: torch.Tensor) -> list[torch.Tensor]:
-    """The four 1-pixel shifts of an image batch [N, C, H, W], edges replicated."""
+def shifts(x: torch.Tensor, channel_axis: int | None = 1) -> list[torch.Tensor]:
+    """The four 1-pixel shifts of an image batch [N, C, H, W] (or [N, H, W, C] with
+    `channel_axis` 3), edges replicated."""
+    if channel_axis not in (None, 1):  # shift in NCHW, hand back the input's layout
+        return [s.movedim(1, channel_axis) for s in shifts(x.movedim(channel_axis, 1))]
     pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
     h, w = x.shape[2], x.shape[3]
     return [pad[:, :, 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w] for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
 
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, channel_axis: int | None = 1) -> torch.Tensor:
     """Fresh neighbours of D for the logit term: random 1-pixel shifts, then mixup.
 
     Logit preservation only needs inputs, not labels, so it can cover more of the clean
@@ -99,22 +102,29 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """
     n = x.shape[0]
     if x.dim() == 4:
+        nchw = channel_axis in (None, 1)
+        x = x if nchw else x.movedim(channel_axis, 1)
         pad = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
         h, w = x.shape[2], x.shape[3]
         off = torch.randint(0, 3, (n, 2), generator=gen)
         x = torch.stack([pad[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(off.tolist())])
+        x = x if nchw else x.movedim(1, channel_axis)
     partner = torch.randint(0, n, (n,), generator=gen).to(x.device)
     lam = (0.5 * torch.rand(n, generator=gen)).to(x.device).view(n, *([1] * (x.dim() - 1)))
     return (1 - lam) * x + lam * x[partner]
 
 
-def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True):
+def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True,
+              channel_axis: int | None = 1):
     """Where the accuracy floor is checked: D and its 1-pixel shifts (labels kept), and which
     of those the original model gets right (the floor counts only those).
 
     Bounds tuned on 200 images otherwise keep exactly those right while held-out accuracy slips.
     """
-    xc, yc = (torch.cat([x, *shifts(x)]), y.repeat(5)) if shifted and x.dim() == 4 else (x, y)
+    if shifted and x.dim() == 4:
+        xc, yc = torch.cat([x, *shifts(x, channel_axis)]), y.repeat(5)
+    else:
+        xc, yc = x, y
     with torch.no_grad():
         correct = engine(xc).argmax(1) == yc
     if not correct.any():
@@ -210,7 +220,7 @@ def fit_bounds(
     with torch.no_grad():
         ref = engine(x)
     scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
-    xc, yc, correct = floor_set(engine, x, y, shifted=config.augment)
+    xc, yc, correct = floor_set(engine, x, y, shifted=config.augment, channel_axis=box.channel_axis)
 
     z0 = initial_bounds(engine, x, config.granularity)
     names = list(z0)
@@ -285,7 +295,7 @@ def fit_bounds(
         if config.method == "mmom":
             fit = torch.nn.functional.cross_entropy(engine(x, bounds), y)
         elif config.augment:
-            xa = augment(x, gen)
+            xa = augment(x, gen, box.channel_axis)
             with torch.no_grad():
                 ref_a = engine(xa)
             out = engine(torch.cat([x, xa]), bounds)

@@ -42,7 +42,7 @@ class Stamp:
     fooled: list[float]  # fraction of D's other-class images each class's stamp sends to it
     outlier: float  # (largest - second largest margin) / MAD of the other classes' margins
     found: bool  # outlier beyond the gate: treated as a trigger
-    mask: torch.Tensor = field(repr=False)  # [1 or C, H, W] of the target class
+    mask: torch.Tensor = field(repr=False)  # of the target class, shaped like a sample, 1 channel
     pattern: torch.Tensor = field(repr=False)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,6 +120,7 @@ def unlearn_bounds(
     config: SearchConfig,
     *,
     progress: Callable[[dict], None] | None = None,
+    channel_axis: int | None = 1,
 ) -> SearchResult:
     """Fit bounds that keep D's logits and send stamped images of D back to their labels.
 
@@ -132,7 +133,7 @@ def unlearn_bounds(
     with torch.no_grad():
         ref = engine(x)
     scale = ref.var(dim=0).sum().clamp_min(1e-8)
-    xc, yc, correct = floor_set(engine, x, y)
+    xc, yc, correct = floor_set(engine, x, y, channel_axis=channel_axis)
 
     first = halves(y)
     other = y != stamp.target

@@ -229,7 +229,9 @@ def scan(
     config: ScanConfig | None = None,
     *,
     input_range: tuple[float, float] | None = None,
+    layout: str | None = None,
     device: str = "auto",
+    threads: int | None = None,
     input_name: str | None = None,
     output_name: str | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -240,17 +242,23 @@ def scan(
     `model`: ONNX path, ModelProto or Model. `clean_set`: Dataset, (x, y), or a path (.npz or image folder), every
     class present. Keyword overrides (alpha, restarts, ascent_steps, universal_steps, budget, seed,
     ...) replace fields of the default ScanConfig. `progress(stage, done, total)` follows the
-    searches.
+    searches. The box is `input_range`, else the per-channel range of the clean set with the
+    channels on the axis `layout` names ("nchw", "nhwc", None: recognised); `threads`:
+    torch's thread count (default: the cores this process may use).
     """
     import torch
 
+    from ...core.conventions import input_layout
     from ...core.data import as_dataset, check_every_class, check_for_model
     from ...core.model import as_model
+    from ...core.threads import check_threads
     from ...engine.executor import Engine
+    from ...engine.threads import use_threads
     from ..common.device import reproducible, resolve_device
     from ..common.margins import input_box
 
     cfg = with_overrides(config or ScanConfig(), overrides, what="the scan")
+    check_threads(threads)
 
     start = time.perf_counter()
     m = as_model(model, input_name=input_name, output_name=output_name)
@@ -263,13 +271,13 @@ def scan(
         raise MmexportError(f"{where}: {k} classes; the scan's null needs at least 3")
     check_for_model(clean, m.input_shape, k)
     check_every_class(clean, k)
+    axis = input_layout(m, layout).channel_axis
     dev = resolve_device(device)
-    engine = Engine(m, device=dev)
-    x = torch.from_numpy(clean.x).to(dev)
-    y = torch.from_numpy(clean.y).to(dev)
-    box = input_box(x, input_range).to(dev)
-
-    with reproducible(dev):
+    with use_threads(threads), reproducible(dev):
+        engine = Engine(m, device=dev)
+        x = torch.from_numpy(clean.x).to(dev)
+        y = torch.from_numpy(clean.y).to(dev)
+        box = input_box(x, input_range, channel_axis=axis).to(dev)
         tests = scan_engine(engine, x, y, k, box, cfg, progress=progress)
     verdict, target, p, name = decide(tests, cfg.alpha)
     return ScanResult(
@@ -281,7 +289,8 @@ def scan(
         statistic=name,
         tests=tests,
         alpha=cfg.alpha,
-        settings=cfg.to_json() | {"input_range": list(input_range) if input_range else None},
+        settings=cfg.to_json() | {"input_range": list(input_range) if input_range else None,
+                                  "layout": input_layout(m, layout).name},
         seconds=time.perf_counter() - start,
         device=str(dev),
         model=str(m.path) if m.path else None,

@@ -8,11 +8,14 @@ import onnx
 from ...core.bounds import Bounds
 
 
-def shifted(x: np.ndarray) -> np.ndarray:
+def shifted(x: np.ndarray, channel_axis: int | None = 1) -> np.ndarray:
     """x and its four 1-pixel shifts (edges replicated), [5N, ...], for image batches
-    [N, C, H, W]; other inputs come back as they are. Copy j of sample i is row j*N + i."""
+    [N, C, H, W] (or [N, H, W, C] with `channel_axis` 3); other inputs come back as they are.
+    Copy j of sample i is row j*N + i."""
     if x.ndim != 4:
         return x
+    if channel_axis not in (None, 1):
+        return np.moveaxis(shifted(np.moveaxis(x, channel_axis, 1)), 1, channel_axis)
     pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)), mode="edge")
     h, w = x.shape[2], x.shape[3]
     moves = ((-1, 0), (1, 0), (0, -1), (0, 1))

@@ -12,10 +12,12 @@ import onnx
 from ... import __version__
 from ...core.bounds import Bounds, check_bounds_for_sites, load_bounds
 from ...core.config import with_overrides
+from ...core.conventions import input_layout, logits_of
 from ...core.data import Dataset, as_dataset, check_for_model
 from ...core.errors import MmexportError, ParameterError
 from ...core.model import Model
 from ...core.provenance import data_sha256, get_metadata, model_sha256, set_metadata
+from ...core.threads import check_threads, using_threads
 from ...graph.rewrite import count_bounded_sites
 from ..common.checks import check_original
 from ..common.stats import fold_ids
@@ -103,7 +105,8 @@ def _scores(proto: onnx.ModelProto, x: np.ndarray, m: Model, provider: str,
 
 def _probe(m: Model, bounds: Bounds) -> onnx.ModelProto:
     """The MMDF graph at threshold 0: its score output is d itself."""
-    return build_mmdf_graph(m.proto, bounds, 0.0, output_name=m.output_name, sites=m.sites)
+    return build_mmdf_graph(m.proto, bounds, 0.0, output_name=m.output_name, sites=m.sites,
+                            logits_name=logits_of(m).name)
 
 
 def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, copies: int,
@@ -125,7 +128,8 @@ def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, c
     return d
 
 
-def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, progress) -> dict:
+def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, progress,
+                    layout: str | None = None) -> dict:
     """{"class": the class flagged inputs must not go to or None, "source", "scan": its report}.
 
     Where the scan cannot run (fewer than 3 classes, a class missing from D) no class is
@@ -135,10 +139,14 @@ def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, pro
         return {"class": avoid, "source": None if avoid is None else "given", "scan": None}
     from ..mmbd.scan import scan
 
+    steps = None
     if progress is not None:
         progress({"stage": "scan (MM-BD: which class would a backdoor target?)", "n": len(clean)})
+
+        def steps(step: str, done: int, total: int) -> None:
+            progress({"step": step, "done": done, "total": total})
     try:
-        res = scan(m, clean, seed=seed, device=device)
+        res = scan(m, clean, seed=seed, layout=layout, device=device, progress=steps)
     except MmexportError as exc:
         return {"class": None, "source": "scan", "scan": {"skipped": str(exc)}}
     report = {"verdict": res.verdict, "target_class": res.target_class, "p_value": res.p_value,
@@ -175,8 +183,10 @@ def detect(
     hardened=None,
     input_name: str | None = None,
     output_name: str | None = None,
+    layout: str | None = None,
     device: str = "auto",
     provider: str = "auto",
+    threads: int | None = None,
     progress: Callable[[dict], None] | None = None,
     **overrides,
 ) -> DetectResult:
@@ -203,7 +213,21 @@ def detect(
     `focus` (default): where a class is avoided, only inputs the original model assigns to
     it can be flagged, and the thresholds are set on D's inputs assigned to it at the level
     that keeps the false-positive rate over all clean inputs at `alpha` (`focus_plan`).
+    `layout`: the input's channel axis for the shifts and the scan's box ("nchw", "nhwc",
+    None: recognised, `mmexport.core.conventions.input_layout`); `threads`: torch's and
+    onnxruntime's thread count (default: the cores this process may use). For a model that
+    outputs probabilities (a final Softmax), d is taken on the logits behind them and the
+    graph switches the logits, before the Softmax.
     """
+    check_threads(threads)
+    with using_threads(threads):
+        return _detect(model, clean_set, config, bounds=bounds, hardened=hardened, input_name=input_name,
+                       output_name=output_name, layout=layout, device=device, provider=provider,
+                       progress=progress, overrides=overrides)
+
+
+def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_name, layout, device,
+            provider, progress, overrides) -> DetectResult:
     from ...core.model import as_model
 
     cfg = resolve_config(config, overrides)
@@ -225,16 +249,18 @@ def detect(
             f"{max(folds, 10)} to calibrate its threshold"
         )
     source_sha = model_sha256(m)
-    x = shifted(clean.x) if cfg.augment else clean.x
+    axis = input_layout(m, layout).channel_axis
+    x = shifted(clean.x, axis) if cfg.augment else clean.x
     bounds, source, harden_report, maxima = _resolve_bounds(
-        m, clean, x, cfg, bounds, hardened, source_sha, device=device, provider=provider, progress=progress)
-    avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress)
+        m, clean, x, cfg, bounds, hardened, source_sha, layout=layout, device=device, provider=provider,
+        progress=progress)
+    avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress, layout)
     avoided = avoid_report["class"]
     cal = _calibrate(m, clean, x, k, cfg, bounds, maxima, avoided, provider=provider, progress=progress)
     out = build_mmdf_graph(m.proto, bounds, cal.null.threshold, output_name=m.output_name,
                            sites=m.sites, features=cal.features,
                            feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
-                           avoid=avoided, focus=cal.plan["class"])
+                           avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name)
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
@@ -262,7 +288,7 @@ def detect(
 
 
 def _resolve_bounds(m: Model, clean: Dataset, x: np.ndarray, cfg: MmdfConfig, bounds, hardened,
-                    source_sha: str, *, device: str, provider: str, progress):
+                    source_sha: str, *, layout: str | None, device: str, provider: str, progress):
     """(bounds, their source, MMAC's report or None, clean maxima when cross-fitting else None)."""
     harden_report = maxima = None
     if isinstance(bounds, Bounds):
@@ -274,7 +300,8 @@ def _resolve_bounds(m: Model, clean: Dataset, x: np.ndarray, cfg: MmdfConfig, bo
     elif cfg.method == "mmac":
         from ..harden import harden
 
-        res = harden(m, clean, cfg.search or MmacConfig(), seed=cfg.seed, device=device, progress=progress)
+        res = harden(m, clean, cfg.search or MmacConfig(), seed=cfg.seed, layout=layout, device=device,
+                     progress=progress)
         bounds, source = res.bounds, "mmac"
         harden_report = res.report.to_json(history=False)
     else:
@@ -309,7 +336,7 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
     copies = len(x) // len(clean)
     cross_fit = maxima is not None
     if progress is not None:
-        progress({"stage": "calibrate", "n": len(x)})
+        progress({"stage": "calibration", "n": len(x)})
     if cross_fit:
         d = _cross_fitted_scores(m, maxima, x, clean.y, copies, cfg.folds, cfg.seed, provider)
     else:

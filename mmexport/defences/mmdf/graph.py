@@ -49,10 +49,13 @@ def build_mmdf_graph(
     feature_threshold: float | None = None,
     avoid: int | None = None,
     focus: int | None = None,
+    logits_name: str | None = None,
 ) -> onnx.ModelProto:
     """The two-branch MMDF model; `proto` is left untouched.
 
-    `output_name`: the logits output (default: the only graph output). `sites` defaults to
+    `output_name`: the logits output (default: the only graph output). `logits_name`: where
+    that output is a Softmax of the logits, the Softmax's input: d is taken on it and the
+    switch sits before the Softmax, so the output stays probabilities. `sites` defaults to
     every Relu / Clip(min=0) of the model; each bound key must be one of them. With
     `features` (and `feature_threshold`) an input is also flagged when its feature score
     exceeds that threshold, output as `mmdf_feature_score` (score - threshold). `avoid`: a
@@ -95,25 +98,28 @@ def build_mmdf_graph(
     for name in (DETECTED, SCORE, FEATURE_SCORE):
         if name in outputs:
             raise MmexportError(f"MMDF: the model already has an output {name!r} (MMDF twice?)")
-    logits_shape = shapes.get(output_name, ())
+    logits_name = logits_name or output_name
+    logits_shape = shapes.get(logits_name, ())
     k = logits_shape[-1] if logits_shape else None
     if len(logits_shape) != 2 or not isinstance(k, int) or k < 2:
         raise MmexportError(
-            f"MMDF: output {output_name!r} is shaped {logits_shape or 'unknown'}, expected (N, K) "
-            "logits with a static K >= 2"
+            f"MMDF: logits {logits_name!r} are shaped {logits_shape or 'unknown'}, expected (N, K) "
+            "with a static K >= 2"
         )
     if avoid is not None and not 0 <= avoid < k:
         raise MmexportError(f"MMDF: class to avoid {avoid} is not one of the model's {k} classes")
     if focus is not None and not 0 <= focus < k:
         raise MmexportError(f"MMDF: class to focus on {focus} is not one of the model's {k} classes")
-    elem = elem_types.get(output_name, onnx.TensorProto.FLOAT)
+    elem = elem_types.get(logits_name, onnx.TensorProto.FLOAT)
     dtype = helper.tensor_dtype_to_np_dtype(elem)
     site_info = {s.name: s for s in sites}
     site_nodes = {n.output[0]: n for n in proto.graph.node if n.output}
 
     graph = gs.import_onnx(proto)
     fresh = Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
-    logits = next(t for t in graph.outputs if t.name == output_name)
+    logits = graph.tensors().get(logits_name)
+    if logits is None:
+        raise MmexportError(f"MMDF: no tensor named {logits_name!r} in the model")
     site_tensors, site_ranks = {}, {}
     if features is not None:
         tensors = graph.tensors()
@@ -247,6 +253,7 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, feat
         return node("ReduceMax", [x], [out], axes=[1], keepdims=1)
 
     out_name = logits.name
+    readers = list(logits.outputs)  # a final Softmax: it reads the switched logits
     logits.name = fresh(DECISION_PREFIX + "original/" + out_name)
     predicted = node("ArgMax", [logits], [var("predicted", np.int64)], axis=1, keepdims=1)
     classes = const("classes", np.arange(k, dtype=np.int64).reshape(1, k))
@@ -297,6 +304,10 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, feat
     out = gs.Variable(out_name, dtype=logits.dtype, shape=logits.shape)
     node("Where", [flagged, fixed, logits], [out])
     graph.outputs = [out if t is logits else t for t in graph.outputs]
+    for reader in readers:
+        for i, t in enumerate(reader.inputs):
+            if t is logits:
+                reader.inputs[i] = out
 
 
 def is_mmdf_model(proto: onnx.ModelProto) -> bool:

@@ -21,6 +21,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from ...core.conventions import logits_of
 from ...core.errors import MmexportError
 from ...core.model import Model, initializer_names, replace_initializers
 from ..common.stats import balanced_accuracy, stratified_folds
@@ -45,7 +46,7 @@ def find_classifier(model: Model) -> Classifier:
     inits = initializer_names(graph)
     producer = {o: n for n in graph.node for o in n.output}
     where = model.path or "model"
-    name = model.output_name
+    name = logits_of(model).name  # behind a final Softmax
     node = producer.get(name)
     while node is not None and node.op_type in _PASS_THROUGH:
         node = producer.get(node.input[0])

@@ -60,6 +60,8 @@ def fit_mmom(
     base = float(np.mean([balanced_accuracy(pred[i], y[i], num_classes) for i in map(torch.from_numpy, held)]))
     table.append({"lambda": None, "balanced_accuracy": base, "note": "no clipping (the original model)"})
     best = max(table[:-1], key=lambda r: (r["balanced_accuracy"], r["lambda"]))
+    if progress is not None:
+        progress({"stage": "max-margin search"})
     final = fit_bounds(engine, x, y, box, num_classes, replace(cfg, lambda0=best["lambda"]), progress=progress)
     if best["balanced_accuracy"] <= base:
         # No clipping setting beat the original on held-out data: keep the model's behaviour

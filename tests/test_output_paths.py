@@ -1,0 +1,108 @@
+"""Every output path is checked before any work: its folder exists, is a directory and takes
+new files; it is not an input, nor an existing file without --force. A bad one is one line on
+stderr, exit 1, and nothing is written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import assert_one_line_error, labelled_set, tiny_cnn
+from builders import run_cli as run
+
+from mmexport.core.errors import MmexportError, OutputExistsError
+from mmexport.core.provenance import check_output_path, check_output_paths
+
+
+@pytest.fixture
+def files(tmp_path):
+    proto = tiny_cnn(seed=3)
+    onnx.save(proto, tmp_path / "model.onnx")
+    x, y = labelled_set(proto, 8, seed=1)
+    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    (tmp_path / "b.json").write_text("{}")
+    (tmp_path / "a_file").write_text("not a folder")
+    return tmp_path
+
+
+def _commands(d: Path, out: Path) -> dict[str, list]:
+    model, data = d / "model.onnx", d / "clean.npz"
+    return {
+        "harden": ["harden", model, "--data", data, "-o", out],
+        "detect": ["detect", model, "--data", data, "-o", out],
+        "apply": ["apply", model, d / "b.json", "-o", out],
+        "scan --report": ["scan", model, "--data", data, "--report", out],
+        "compare --markdown": ["compare", model, model, "--data", data, "--markdown", out],
+        "compare --plot": ["compare", model, model, "--data", data, "--plot", out],
+    }
+
+
+def _unwritable_folder() -> Path:
+    """A folder this process cannot create files in (root writes anywhere but in /sys)."""
+    if os.geteuid() != 0:
+        folder = Path(tempfile.mkdtemp())
+        folder.chmod(0o500)
+        return folder
+    folder = Path("/sys")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return folder
+    os.close(fd)
+    os.unlink(probe)
+    pytest.skip("no folder here refuses new files to this user")
+
+
+COMMANDS = list(_commands(Path("."), Path("o")))
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_under_a_file_is_refused_before_any_work(files, command):
+    before = sorted(p.name for p in files.iterdir())
+    result = run(*_commands(files, files / "a_file" / "out.onnx")[command])
+    assert_one_line_error(result, "a_file", "is a file, not a directory")
+    assert sorted(p.name for p in files.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_in_a_folder_that_takes_no_new_files_is_refused(files, command):
+    folder = _unwritable_folder()
+    result = run(*_commands(files, folder / "mmexport-out.onnx")[command])
+    assert_one_line_error(result, str(folder), "not writable")
+    assert not (folder / "mmexport-out.onnx").exists()
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_output_in_a_missing_folder_is_refused(files, command):
+    result = run(*_commands(files, files / "no_such_dir" / "out.onnx")[command])
+    assert_one_line_error(result, "no_such_dir", "does not exist")
+
+
+def test_an_output_that_is_a_directory_is_refused(tmp_path):
+    with pytest.raises(MmexportError, match="is a directory"):
+        check_output_path(tmp_path, force=True)
+
+
+def test_an_input_is_never_an_output_even_with_force(files):
+    with pytest.raises(MmexportError, match="overwrite an input"):
+        check_output_path(files / "model.onnx", force=True, inputs=(files / "model.onnx",))
+    with pytest.raises(MmexportError, match="overwrite an input"):  # the same file by another name
+        check_output_path(files / "." / "model.onnx", force=True, inputs=(files / "model.onnx",))
+
+
+def test_an_existing_output_needs_force_and_two_outputs_must_differ(files):
+    with pytest.raises(OutputExistsError):
+        check_output_path(files / "b.json", force=False)
+    assert check_output_path(files / "b.json", force=True) == files / "b.json"
+    with pytest.raises(MmexportError, match="two outputs"):
+        check_output_paths([files / "r.json", None, files / "r.json"], force=False)
+
+
+def test_the_writability_probe_leaves_nothing_behind(files):
+    before = sorted(p.name for p in files.iterdir())
+    check_output_path(files / "new.onnx", force=False)
+    assert sorted(p.name for p in files.iterdir()) == before

@@ -1,0 +1,99 @@
+"""Progress where stderr is not a terminal (a log file, CliRunner): plain lines, one as each
+stage starts and one every few epochs or seconds, with the epoch of how many, lambda, accuracy
+on D and the time left."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from builders import labelled_set, tiny_cnn
+from builders import run_cli as run
+
+from mmexport.cli.progress import EVERY_SECONDS, Progress, duration
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("progress")
+    proto = tiny_cnn(seed=3)
+    onnx.save(proto, tmp / "tiny.onnx")
+    x, y = labelled_set(proto, 8, seed=1)
+    np.savez(tmp / "clean.npz", x=x, y=y)
+    return tmp
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line]
+
+
+def test_harden_logs_its_stages_and_every_tenth_epoch(tiny):
+    result = run("harden", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "-o", tiny / "h.onnx",
+                 "--max-epochs", 20, "--restarts", 2, "--unlearn", "off", "--force")
+    assert result.exit_code == 0, result.output
+    log = [line for line in result.stderr.splitlines() if line.startswith("[MMAC]")]
+    assert log[0] == "[MMAC] max-margin search"
+    epochs = [line for line in log if ": epoch " in line]
+    assert [line.split("epoch ")[1].split(",")[0] for line in epochs] == ["2/20", "12/20", "20/20"]
+    assert "lambda" in epochs[0] and "acc(D)" in epochs[0] and "left" in epochs[0]
+    assert log[-1] == "[MMAC] margin check"
+
+
+def test_the_stamp_search_and_its_verdict_are_logged(tiny):
+    result = run("harden", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "-o", tiny / "s.onnx",
+                 "--max-epochs", 2, "--restarts", 2, "--force")
+    assert result.exit_code == 0, result.output
+    assert "[MMAC] stamp search\n[MMAC] stamp search: class" in result.stderr
+
+
+def test_detect_and_scan_log_their_stages(tiny):
+    detect = run("detect", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "-o", tiny / "d.onnx", "--force")
+    assert detect.exit_code == 0, detect.output
+    assert "[MMDF] scan (MM-BD" in detect.stderr and "[MMDF] calibration (120 inputs)" in detect.stderr
+    scan = run("scan", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "--ascent-steps", 60, "--restarts", 2)
+    assert scan.exit_code == 0, scan.output
+    log = scan.stderr.splitlines()
+    assert log[:2] == ["[scan] scan", "[scan] max margins 20/160"]
+    assert "[scan] max margins 60/160" not in log  # every 50 steps, not every report
+    assert any(line.startswith("[scan] universal perturbations") for line in log)
+
+
+def test_quiet_prints_nothing(tiny):
+    result = run("scan", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "--ascent-steps", 5, "-q")
+    assert result.exit_code == 0 and result.stderr == ""
+
+
+def test_a_line_every_ten_epochs_or_thirty_seconds(capsys):
+    clock = Clock()
+    with Progress(False, "MMAC", interactive=False, clock=clock) as progress:
+        progress({"stage": "max-margin search"})
+        for epoch in range(2, 41, 2):
+            clock.now += 1.0 if epoch <= 20 else EVERY_SECONDS  # slow epochs after 20
+            progress({"epoch": epoch, "max_epochs": 40, "lambda": 0.1, "accuracy": 0.99, "objective": 3.0})
+    got = [line.split("epoch ")[1].split(",")[0] for line in lines(capsys) if "epoch" in line]
+    assert got == ["2/40", "12/40", "22/40", "24/40", "26/40", "28/40", "30/40", "32/40", "34/40", "36/40",
+                   "38/40", "40/40"]
+
+
+def test_the_estimate_is_the_time_per_epoch_times_the_epochs_left(capsys):
+    clock = Clock()
+    with Progress(False, "MMAC", interactive=False, clock=clock) as progress:
+        progress({"stage": "unlearning"})
+        clock.now = 30.0
+        progress({"epoch": 10, "max_epochs": 40, "lambda": 0.02, "accuracy": 0.98, "objective": 0.25,
+                  "phase": "unlearn"})
+    last = lines(capsys)[-1]
+    assert last == ("[MMAC] unlearning: epoch 10/40, weight 0.02, acc(D) 0.980, stamped held-out to class "
+                    "25.0%, at most 1 min 30 s left")
+
+
+def test_durations_read_as_a_person_says_them():
+    assert [duration(s) for s in (3, 59.4, 130, 3725)] == ["3 s", "59 s", "2 min 10 s", "1 h 02 min"]
