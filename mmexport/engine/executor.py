@@ -2,9 +2,10 @@
 
 The graph is compiled once: every node becomes a closure from `ops`, nodes whose inputs
 are all static are folded into constants, and tensor names become slots of a list. A call
-is then one loop over the compiled nodes. At a site (the output of a Relu, a Clip with
-min 0 or a unit-clip HardSigmoid) the loop applies `torch.minimum(a, z)` when the caller gives a bound `z`, so the
-gradient reaches both the input and the bounds: what the bound search differentiates.
+is then one loop over the compiled nodes. At a site (the output of an activation unbounded
+above, `mmexport.core.sites`: a Relu, a ReLU6, a GELU's last Mul, ...) the loop applies
+`torch.minimum(act, z)` when the caller gives a bound `z`, so the gradient reaches both the
+input and the bounds: what the bound search differentiates.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ from onnx import numpy_helper
 from ..core.errors import MmexportError
 from ..core.model import Model, Site, onnx_opset
 from . import ops
-
-SITE_OPS = ("Relu", "Clip", "HardSigmoid")
 
 SUPPORTED_OPS: frozenset[str] = ops.supported_ops()
 
@@ -128,7 +127,7 @@ class Engine(torch.nn.Module):
         for index, node in enumerate(graph.node):
             op_node = ops.OpNode(node, opset, static, self._rt, self._where)
             fn = ops.builder_for(node.op_type, opset)(op_node)
-            is_site = node.op_type in SITE_OPS and node.output[0] in self._site_names
+            is_site = bool(node.output) and node.output[0] in self._site_names
             present = [name for name in node.input if name]
             if not is_site and all(name in static for name in present):
                 self._fold(fn, node, index, static)

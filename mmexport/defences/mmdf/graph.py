@@ -17,8 +17,9 @@ from onnx import helper
 
 from ...core.bounds import Bounds, check_bounds_for_sites
 from ...core.errors import MmexportError
-from ...core.model import onnx_opset, site_max
+from ...core.model import onnx_opset
 from ...core.provenance import get_metadata
+from ...core.sites import NO_SITES, site_max
 from ...graph.edit import BOUND_PREFIX, Namer, restore_model_fields, value_types, write_site
 from .features import FeatureFit, write_feature_score
 
@@ -65,7 +66,7 @@ def build_mmdf_graph(
     """The two-branch MMDF model; `proto` is left untouched.
 
     `output_name`: the logits output (default: the only graph output). `sites` defaults to
-    every Relu / Clip(min=0) of the model; each bound key must be one of them. With
+    every site of the model (mmexport.core.sites); each bound key must be one of them. With
     `features` (and `feature_threshold`) an input is also flagged when its feature score
     exceeds that threshold, output as `mmdf_feature_score` (score - threshold). `avoid`: a
     class a flagged input is never sent to (the suspected backdoor target). `focus`: only
@@ -86,7 +87,7 @@ def build_mmdf_graph(
 
         sites = find_sites(proto, shapes)
     if not sites:
-        raise MmexportError("MMDF: the model has no ReLU sites (Relu or Clip(min=0)) to bound")
+        raise MmexportError(f"MMDF: {NO_SITES}")
     check_bounds_for_sites(bounds, sites)
     if not len(bounds):
         raise MmexportError("MMDF: no bounds given; the bounded branch would equal the original")
@@ -186,7 +187,7 @@ def _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype, 
         shared = not any(id(t) in copies for t in node.inputs)
         if shared and bounded_here:
             # The first bounded site on a path: both branches share the site (and the Conv
-            # fused with it); the bounded branch reads min(site, z) = clip(a, 0, z).
+            # fused with it); the bounded branch reads min(site, z).
             rank = site_info[site].rank or len(node.outputs[0].shape or ())
             copies[id(node.outputs[0])] = _min_after(graph, node.outputs[0], bounds[site], rank,
                                                      dtype, fresh)
