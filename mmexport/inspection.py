@@ -6,6 +6,7 @@ import numpy as np
 
 from .core.errors import MmexportError
 from .core.model import Model, dims
+from .core.sites import NO_SITES
 
 
 def _shape(dims) -> list:
@@ -29,8 +30,10 @@ def describe(model: Model) -> dict:
         "producer": model.proto.producer_name or None,
         "num_classes": model.num_classes,
         "nodes": len(g.node),
-        "sites": [{"name": s.name, "node": s.node, "op": s.op, "channels": s.channels} for s in model.sites],
+        "sites": [{"name": s.name, "kind": s.kind, "node": s.node, "op": s.op, "input": s.input,
+                   "channels": s.channels} for s in model.sites],
         "unsupported_ops": [{"op": op, "node": node} for op, node in sorted(unsupported_ops(model.proto).items())],
+        **({} if model.sites else {"no_sites": NO_SITES}),
     }
 
 

@@ -46,7 +46,9 @@ FORM_HELP = ("auto/fold: fold per-channel bounds into the weights where exact (a
 def inspect(model, verify, input_range, atol, rtol, provider, as_json, input_name, output_name):
     """Show a model's inputs, outputs, opset, classes and clipping sites.
 
-    Sites are every Relu and every Clip with min 0, named by their output tensor. With
+    Sites are the activations unbounded above (Relu, ReLU6, LeakyRelu, PRelu, ELU, SELU,
+    Softplus, HardSwish, SiLU, GELU, Mish, ...), each with its kind, named by their output
+    tensor. With
     --verify, exit 1 unless the engine matches onnxruntime within the tolerances.
     """
     from ..core.model import load_model

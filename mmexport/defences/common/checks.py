@@ -6,6 +6,7 @@ from ...core.data import Dataset, check_every_class, check_for_model
 from ...core.errors import MmexportError
 from ...core.model import MMDF_OUTPUTS, Model
 from ...core.provenance import get_metadata
+from ...core.sites import NO_SITES
 from ...graph.rewrite import count_bounded_sites
 
 
@@ -20,7 +21,7 @@ def check_original(m: Model, *, hardened_hint: str = "") -> int:
             f"{where}: already hardened by mmexport (bounded sites found); give the original model{hardened_hint}"
         )
     if not m.sites:
-        raise MmexportError(f"{where}: no ReLU sites to bound (no Relu or Clip(min=0) nodes)")
+        raise MmexportError(f"{where}: {NO_SITES}")
     if m.num_classes is None or m.num_classes < 2:
         raise MmexportError(
             f"{where}: output {m.output_name!r} has no static class dimension >= 2 "

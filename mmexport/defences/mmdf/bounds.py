@@ -47,6 +47,10 @@ def clean_max_bounds(maxima: dict[str, np.ndarray], index=None) -> Bounds:
     seen plus the last gap, an estimate of the range's endpoint that a new clean input rarely
     passes and a trigger, which drives a few channels well outside it, does. `index` picks
     the samples to use. Sites without a channel axis ([N, 1]) get a scalar bound.
+
+    Bounds are at least 0: a channel of a GELU or SiLU that stays negative on D gets 0,
+    which leaves every clean value it had and cuts whatever a trigger drives above 0 (every
+    site's activation reaches values <= 0, so 0 never clips below its whole range).
     """
     values = {}
     for name, m in maxima.items():
