@@ -19,6 +19,7 @@ from mmexport.core.bounds import Bounds
 from mmexport.core.errors import MmexportError
 from mmexport.core.model import from_proto
 from mmexport.core.sites import FOLDABLE, NO_SITES
+from mmexport.defences.common.checks import with_site_shapes
 from mmexport.defences.common.search import initial_bounds
 from mmexport.defences.mmdf.graph import DETECTED, SCORE, build_mmdf_graph
 from mmexport.defences.mmdf.null import margin_gap
@@ -340,3 +341,39 @@ def _npz(tmp_path):
     path = tmp_path / "d.npz"
     np.savez(path, x=np.eye(3, dtype=np.float32), y=np.arange(3))
     return path
+
+
+class _Tokens(nn.Module):
+    """Patches as tokens, a GELU MLP on each, mean over tokens: torch writes the patch
+    flattening as a Reshape whose shape is computed at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(1, 8, 2, stride=2)
+        self.fc = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.act(self.fc(tokens)).mean(1))
+
+
+def test_sites_that_shape_inference_misses_get_their_rank_from_one_run():
+    """Per-channel bounds need the site's rank to be written; a harden or detect run reads
+    what ONNX shape inference could not tell from one onnxruntime pass."""
+    torch.manual_seed(0)
+    proto = export(_Tokens().eval(), (1, 6, 6), opset=13, dynamic=True)
+    model = from_proto(proto)
+    assert [(s.kind, s.rank) for s in model.sites] == [("gelu", None)]
+    x = _inputs(8)
+    shaped = with_site_shapes(model, x)
+    assert [(s.rank, s.channels) for s in shaped.sites] == [(3, 9)]
+    bounds = _half_bounds(shaped, x)
+    with pytest.raises(MmexportError, match="rank unknown"):
+        apply_bounds(proto, bounds)
+    with torch.no_grad():
+        want = Engine(shaped)(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in bounds.items()})
+    for form in ("auto", "min"):
+        out = apply_bounds(proto, bounds, sites=shaped.sites, form=form)
+        np.testing.assert_allclose(ort_run(out, x)["logits"], want.numpy(), atol=1e-5, rtol=1e-4)

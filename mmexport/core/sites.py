@@ -95,11 +95,17 @@ def const_value(graph: onnx.GraphProto, name: str):
             return numpy_helper.to_array(init)
     for node in graph.node:
         if node.op_type == "Constant" and name in node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-                if attr.name == "value_float":
-                    return np.array(attr.f, dtype=np.float32)
+            return constant_node_value(node)
+    return None
+
+
+def constant_node_value(node: onnx.NodeProto):
+    """The tensor a Constant node holds (as `value` or `value_float`), else None."""
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
     return None
 
 
@@ -172,7 +178,7 @@ def _values(graph: onnx.GraphProto):
         if name in inits:
             out = numpy_helper.to_array(inits[name])
         elif name in constants:
-            out = const_value(graph, name)
+            out = constant_node_value(constants[name])
         elif name in identity and identity[name] != name:
             out = value(identity[name])
         cache[name] = out

@@ -23,7 +23,7 @@ from ..core.model import as_model, from_proto
 from ..core.provenance import data_sha256, model_sha256, set_metadata
 from ..engine.executor import Engine
 from ..graph.rewrite import FORMS, apply_bounds
-from .common.checks import check_clean_set, check_original
+from .common.checks import check_clean_set, check_original, with_site_shapes
 from .common.device import reproducible, resolve_device
 from .common.margins import input_box, max_margins
 from .common.search import fit_bounds
@@ -145,6 +145,7 @@ def harden(
     k = check_original(m)
     clean = as_dataset(clean_set)
     check_clean_set(clean, m, k)
+    m = with_site_shapes(m, clean.x)
     if name == "mmom-refit":
         find_classifier(m)  # fail before the search if there is no last layer to refit
     dev = resolve_device(device)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
+
 from ...core.data import Dataset, check_every_class, check_for_model
 from ...core.errors import MmexportError
 from ...core.model import MMDF_OUTPUTS, Model
@@ -28,6 +32,27 @@ def check_original(m: Model, *, hardened_hint: str = "") -> int:
             f"(shape {m.output_shape or 'unknown'})"
         )
     return m.num_classes
+
+
+def with_site_shapes(m: Model, x: np.ndarray) -> Model:
+    """`m` with the rank and channel count of every site that shape inference left unknown,
+    read from one onnxruntime pass over x[:1]; `m` itself where none is.
+
+    A transformer exported by torch reshapes with sizes computed at run time, so ONNX shape
+    inference knows nothing of its MLP's GELU; per-channel bounds need the rank to be written.
+    """
+    unknown = [s.name for s in m.sites if s.rank is None or (s.rank >= 2 and s.channels is None)]
+    if not unknown or len(x) == 0:
+        return m
+    from ...runtime.sessions import tensor_summaries
+
+    def shape(_, a):
+        return np.array([[a.ndim, a.shape[1] if a.ndim > 1 else 0]])
+
+    got = tensor_summaries(m.proto, unknown, x[:1], shape, input_name=m.input_name)
+    sites = [replace(s, rank=int(got[s.name][0, 0]), channels=int(got[s.name][0, 1]) or None)
+             if s.name in got else s for s in m.sites]
+    return replace(m, sites=sites)
 
 
 def check_clean_set(clean: Dataset, m: Model, k: int) -> None:

@@ -78,7 +78,8 @@ def fold_bounds(
     plan = Plan(graph, shapes, proto)
     decisions = plan.solve(bounds, {s.name: s.kind for s in sites})
     fresh = Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
-    report = Writer(plan, fresh, elem_types, onnx_opset(proto)).write(decisions)
+    ranks = {s.name: s.rank for s in sites}
+    report = Writer(plan, fresh, elem_types, onnx_opset(proto), ranks).write(decisions)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)

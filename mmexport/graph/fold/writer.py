@@ -29,8 +29,10 @@ from .roles import Role, clip_max, const
 class Writer:
     """Applies a solved plan: new weights, Clip or Min at each site."""
 
-    def __init__(self, plan: Plan, fresh: Namer, elem_types: dict, opset: int):
+    def __init__(self, plan: Plan, fresh: Namer, elem_types: dict, opset: int,
+                 ranks: dict[str, int | None] | None = None):
         self.plan = plan
+        self.ranks = ranks or {}  # site ranks that shape inference could not tell
         self.fresh = fresh
         self.elem_types = elem_types
         self.opset = opset
@@ -178,7 +180,7 @@ class Writer:
             scaled = not np.all(s == 1.0) or d.zeroed
             unscaled = "clip" if is_relu_node(node) else "min"
             return SiteForm(site.name, "fold" if scaled else unscaled, "", dead, at)
-        rank = len(self.plan.shapes.get(t.name) or ())
+        rank = len(self.plan.shapes.get(t.name) or ()) or self.ranks.get(t.name) or 0
         if d.form == "as_before" or np.all(s == 1.0):
             # Unscaled channels: exactly the unfolded rewrite (mmexport.rewrite).
             hi = clip_max(node, self.opset) if node.op in ("Clip", "HardSigmoid") else np.inf
