@@ -377,3 +377,16 @@ def test_sites_that_shape_inference_misses_get_their_rank_from_one_run():
     for form in ("auto", "min"):
         out = apply_bounds(proto, bounds, sites=shaped.sites, form=form)
         np.testing.assert_allclose(ort_run(out, x)["logits"], want.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_apply_writes_per_channel_bounds_on_sites_of_unknown_rank(tmp_path):
+    torch.manual_seed(0)
+    proto = export(_Tokens().eval(), (1, 6, 6), opset=13, dynamic=True)
+    path, bounds_path, out = tmp_path / "tokens.onnx", tmp_path / "b.bounds.json", tmp_path / "o.onnx"
+    onnx.save(proto, path)
+    site = from_proto(proto).sites[0].name
+    bounds_path.write_text(Bounds({site: np.full(9, 0.05, np.float32)}).dumps())
+    res = run("apply", path, bounds_path, "-o", out)
+    assert res.exit_code == 0, res.output
+    assert "min" in res.output and "a gelu site" in res.output
+    np.testing.assert_allclose(extract_bounds(onnx.load(out))[site], np.full(9, 0.05))

@@ -136,6 +136,12 @@ def apply(model, bounds, out, form, force, input_name, output_name):
     check_output_path(out, force=force, inputs=(model, bounds))
     m = load_model(model, input_name=input_name, output_name=output_name)
     b = load_bounds(bounds)
+    unranked = {s.name for s in m.sites if s.rank is None}
+    if any(k in unranked and v.ndim == 1 for k, v in b.items()):  # one run tells the ranks
+        from ..defences.common.checks import with_site_shapes
+        from ..inspection import random_inputs
+
+        m = with_site_shapes(m, random_inputs(m, 1, (0.0, 1.0), 0))
     proto, forms = apply_bounds(m.proto, b, sites=m.sites, form=form, report=True)
     set_metadata(proto, {"mmexport.version": __version__, "mmexport.bounds_from": str(bounds)})
     save_model(proto, out, force=force, inputs=(model, bounds))
