@@ -344,31 +344,63 @@ def _npz(tmp_path):
 
 
 class _Tokens(nn.Module):
-    """Patches as tokens, a GELU MLP on each, mean over tokens: torch writes the patch
-    flattening as a Reshape whose shape is computed at run time."""
+    """Patches as tokens [N, 9, 8], a GELU MLP on each token, mean over tokens, a head; with
+    `channels_first` the GELU runs on the patch embedding as [N, 8, 9] instead. torch writes
+    the patch flattening as a Reshape whose shape is computed at run time."""
 
-    def __init__(self):
+    def __init__(self, channels_first: bool = False):
         super().__init__()
+        self.channels_first = channels_first
         self.embed = nn.Conv2d(1, 8, 2, stride=2)
         self.fc = nn.Linear(8, 16)
         self.act = nn.GELU()
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        tokens = self.embed(x).flatten(2).transpose(1, 2)
-        return self.head(self.act(self.fc(tokens)).mean(1))
+        seq = self.embed(x).flatten(2)
+        if self.channels_first:
+            return self.head(self.fc(self.act(seq).mean(2)))
+        return self.head(self.act(self.fc(seq.transpose(1, 2))).mean(1))
+
+
+def _tokens(channels_first: bool = False) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    return export(_Tokens(channels_first).eval(), (1, 6, 6), opset=13, dynamic=True)
+
+
+def test_a_transformer_mlp_site_has_its_channels_on_the_last_axis():
+    """Token features [N, T, C] read from a MatMul: one bound per feature, shared by every
+    token, as a conv channel's is by every position (not one per token)."""
+    proto = _tokens()
+    x = _inputs(8)
+    model = with_site_shapes(from_proto(proto), x)
+    assert [(s.kind, s.axis, s.rank, s.channels) for s in model.sites] == [("gelu", -1, 3, 16)]
+    bounds = _half_bounds(model, x)
+    assert bounds[model.sites[0].name].shape == (16,)
+    engine = Engine(model)
+    with torch.no_grad():
+        want = engine(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in bounds.items()})
+        _, acts = engine.run(torch.from_numpy(x), record=[model.sites[0].name])
+    top = acts[model.sites[0].name].amax(dim=(0, 1)).numpy()
+    np.testing.assert_allclose(bounds[model.sites[0].name], 0.5 * np.maximum(top, 0), rtol=1e-6)
+    for form in ("auto", "min"):
+        out, report = apply_bounds(proto, bounds, sites=model.sites, form=form, report=True)
+        np.testing.assert_allclose(ort_run(out, x)["logits"], want.numpy(), atol=1e-5, rtol=1e-4)
+        assert report.sites[0].form == "min"
+    mmdf = build_mmdf_graph(proto, bounds, threshold=0.0, sites=model.sites)
+    np.testing.assert_allclose(ort_run(mmdf, x)[SCORE],
+                               margin_gap(ort_run(proto, x)["logits"], want.numpy()), atol=1e-4)
 
 
 def test_sites_that_shape_inference_misses_get_their_rank_from_one_run():
-    """Per-channel bounds need the site's rank to be written; a harden or detect run reads
-    what ONNX shape inference could not tell from one onnxruntime pass."""
-    torch.manual_seed(0)
-    proto = export(_Tokens().eval(), (1, 6, 6), opset=13, dynamic=True)
+    """Bounds on axis 1 need the site's rank to be written; a harden or detect run reads what
+    ONNX shape inference could not tell from one onnxruntime pass."""
+    proto = _tokens(channels_first=True)
     model = from_proto(proto)
-    assert [(s.kind, s.rank) for s in model.sites] == [("gelu", None)]
+    assert [(s.kind, s.axis, s.rank) for s in model.sites] == [("gelu", 1, None)]
     x = _inputs(8)
     shaped = with_site_shapes(model, x)
-    assert [(s.rank, s.channels) for s in shaped.sites] == [(3, 9)]
+    assert [(s.rank, s.channels) for s in shaped.sites] == [(3, 8)]
     bounds = _half_bounds(shaped, x)
     with pytest.raises(MmexportError, match="rank unknown"):
         apply_bounds(proto, bounds)
@@ -380,13 +412,12 @@ def test_sites_that_shape_inference_misses_get_their_rank_from_one_run():
 
 
 def test_apply_writes_per_channel_bounds_on_sites_of_unknown_rank(tmp_path):
-    torch.manual_seed(0)
-    proto = export(_Tokens().eval(), (1, 6, 6), opset=13, dynamic=True)
-    path, bounds_path, out = tmp_path / "tokens.onnx", tmp_path / "b.bounds.json", tmp_path / "o.onnx"
+    proto = _tokens(channels_first=True)
+    path, bounds_path, out = tmp_path / "seq.onnx", tmp_path / "b.bounds.json", tmp_path / "o.onnx"
     onnx.save(proto, path)
     site = from_proto(proto).sites[0].name
-    bounds_path.write_text(Bounds({site: np.full(9, 0.05, np.float32)}).dumps())
+    bounds_path.write_text(Bounds({site: np.full(8, 0.05, np.float32)}).dumps())
     res = run("apply", path, bounds_path, "-o", out)
     assert res.exit_code == 0, res.output
     assert "min" in res.output and "a gelu site" in res.output
-    np.testing.assert_allclose(extract_bounds(onnx.load(out))[site], np.full(9, 0.05))
+    np.testing.assert_allclose(extract_bounds(onnx.load(out))[site], np.full(8, 0.05))

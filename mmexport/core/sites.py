@@ -70,7 +70,8 @@ class Site:
 
     node / op: the node writing that tensor (for a decomposed activation its last node,
     e.g. the Mul of x * Sigmoid(x)); kind: the activation (`KINDS`); input: the tensor the
-    activation is applied to; channels / rank: of the output, where shape inference knows them.
+    activation is applied to; axis: its channel axis (`channel_axis`), 1 or -1 (the last);
+    channels / rank: of the output, where shape inference knows them.
     """
 
     name: str
@@ -80,6 +81,7 @@ class Site:
     rank: int | None = None
     kind: str = "relu"
     input: str = ""
+    axis: int = 1
 
     @property
     def foldable(self) -> bool:
@@ -216,11 +218,37 @@ def find_sites(proto: onnx.ModelProto, shapes: dict[str, tuple] | None = None) -
                 continue
             x = node.input[0]
         shape = shapes.get(node.output[0])
-        channels = shape[1] if shape and len(shape) > 1 and isinstance(shape[1], int) else None
+        rank = len(shape) if shape else None
+        axis = channel_axis(producers, x, rank)
+        channels = shape[axis] if shape and len(shape) > 1 and isinstance(shape[axis], int) else None
         sites.append(Site(name=node.output[0], node=node.name, op=node.op_type,
-                          channels=channels, rank=len(shape) if shape else None,
-                          kind=kind, input=x))
+                          channels=channels, rank=rank, kind=kind, input=x, axis=axis))
     return sites
+
+
+def channel_axis(producers: dict, x: str, rank: int | None) -> int:
+    """The axis of an activation's channels: 1 (NCHW, and any [N, C]), or -1 where the
+    activation reads a MatMul (through its bias Add) on more than two axes.
+
+    A transformer's MLP works on tokens [N, T, C]: its features, like a conv's channels, are
+    the last axis, shared by every token, and they are what a bound per channel should bound
+    (axis 1 would bound each token position instead).
+    """
+    if rank == 2:
+        return 1
+    node = producers.get(x)
+    for _ in range(4):  # through a bias Add or an Identity
+        if node is None:
+            return 1
+        if node.op_type == "MatMul":
+            return -1
+        if node.op_type not in ("Add", "Identity"):
+            return 1
+        ins = [producers.get(i) for i in node.input if i]
+        if any(n is not None and n.op_type == "MatMul" for n in ins):
+            return -1
+        node = ins[0] if node.op_type == "Identity" and ins else None
+    return 1
 
 
 def _opset(proto: onnx.ModelProto) -> int:

@@ -51,11 +51,12 @@ def unsupported_ops(proto: onnx.ModelProto) -> dict[str, str]:
     return missing
 
 
-def _bound(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """min(a, z): z is a scalar, or per channel [C] broadcast over dim 1 of a."""
+def _bound(a: torch.Tensor, z: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """min(a, z): z is a scalar, or per channel [C] broadcast over `axis` of a (1, or -1:
+    the last, where it broadcasts as it is)."""
     if z.dtype != a.dtype:  # float64 bounds must not promote a float32 graph
         z = z.to(a.dtype)
-    if z.dim() == 1 and a.dim() > 2:
+    if z.dim() == 1 and a.dim() > 2 and axis == 1:
         z = z.view(-1, *([1] * (a.dim() - 2)))
     return torch.minimum(a, z)
 
@@ -85,6 +86,7 @@ class Engine(torch.nn.Module):
         self._where = str(model.path) if model.path is not None else "model"
         self._rt = ops.Runtime(torch.device("cpu"), dtype)
         self._site_names = frozenset(s.name for s in self.sites)
+        self._site_axes = {s.name: s.axis for s in self.sites}
         self._host_buffers: list[str] = []
         self._plans: dict[tuple, _Plan] = {}
         self._compile(model.proto)
@@ -265,7 +267,7 @@ class Engine(torch.nn.Module):
                 if site is not None and bounds is not None:
                     z = bounds.get(site)
                     if z is not None:
-                        value = _bound(value, z)
+                        value = _bound(value, z, self._site_axes[site])
                 env[outs[0]] = value
             else:
                 for o, v in zip(outs, value, strict=True):

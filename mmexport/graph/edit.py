@@ -36,23 +36,19 @@ def is_relu_node(node: gs.Node) -> bool:
     return node.op in ("Relu", "Clip") or is_unit_clip(node)
 
 
-def write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset) -> str:
+def write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset, axis=1) -> str:
     """The unfolded edit of one site; returns its form, "min" or "clip".
 
-    Per-channel: `Min` after the site. Scalar: a Relu becomes `Clip(0, z)`, a ReLU6 gets
-    a lower max (or a scalar `Min` when its max is computed at run time); every other
-    activation (LeakyRelu, GELU, ...) keeps its node and gets a scalar `Min` after it.
+    Per-channel: `Min` after the site, the bounds on the site's channel `axis` (1 or -1).
+    Scalar: a Relu becomes `Clip(0, z)`, a ReLU6 gets a lower max (or a scalar `Min` when its
+    max is computed at run time); every other activation (LeakyRelu, GELU, ...) keeps its node
+    and gets a scalar `Min` after it.
     """
     if value.ndim == 0 and not is_relu_node(node):
         insert_min(graph, node, value.astype(dtype), fresh, opset)
         return "min"
     if value.ndim == 1:
-        if not rank or rank < 2:
-            raise MmexportError(
-                f"site {node.outputs[0].name!r}: activation rank unknown or < 2, cannot "
-                f"place {value.shape[0]} per-channel bounds on axis 1"
-            )
-        z = value.reshape((value.shape[0],) + (1,) * (rank - 2)).astype(dtype)
+        z = channel_bound(value, rank, axis, node.outputs[0].name).astype(dtype)
         insert_min(graph, node, z, fresh, opset)
         return "min"
     if node.op == "Relu":
@@ -63,6 +59,19 @@ def write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset) -> str
         return "min"
     lower_clip_max(node, min(clip_hi, float(value)), dtype, fresh, opset)
     return "clip"
+
+
+def channel_bound(value: np.ndarray, rank: int | None, axis: int, site: str) -> np.ndarray:
+    """Per-channel bounds [C] shaped to broadcast over a site's channel axis: [C, 1, ..., 1]
+    on axis 1, [C] as they are on the last axis (whatever the rank)."""
+    if axis == -1:
+        return value
+    if not rank or rank < 2:
+        raise MmexportError(
+            f"site {site!r}: activation rank unknown or < 2, cannot place {value.shape[0]} "
+            "per-channel bounds on axis 1"
+        )
+    return value.reshape((value.shape[0],) + (1,) * (rank - 2))
 
 
 class Namer:

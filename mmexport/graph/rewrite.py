@@ -90,7 +90,7 @@ def _apply_unfolded(proto: onnx.ModelProto, bounds: Bounds, sites):
         rank = by_name[name].rank or len(node.outputs[0].shape or ())
         hi = site_max(proto.graph, site_nodes[name], opset)
         forms[name] = write_site(graph, node, value, rank=rank, dtype=dtype, clip_hi=hi,
-                                  fresh=fresh, opset=opset)
+                                  fresh=fresh, opset=opset, axis=by_name[name].axis)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)

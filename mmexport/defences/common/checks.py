@@ -46,8 +46,10 @@ def with_site_shapes(m: Model, x: np.ndarray) -> Model:
         return m
     from ...runtime.sessions import tensor_summaries
 
-    def shape(_, a):
-        return np.array([[a.ndim, a.shape[1] if a.ndim > 1 else 0]])
+    axes = {s.name: s.axis for s in m.sites}
+
+    def shape(name, a):
+        return np.array([[a.ndim, a.shape[axes[name]] if a.ndim > 1 else 0]])
 
     got = tensor_summaries(m.proto, unknown, x[:1], shape, input_name=m.input_name)
     sites = [replace(s, rank=int(got[s.name][0, 0]), channels=int(got[s.name][0, 1]) or None)

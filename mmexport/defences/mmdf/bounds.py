@@ -29,10 +29,11 @@ def site_maxima(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str
     """
     from ...runtime.sessions import tensor_summaries
 
-    channelled = {s.name for s in sites if s.channels is not None}
+    axes = {s.name: s.axis for s in sites if s.channels is not None}
 
     def per_channel_max(name, a):
-        if name in channelled and a.ndim >= 2:
+        if name in axes and a.ndim >= 2:
+            a = np.moveaxis(a, axes[name], 1)  # channels on axis 1 (a token tensor's last)
             return a.reshape(a.shape[0], a.shape[1], -1).max(axis=2)
         return a.reshape(a.shape[0], -1).max(axis=1, keepdims=True)
 

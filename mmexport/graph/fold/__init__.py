@@ -76,10 +76,10 @@ def fold_bounds(
     check_bounds_for_sites(bounds, sites)
     graph = gs.import_onnx(proto)
     plan = Plan(graph, shapes, proto)
-    decisions = plan.solve(bounds, {s.name: s.kind for s in sites})
+    by_name = {s.name: s for s in sites}
+    decisions = plan.solve(bounds, by_name)
     fresh = Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
-    ranks = {s.name: s.rank for s in sites}
-    report = Writer(plan, fresh, elem_types, onnx_opset(proto), ranks).write(decisions)
+    report = Writer(plan, fresh, elem_types, onnx_opset(proto), by_name).write(decisions)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)

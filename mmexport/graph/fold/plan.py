@@ -183,17 +183,17 @@ class Plan(RoleAnalysis):
 
     # ---- choosing the scales
 
-    def solve(self, bounds: Bounds, kinds: dict[str, str] | None = None) -> list[Decision]:
-        """One decision per bounded site; `kinds` maps a site to its activation kind
-        (mmexport.core.sites), "relu" where missing."""
-        sites = self._sites(bounds, kinds or {})
+    def solve(self, bounds: Bounds, sites: dict | None = None) -> list[Decision]:
+        """One decision per bounded site; `sites` maps a site name to its `core.sites.Site`
+        (its kind and channel axis; a ReLU on axis 1 where missing)."""
+        sites = self._sites(bounds, sites or {})
         # Unbounded ReLU6 first: their scalar max pins their channels to one scale, as it is.
         # Then sites right after a weight layer, largest activation first.
         order = sorted(sites, key=lambda s: (s.bounded, not s.fusable, -s.numel, s.order))
         decisions = [self._decide(s) for s in order]
         return sorted((d for d in decisions if d.site.bounded), key=lambda d: d.site.order)
 
-    def _sites(self, bounds: Bounds, kinds: dict[str, str]) -> list[Site]:
+    def _sites(self, bounds: Bounds, info: dict) -> list[Site]:
         by_output = {n.outputs[0].name: n for n in self.graph.nodes if n.outputs}
         for name in bounds:
             site_node(by_output, name)  # a clear error for a key that no node writes
@@ -202,11 +202,15 @@ class Plan(RoleAnalysis):
             if not node.outputs:
                 continue
             name = node.outputs[0].name
-            kind = kinds.get(name, "relu")
+            kind = info[name].kind if name in info else "relu"
             value = bounds.values.get(name)
+            why = ""
             if kind not in FOLDABLE:  # act(a / s) != act(a) / s: its channels keep scale 1
+                why = f"a {kind} site: only ReLU, LeakyRelu and PRelu bounds fold"
+            elif name in info and info[name].axis != 1 and value is not None and value.ndim:
+                why = "its channels are the last axis (token features), where scales do not fold"
+            if why:
                 if value is not None:
-                    why = f"a {kind} site: only ReLU, LeakyRelu and PRelu bounds fold"
                     out.append(Site(name, node, value, None, order, kind=kind, reason=why))
                 continue
             if not (is_relu_node(node) or node.op in _HOMOGENEOUS_OPS):

@@ -30,9 +30,9 @@ class Writer:
     """Applies a solved plan: new weights, Clip or Min at each site."""
 
     def __init__(self, plan: Plan, fresh: Namer, elem_types: dict, opset: int,
-                 ranks: dict[str, int | None] | None = None):
+                 sites: dict | None = None):
         self.plan = plan
-        self.ranks = ranks or {}  # site ranks that shape inference could not tell
+        self.sites = sites or {}  # core.sites.Site by name: ranks shapes miss, channel axes
         self.fresh = fresh
         self.elem_types = elem_types
         self.opset = opset
@@ -180,12 +180,14 @@ class Writer:
             scaled = not np.all(s == 1.0) or d.zeroed
             unscaled = "clip" if is_relu_node(node) else "min"
             return SiteForm(site.name, "fold" if scaled else unscaled, "", dead, at)
-        rank = len(self.plan.shapes.get(t.name) or ()) or self.ranks.get(t.name) or 0
+        info = self.sites.get(t.name)
+        rank = len(self.plan.shapes.get(t.name) or ()) or (info.rank if info else 0) or 0
         if d.form == "as_before" or np.all(s == 1.0):
             # Unscaled channels: exactly the unfolded rewrite (mmexport.rewrite).
             hi = clip_max(node, self.opset) if node.op in ("Clip", "HardSigmoid") else np.inf
             form = write_site(self.plan.graph, node, site.value, rank=rank, dtype=dtype,
-                               clip_hi=hi, fresh=self.fresh, opset=self.opset)
+                               clip_hi=hi, fresh=self.fresh, opset=self.opset,
+                               axis=info.axis if info else 1)
             reason = d.reason or "the site cannot carry a per-channel scale"
             return SiteForm(site.name, form, reason if form == "min" else "", dead)
         if node.op in ("Clip", "HardSigmoid"):  # a scalar max cannot stay on scaled channels:
