@@ -31,7 +31,7 @@ def describe(model: Model) -> dict:
         "num_classes": model.num_classes,
         "nodes": len(g.node),
         "sites": [{"name": s.name, "kind": s.kind, "node": s.node, "op": s.op, "input": s.input,
-                   "channels": s.channels} for s in model.sites],
+                   "channels": s.channels, "axis": s.axis} for s in model.sites],
         "unsupported_ops": [{"op": op, "node": node} for op, node in sorted(unsupported_ops(model.proto).items())],
         **({} if model.sites else {"no_sites": NO_SITES}),
     }

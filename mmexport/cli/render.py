@@ -31,7 +31,8 @@ def print_inspect(info: dict) -> None:
         for col in ("site", "kind", "op", "channels"):
             t.add_column(col)
         for s in info["sites"]:
-            t.add_row(s["name"], s["kind"], s["op"], str(s["channels"]))
+            last = " (last axis)" if s["axis"] != 1 else ""
+            t.add_row(s["name"], s["kind"], s["op"], f"{s['channels']}{last}")
         _out.print(t)
     else:
         _out.print(f"[yellow]{info['no_sites']}[/]: harden and detect have nothing to bound")
