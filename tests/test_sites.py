@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -421,3 +422,41 @@ def test_apply_writes_per_channel_bounds_on_sites_of_unknown_rank(tmp_path):
     assert res.exit_code == 0, res.output
     assert "min" in res.output and "a gelu site" in res.output
     np.testing.assert_allclose(extract_bounds(onnx.load(out))[site], np.full(8, 0.05))
+
+
+# --------------------------------------------------------------------------- the samples
+
+SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
+
+
+def _sample(name):
+    d = SAMPLES / name
+    return (d, mmexport.load_npz(d / "test.npz"), mmexport.load_npz(d / "attack.npz", attack=True))
+
+
+def test_harden_on_the_silu_sample_bounds_its_sites_and_keeps_accuracy():
+    d, test, attack = _sample("digits-silu-cnn")
+    res = mmexport.harden(d / "model.onnx", d / "clean.npz", device="cpu", unlearn="off",
+                          max_epochs=12, restarts=4)
+    assert res.report.site_forms["counts"] == {"fold": 0, "clip": 0, "min": 3}
+    before = mmexport.validate(str(d / "model.onnx"), test, attack=attack, provider="cpu")
+    after = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    z0 = initial_bounds(Engine(mmexport.load_model(d / "model.onnx")),
+                        torch.from_numpy(np.load(d / "clean.npz")["x"]), "channel")
+    assert any(bool((torch.from_numpy(v) < 0.999 * z0[k]).any()) for k, v in res.bounds.items())
+    assert after.asr < before.asr  # the bounds act
+    assert before.accuracy - after.accuracy <= 0.02, (before.accuracy, after.accuracy)
+
+
+def test_scan_on_the_gelu_sample_names_its_target():
+    d = SAMPLES / "digits-gelu-cnn"
+    res = mmexport.scan(d / "model.onnx", d / "clean.npz", device="cpu")
+    assert (res.verdict, res.target_class) == ("backdoor", 0)
+
+
+def test_detect_on_the_vit_flags_triggered_inputs_and_few_clean_ones():
+    d, test, attack = _sample("digits-vit")
+    res = mmexport.detect(d / "model.onnx", d / "clean.npz", device="cpu")
+    report = mmexport.validate(res.model, test, attack=attack, provider="cpu")
+    assert report.false_positive_rate <= 0.01, report.false_positive_rate
+    assert report.detection_rate >= 0.8, report.detection_rate
