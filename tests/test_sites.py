@@ -157,6 +157,51 @@ def test_single_op_activations_are_sites_with_their_kind():
     assert [k for k, _, _ in _kinds(proto)] == [kind for _, _, kind in ops]
 
 
+SINGLE_OPS = {
+    "celu": ("Celu", {"alpha": 0.7}, 13), "thresholded_relu": ("ThresholdedRelu", {"alpha": 0.3}, 13),
+    "hard_swish": ("HardSwish", {}, 14), "mish": ("Mish", {}, 18), "gelu": ("Gelu", {}, 20),
+    "elu": ("Elu", {}, 13), "selu": ("Selu", {}, 13), "softplus": ("Softplus", {}, 13),
+}  # fmt: skip
+
+
+def _hand_models():
+    for case, (_, nodes, inits) in HAND_WRITTEN.items():
+        yield case, _activation_model(nodes, inits)
+    for kind, (op, attrs, opset) in SINGLE_OPS.items():
+        yield kind, _activation_model([N(op, ["a"], ["act"], **attrs)], opset=opset)
+
+
+@pytest.mark.parametrize("form", ["min", "auto"])
+@pytest.mark.parametrize("case", [c for c, _ in _hand_models()])
+def test_every_kind_bounded_in_the_engine_runs_so_in_onnxruntime(case, form):
+    proto = dict(_hand_models())[case]
+    model = from_proto(proto)
+    x = np.random.default_rng(2).standard_normal((32, 4)).astype(np.float32)
+    for bounds in (_half_bounds(model, x), _half_bounds(model, x, "layer")):
+        with torch.no_grad():
+            want = Engine(model)(torch.from_numpy(x), {k: torch.from_numpy(v) for k, v in bounds.items()})
+        out = apply_bounds(proto, bounds, form=form)
+        np.testing.assert_allclose(ort_run(out, x)["logits"], want.numpy(), atol=1e-5, rtol=1e-4)
+        assert np.abs(want.numpy() - ort_run(proto, x)["logits"]).max() > 1e-4  # they act
+
+
+def test_graphs_onnxruntime_optimised_keep_their_sites(tmp_path):
+    """onnxruntime's basic optimisation folds constants into initializers and drops Identity
+    nodes: the decomposed activations are still found, at their last node."""
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    net = _Net(nn.GELU(approximate="tanh"), nn.Mish()).eval()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "basic.onnx")
+    proto = export(net, (1, 6, 6), opset=13, dynamic=True)
+    ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(str(tmp_path / "basic.onnx"))
+    assert not any(n.op_type == "Constant" for n in optimised.graph.node)
+    assert [s.kind for s in from_proto(optimised).sites] == ["gelu", "mish"]
+
+
 # --------------------------------------------------------------------------- torch exports
 
 
