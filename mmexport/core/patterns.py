@@ -244,12 +244,9 @@ class Expander:
 # --------------------------------------------------------------------------- the activations
 
 
-def _x() -> dict:
-    return leaf()
-
-
 def _canonical() -> dict[str, list[dict]]:
-    x = _x()
+    """Each activation as a polynomial in x, written with the same algebra."""
+    x = leaf()
     half = const(0.5)
     erf = apply("Erf", scale(x, 1.0 / math.sqrt(2.0)))
     cube = mul(x, mul(x, x))
@@ -341,8 +338,8 @@ def match(expander: Expander, root: onnx.NodeProto) -> tuple[str, str, list] | N
     for x in candidates:
         try:
             poly, nodes = expander.expand(root.output[0], x)
-        except NoMatch:
-            continue
+        except (NoMatch, ArithmeticError, IndexError, ValueError):
+            continue  # not an activation of x (or constants no float can hold)
         kind = classify(poly)
         if kind is not None:
             return kind, x, [n for n in nodes if n is not root]
