@@ -7,6 +7,7 @@ import numpy as np
 from .core.conventions import fixed_batch, input_layout, logits_of
 from .core.errors import MmexportError
 from .core.model import Model, dims
+from .core.sites import NO_SITES
 
 
 def _shape(dims) -> list:
@@ -33,11 +34,13 @@ def describe(model: Model, *, layout: str | None = None) -> dict:
         "producer": model.proto.producer_name or None,
         "num_classes": model.num_classes,
         "nodes": len(g.node),
-        "sites": [{"name": s.name, "node": s.node, "op": s.op, "channels": s.channels} for s in model.sites],
+        "sites": [{"name": s.name, "kind": s.kind, "node": s.node, "op": s.op, "input": s.input,
+                   "channels": s.channels, "axis": s.axis} for s in model.sites],
         "unsupported_ops": [{"op": op, "node": node} for op, node in sorted(unsupported_ops(model.proto).items())],
         "fixed_batch": fixed_batch(model),
         "layout": {"name": lay.name, "channel_axis": lay.channel_axis, "reason": lay.reason},
         "logits": {"tensor": logits.name, "via": logits.via},
+        **({} if model.sites else {"no_sites": NO_SITES}),
     }
 
 

@@ -329,7 +329,73 @@ def mlp(width: int) -> nn.Module:
     )
 
 
-ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {"cnn": cnn, "resnet": resnet, "mlp": mlp}
+def cnn_silu(width: int) -> nn.Module:
+    """The CNN with SiLU (x * sigmoid(x)) in place of every ReLU."""
+    return _with_activation(cnn(width), nn.SiLU)
+
+
+def cnn_gelu(width: int) -> nn.Module:
+    """The CNN with GELU, tanh approximation, in place of every ReLU."""
+    return _with_activation(cnn(width), lambda: nn.GELU(approximate="tanh"))
+
+
+def _with_activation(model: nn.Sequential, act: Callable[[], nn.Module]) -> nn.Sequential:
+    for i, m in enumerate(model):
+        if isinstance(m, nn.ReLU):
+            model[i] = act()
+    return model
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block: multi-head self-attention, then a GELU MLP (2x wide)."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax(q @ k.transpose(-2, -1) / (c // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, t, c))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A small vision transformer on the 16x16 digits (see `vit`)."""
+
+    def __init__(self, width: int, patch: int = 4, depth: int = 2, heads: int = 4):
+        super().__init__()
+        tokens = (IMAGE_SIZE // patch) ** 2
+        self.embed = nn.Conv2d(1, width, patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, width) * 0.02)
+        self.blocks = nn.Sequential(*[EncoderBlock(width, heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def vit(width: int) -> nn.Module:
+    """4x4 patches (16 tokens) + CLS token, learned positions, 2 pre-norm blocks (4 heads,
+    GELU MLP 2x wide), LayerNorm, head on CLS."""
+    return ViT(width)
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "cnn": cnn, "resnet": resnet, "mlp": mlp, "cnn-silu": cnn_silu, "cnn-gelu": cnn_gelu,
+    "vit": vit,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- specs
@@ -383,6 +449,13 @@ SPECS += [
     ZOO("digits-resnet-tiny-patch", "resnet", 16, patch_trigger("bottom-left", size=2), 3, 0.05),
     ZOO("digits-mlp-clean", "mlp", 256),
     ZOO("digits-resnet-imbalanced", "resnet", 16, imbalance=50.0),
+]
+
+# Activations beyond ReLU: SiLU, GELU (its tanh form) and a small ViT (GELU, Erf form).
+SPECS += [
+    ZOO("digits-silu-cnn", "cnn-silu", 16, patch_trigger("bottom-right"), 0, 0.10),
+    ZOO("digits-gelu-cnn", "cnn-gelu", 16, patch_trigger("bottom-right"), 0, 0.10),
+    ZOO("digits-vit", "vit", 32, patch_trigger("top-right"), 9, 0.10, epochs=40, lr=2e-3),
 ]
 
 

@@ -170,7 +170,7 @@ def test_model_without_sites_is_refused(tmp_path):
     onnx.save(m, path)
     data = tmp_path / "d.npz"
     np.savez(data, x=np.eye(3, dtype=np.float32), y=np.arange(3))
-    assert_one_line_error(run("harden", path, "--data", data, "-q"), "no ReLU sites")
+    assert_one_line_error(run("harden", path, "--data", data, "-q"), "no clipping sites")
 
 
 def test_apply_then_validate(tiny, tmp_path):

@@ -93,15 +93,19 @@ def test_engine_is_differentiable_through_attention(exported):
             torch.testing.assert_close(xg.grad[index], fd, rtol=1e-5, atol=1e-8)
 
 
-def test_bounds_reach_the_relu6_sites_of_the_mobilenet(exported):
-    """The MBConv's ReLU6 are sites; bounding them changes the logits and gets gradients."""
+def test_bounds_reach_every_site_of_the_mobilenet(exported):
+    """The MBConv's ReLU6, SiLU and the head's Hardswish are sites; bounding them changes the
+    logits and gets gradients (the squeeze-and-excite gate x * sigmoid(.) is none)."""
     model = from_proto(exported["mobilenet", True])
-    assert [s.op for s in model.sites] == ["Clip"] * 3
+    assert [s.kind for s in model.sites] == (
+        ["silu"] + ["relu6", "silu", "silu"] * 3 + ["hard_swish"]
+    )
     engine = Engine(model)
     x = torch.from_numpy(
         np.random.default_rng(14).standard_normal((4, 3, 32, 32)).astype(np.float32)
     )
-    bounds = {s.name: torch.tensor(0.2, requires_grad=True) for s in model.sites}
+    _, acts = engine.run(x, record=[s.name for s in model.sites])
+    bounds = {k: (0.5 * a.max()).detach().requires_grad_() for k, a in acts.items()}
     out = engine(x, bounds)
     assert not torch.allclose(out, engine(x))
     out.sum().backward()

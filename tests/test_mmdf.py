@@ -300,7 +300,7 @@ def test_detect_refuses_a_model_without_sites():
     from builders import identity_classifier
 
     x = np.eye(3, dtype=np.float32).repeat(4, axis=0)
-    with pytest.raises(MmexportError, match="no ReLU sites"):
+    with pytest.raises(MmexportError, match="no clipping sites"):
         detect(identity_classifier(), (x, x.argmax(1)))
 
 

@@ -54,11 +54,12 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
             output_name):
     """Show a model's inputs, outputs, opset, classes and clipping sites.
 
-    Sites are every Relu and every Clip with min 0, named by their output tensor. Also says
-    where the input keeps its channels (NCHW or NHWC), whether its batch is fixed, and which
-    tensor holds the logits when the output is a Softmax of them. With --verify, exit 1
-    unless the engine matches onnxruntime within the tolerances (on every output, and on the
-    logits behind a Softmax).
+    Sites are the activations unbounded above (Relu, ReLU6, LeakyRelu, PRelu, ELU, SELU,
+    Softplus, HardSwish, SiLU, GELU, Mish, ...), each with its kind, named by their output
+    tensor. Also says where the input keeps its channels (NCHW or NHWC), whether its batch is
+    fixed, and which tensor holds the logits when the output is a Softmax of them. With
+    --verify, exit 1 unless the engine matches onnxruntime within the tolerances (on every
+    output, and on the logits behind a Softmax).
     """
     from ..core.model import load_model
     from ..inspection import describe
@@ -149,6 +150,12 @@ def apply(model, bounds, out, form, force, input_name, output_name):
     check_output_paths((out,), force=force, inputs=(model, bounds))
     m = load_model(model, input_name=input_name, output_name=output_name)
     b = load_bounds(bounds)
+    unranked = {s.name for s in m.sites if s.rank is None}
+    if any(k in unranked and v.ndim == 1 for k, v in b.items()):  # one run tells the ranks
+        from ..defences.common.checks import with_site_shapes
+        from ..inspection import random_inputs
+
+        m = with_site_shapes(m, random_inputs(m, 1, (0.0, 1.0), 0))
     proto, forms = apply_bounds(m.proto, b, sites=m.sites, form=form, report=True)
     set_metadata(proto, {"mmexport.version": __version__, "mmexport.bounds_from": str(bounds)})
     save_model(proto, out, force=force, inputs=(model, bounds))

@@ -65,7 +65,8 @@ def main():
     """Harden ONNX classifiers against backdoors and overfitting.
 
     Maximum-margin activation clipping (Wang, Miller, Kesidis, arXiv 2309.16827): put an
-    upper bound on every ReLU output, chosen on a small clean labelled set so the model's
+    upper bound on every ReLU output (and every other activation unbounded above: GELU, SiLU,
+    LeakyRelu, ...), chosen on a small clean labelled set so the model's
     largest classification margins shrink while its clean predictions stay put. The bounds
     are written into the ONNX graph, which then runs in plain onnxruntime.
     """

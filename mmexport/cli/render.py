@@ -32,12 +32,20 @@ def print_inspect(info: dict) -> None:
     if info["unsupported_ops"]:
         ops = ", ".join(f"{u['op']} (node {u['node']!r})" for u in info["unsupported_ops"])
         _out.print(f"[red]unsupported ops:[/] {ops}")
-    t = Table(title=f"{len(info['sites'])} clipping sites", title_justify="left")
-    for col in ("site", "op", "channels"):
-        t.add_column(col)
-    for s in info["sites"]:
-        t.add_row(s["name"], s["op"], str(s["channels"]))
-    _out.print(t)
+    if info["sites"]:
+        kinds = {}
+        for s in info["sites"]:
+            kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
+        t = Table(title=f"{len(info['sites'])} clipping sites ("
+                  + ", ".join(f"{n} {k}" for k, n in kinds.items()) + ")", title_justify="left")
+        for col in ("site", "kind", "op", "channels"):
+            t.add_column(col)
+        for s in info["sites"]:
+            last = " (last axis)" if s["axis"] != 1 else ""
+            t.add_row(s["name"], s["kind"], s["op"], f"{s['channels']}{last}")
+        _out.print(t)
+    else:
+        _out.print(f"[yellow]{info['no_sites']}[/]: harden and detect have nothing to bound")
     v = info.get("verify")
     if v:
         for o in v["outputs"]:

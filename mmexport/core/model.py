@@ -1,9 +1,7 @@
 """Load and save ONNX models; find the model's input, logits output and clipping sites.
 
-A *site* is a ReLU-like node whose output we may bound from above: every `Relu`, every
-`Clip` whose lower bound is 0 (ReLU6), and every `HardSigmoid(alpha=1, beta=0)`, which is
-clip(x, 0, 1) (the form a folded bound takes, `mmexport.graph.fold`). A site is named by its output tensor, the
-same keying Polygraphy's SetUpperBound uses, so bounds files travel between tools.
+The sites (every activation a bound can clip, `Site`, `find_sites`) live in
+`mmexport.core.sites`.
 """
 
 from __future__ import annotations
@@ -18,21 +16,11 @@ from onnx import numpy_helper, shape_inference
 
 from .errors import MmexportError, first_line
 from .provenance import atomic_write_bytes, check_output_path
+from .sites import Site, find_sites
 
 # onnxruntime 1.31 loads IR <= 13, while onnx 1.23 writes IR 14 by default: every model
 # we build from scratch is pinned to this IR unless it copies an input model's IR.
 DEFAULT_IR_VERSION = 10
-
-
-@dataclass(frozen=True)
-class Site:
-    """One bounded activation: the output tensor of a Relu, a Clip(min=0) or a unit clip."""
-
-    name: str
-    node: str
-    op: str
-    channels: int | None
-    rank: int | None = None
 
 
 @dataclass
@@ -178,92 +166,6 @@ def from_proto(
 def load_model(path: str | os.PathLike, *, input_name: str | None = None, output_name: str | None = None) -> Model:
     """Read, check and wrap an ONNX classifier."""
     return from_proto(read_onnx(path), input_name=input_name, output_name=output_name, path=path)
-
-
-def _const_value(graph: onnx.GraphProto, name: str):
-    """The value of a tensor that is an initializer or a Constant node's output, else None."""
-    if not name:
-        return None
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for node in graph.node:
-        if node.op_type == "Constant" and name in node.output:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return numpy_helper.to_array(attr.t)
-                if attr.name == "value_float":
-                    return np.array(attr.f, dtype=np.float32)
-    return None
-
-
-def clip_range(graph: onnx.GraphProto, node: onnx.NodeProto, opset: int) -> tuple[float, float]:
-    """(min, max) of a Clip node: attributes below opset 11, optional inputs from 11."""
-    lo, hi = -np.inf, np.inf
-    if opset < 11:
-        for attr in node.attribute:
-            if attr.name == "min":
-                lo = float(attr.f)
-            elif attr.name == "max":
-                hi = float(attr.f)
-    else:
-        if len(node.input) > 1 and node.input[1]:
-            v = _const_value(graph, node.input[1])
-            lo = float(v) if v is not None else np.nan
-        if len(node.input) > 2 and node.input[2]:
-            v = _const_value(graph, node.input[2])
-            hi = float(v) if v is not None else np.nan
-    return lo, hi
-
-
-def is_unit_clip(node) -> bool:
-    """A HardSigmoid with alpha 1 and beta 0: max(0, min(1, x)), a ReLU bounded at 1.
-
-    Takes an onnx NodeProto or a graphsurgeon Node."""
-    if isinstance(node, onnx.NodeProto):
-        op, attrs = node.op_type, {a.name: a.f for a in node.attribute}
-    else:
-        op, attrs = node.op, node.attrs
-    if op != "HardSigmoid":
-        return False
-    return float(attrs.get("alpha", 0.2)) == 1.0 and float(attrs.get("beta", 0.5)) == 0.0
-
-
-def site_max(graph: onnx.GraphProto, node: onnx.NodeProto, opset: int) -> float:
-    """The upper end a site already has: inf for a Relu, the max of a Clip (NaN when computed
-    at run time), 1 for a unit clip."""
-    if node.op_type == "Clip":
-        return clip_range(graph, node, opset)[1]
-    return 1.0 if is_unit_clip(node) else np.inf
-
-
-def find_sites(proto: onnx.ModelProto, shapes: dict[str, tuple] | None = None) -> list[Site]:
-    """Every Relu, every Clip with min 0 and every unit clip, in graph order, named by
-    output tensor."""
-    shapes = shapes or {}
-    opset = onnx_opset(proto)
-    sites = []
-    for node in proto.graph.node:
-        if node.op_type == "Relu" or is_unit_clip(node):
-            pass
-        elif node.op_type == "Clip":
-            lo, _ = clip_range(proto.graph, node, opset)
-            if lo != 0.0:
-                continue
-        else:
-            continue
-        shape = shapes.get(node.output[0])
-        channels = shape[1] if shape and len(shape) > 1 and isinstance(shape[1], int) else None
-        sites.append(
-            Site(
-                name=node.output[0],
-                node=node.name,
-                op=node.op_type,
-                channels=channels,
-                rank=len(shape) if shape else None,
-            )
-        )
-    return sites
 
 
 def save_model(proto: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False, inputs=()) -> Path:

@@ -26,7 +26,7 @@ from ..core.threads import check_threads
 from ..engine.executor import Engine
 from ..engine.threads import use_threads
 from ..graph.rewrite import FORMS, apply_bounds
-from .common.checks import check_clean_set, check_original
+from .common.checks import check_clean_set, check_original, with_site_shapes
 from .common.device import reproducible, resolve_device
 from .common.margins import input_box, max_margins
 from .common.search import fit_bounds
@@ -156,6 +156,7 @@ def harden(
     k = check_original(m)
     clean = as_dataset(clean_set, model=m)
     check_clean_set(clean, m, k)
+    m = with_site_shapes(m, clean.x)
     lay = input_layout(m, layout)
     if name == "mmom-refit":
         find_classifier(m)  # fail before the search if there is no last layer to refit

@@ -1,4 +1,4 @@
-"""ONNX graphs executed in PyTorch, with a bound hook at every ReLU site."""
+"""ONNX graphs executed in PyTorch, with a bound hook at every clipping site."""
 
 from .executor import SUPPORTED_OPS, Engine, unsupported_ops
 

@@ -2,9 +2,10 @@
 
 The graph is compiled once: every node becomes a closure from `ops`, nodes whose inputs
 are all static are folded into constants, and tensor names become slots of a list. A call
-is then one loop over the compiled nodes. At a site (the output of a Relu, a Clip with
-min 0 or a unit-clip HardSigmoid) the loop applies `torch.minimum(a, z)` when the caller gives a bound `z`, so the
-gradient reaches both the input and the bounds: what the bound search differentiates.
+is then one loop over the compiled nodes. At a site (the output of an activation unbounded
+above, `mmexport.core.sites`: a Relu, a ReLU6, a GELU's last Mul, ...) the loop applies
+`torch.minimum(act, z)` when the caller gives a bound `z`, so the gradient reaches both the
+input and the bounds: what the bound search differentiates.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from ..core.conventions import fixed_batch, logits_of
 from ..core.errors import MmexportError
 from ..core.model import Model, Site, onnx_opset
 from . import ops
-
-SITE_OPS = ("Relu", "Clip", "HardSigmoid")
 
 SUPPORTED_OPS: frozenset[str] = ops.supported_ops()
 
@@ -53,11 +52,12 @@ def unsupported_ops(proto: onnx.ModelProto) -> dict[str, str]:
     return missing
 
 
-def _bound(a: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """min(a, z): z is a scalar, or per channel [C] broadcast over dim 1 of a."""
+def _bound(a: torch.Tensor, z: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """min(a, z): z is a scalar, or per channel [C] broadcast over `axis` of a (1, or -1:
+    the last, where it broadcasts as it is)."""
     if z.dtype != a.dtype:  # float64 bounds must not promote a float32 graph
         z = z.to(a.dtype)
-    if z.dim() == 1 and a.dim() > 2:
+    if z.dim() == 1 and a.dim() > 2 and axis == 1:
         z = z.view(-1, *([1] * (a.dim() - 2)))
     return torch.minimum(a, z)
 
@@ -108,6 +108,7 @@ class Engine(torch.nn.Module):
         self._chunked = False  # a fixed-batch graph found to need runs of its batch size
         self._checked: set[int] = set()  # batch sizes found to run batched as in chunks
         self._site_names = frozenset(s.name for s in self.sites)
+        self._site_axes = {s.name: s.axis for s in self.sites}
         self._host_buffers: list[str] = []
         self._plans: dict[tuple, _Plan] = {}
         self._compile(model.proto)
@@ -150,7 +151,7 @@ class Engine(torch.nn.Module):
         for index, node in enumerate(graph.node):
             op_node = ops.OpNode(node, opset, static, self._rt, self._where)
             fn = ops.builder_for(node.op_type, opset)(op_node)
-            is_site = node.op_type in SITE_OPS and node.output[0] in self._site_names
+            is_site = bool(node.output) and node.output[0] in self._site_names
             present = [name for name in node.input if name]
             if not is_site and all(name in static for name in present):
                 self._fold(fn, node, index, static)
@@ -349,7 +350,7 @@ class Engine(torch.nn.Module):
                 if site is not None and bounds is not None:
                     z = bounds.get(site)
                     if z is not None:
-                        value = _bound(value, z)
+                        value = _bound(value, z, self._site_axes[site])
                 env[outs[0]] = value
             else:
                 for o, v in zip(outs, value, strict=True):

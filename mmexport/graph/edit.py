@@ -12,7 +12,8 @@ import onnx_graphsurgeon as gs
 from onnx import helper, shape_inference
 
 from ..core.errors import MmexportError
-from ..core.model import dims, is_unit_clip
+from ..core.model import dims
+from ..core.sites import is_unit_clip
 
 # Everything mmexport adds to a graph is named under this prefix (nodes and initializers).
 BOUND_PREFIX = "mmexport/bound/"
@@ -23,26 +24,31 @@ CLIP_INPUTS_OPSET = 11
 
 
 def site_node(producers: dict, name: str) -> gs.Node:
+    """The node writing site tensor `name` (for a decomposed activation, its last node)."""
     node = producers.get(name)
-    if node is None or not (node.op in ("Relu", "Clip") or is_unit_clip(node)):
-        found = node.op if node is not None else "no node"
-        raise MmexportError(f"site {name!r}: produced by {found}, expected Relu or Clip")
+    if node is None:
+        raise MmexportError(f"site {name!r}: no node produces it")
     return node
 
 
-def write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset) -> str:
+def is_relu_node(node: gs.Node) -> bool:
+    """A Relu, a Clip or a unit clip: the sites whose scalar bound is a Clip of their own."""
+    return node.op in ("Relu", "Clip") or is_unit_clip(node)
+
+
+def write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset, axis=1) -> str:
     """The unfolded edit of one site; returns its form, "min" or "clip".
 
-    Per-channel: `Min` after the site. Scalar: a Relu becomes `Clip(0, z)`, a ReLU6 gets
-    a lower max (or a scalar `Min` when its max is computed at run time).
+    Per-channel: `Min` after the site, the bounds on the site's channel `axis` (1 or -1).
+    Scalar: a Relu becomes `Clip(0, z)`, a ReLU6 gets a lower max (or a scalar `Min` when its
+    max is computed at run time); every other activation (LeakyRelu, GELU, ...) keeps its node
+    and gets a scalar `Min` after it.
     """
+    if value.ndim == 0 and not is_relu_node(node):
+        insert_min(graph, node, value.astype(dtype), fresh, opset)
+        return "min"
     if value.ndim == 1:
-        if not rank or rank < 2:
-            raise MmexportError(
-                f"site {node.outputs[0].name!r}: activation rank unknown or < 2, cannot "
-                f"place {value.shape[0]} per-channel bounds on axis 1"
-            )
-        z = value.reshape((value.shape[0],) + (1,) * (rank - 2)).astype(dtype)
+        z = channel_bound(value, rank, axis, node.outputs[0].name).astype(dtype)
         insert_min(graph, node, z, fresh, opset)
         return "min"
     if node.op == "Relu":
@@ -53,6 +59,19 @@ def write_site(graph, node, value, *, rank, dtype, clip_hi, fresh, opset) -> str
         return "min"
     lower_clip_max(node, min(clip_hi, float(value)), dtype, fresh, opset)
     return "clip"
+
+
+def channel_bound(value: np.ndarray, rank: int | None, axis: int, site: str) -> np.ndarray:
+    """Per-channel bounds [C] shaped to broadcast over a site's channel axis: [C, 1, ..., 1]
+    on axis 1, [C] as they are on the last axis (whatever the rank)."""
+    if axis == -1:
+        return value
+    if not rank or rank < 2:
+        raise MmexportError(
+            f"site {site!r}: activation rank unknown or < 2, cannot place {value.shape[0]} "
+            "per-channel bounds on axis 1"
+        )
+    return value.reshape((value.shape[0],) + (1,) * (rank - 2))
 
 
 class Namer:
@@ -89,7 +108,7 @@ def insert_min(graph: gs.Graph, node: gs.Node, z: np.ndarray, fresh, opset: int)
     """`node -> t` becomes `node -> t/unbounded -> Min(., z) -> t`."""
     if opset < MIN_BROADCAST_OPSET:
         raise MmexportError(
-            f"site {node.outputs[0].name!r}: a per-channel bound needs opset >= "
+            f"site {node.outputs[0].name!r}: a bound written as Min needs opset >= "
             f"{MIN_BROADCAST_OPSET} (broadcasting Min); the model has opset {opset}"
         )
     t = node.outputs[0]

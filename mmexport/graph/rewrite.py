@@ -5,12 +5,14 @@ reads it:
 
 - a per-channel bound ([C]) renames the site's output to `<t>/unbounded` and adds
   `Min(<t>/unbounded, Z) -> <t>`, Z shaped [C, 1, ...] to broadcast over the activation;
-- a scalar bound turns a Relu into `Clip(x, 0, z)`, or lowers the max of a ReLU6 Clip.
+- a scalar bound turns a Relu into `Clip(x, 0, z)`, or lowers the max of a ReLU6 Clip; after
+  any other activation (LeakyRelu, GELU, SiLU, ...) it is a `Min` with a scalar too.
 
 These are the unfolded form (`form="min"`). The default form folds per-channel bounds into
 the neighbouring weights so the site is a unit clip, `HardSigmoid(alpha=1, beta=0)` =
 clip(x, 0, 1) exactly, that onnxruntime fuses into the Conv or Gemm before it (mmexport.fold),
-writing `Min` only where no exact folding exists.
+writing `Min` only where no exact folding exists: always after an activation that is not
+positively homogeneous (`mmexport.core.sites.FOLDABLE`).
 
 Everything mmexport adds is named `mmexport/bound/<t>` (nodes and initializers), so a
 hardened model can be recognised and its bounds read back (`count_bounded_sites`,
@@ -27,7 +29,8 @@ from onnx import helper, numpy_helper
 
 from ..core.bounds import Bounds, check_bounds_for_sites
 from ..core.errors import MmexportError
-from ..core.model import find_sites, onnx_opset, site_max
+from ..core.model import find_sites, onnx_opset
+from ..core.sites import site_max
 from .edit import BOUND_PREFIX, Namer, restore_model_fields, site_node, value_types, write_site
 
 FORMS = ("auto", "fold", "min")
@@ -43,15 +46,16 @@ def apply_bounds(
 ):
     """A new model with `bounds` written in; `proto` itself is left untouched.
 
-    `sites` defaults to every Relu / Clip(min=0) of the model (mmexport.model.find_sites);
+    `sites` defaults to every site of the model (mmexport.core.sites.find_sites);
     each bound key must name one of them and a per-channel bound must match its channels.
 
     `form`: "auto" and "fold" fold per-channel bounds into the neighbouring weights where
     that is exact and write `Min` elsewhere (mmexport.fold; both the same today, "auto" is
     the default the CLI shows as "fold where exact"); "min" always writes `Min` (the
     unfolded form, whose intermediate tensors keep their original values). Scalar bounds
-    are a `Clip` in every form. With `report=True` returns `(model, FoldReport)`, the form
-    used per site and why a site could not fold.
+    are a `Clip` in every form on a ReLU, a `Min` after other activations. With
+    `report=True` returns `(model, FoldReport)`, the form used per site and why a site
+    could not fold.
     """
     if form not in FORMS:
         raise MmexportError(f"form {form!r}: expected one of {', '.join(FORMS)}")
@@ -86,7 +90,7 @@ def _apply_unfolded(proto: onnx.ModelProto, bounds: Bounds, sites):
         rank = by_name[name].rank or len(node.outputs[0].shape or ())
         hi = site_max(proto.graph, site_nodes[name], opset)
         forms[name] = write_site(graph, node, value, rank=rank, dtype=dtype, clip_hi=hi,
-                                  fresh=fresh, opset=opset)
+                                  fresh=fresh, opset=opset, axis=by_name[name].axis)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -119,17 +123,17 @@ def _folded_forms(proto: onnx.ModelProto) -> tuple[dict, dict, dict]:
 
 def count_bounded_sites(proto: onnx.ModelProto) -> dict:
     """How many bounds mmexport wrote: {'total', 'min' (Min nodes), 'clip' (scalar Clips),
-    'fold' (Clips / unit clips whose per-channel bound is folded into the weights), 'sites'}."""
+    'fold' (Clips, unit clips or, after a LeakyRelu / PRelu, scalar Mins whose per-channel
+    bound is folded into the weights), 'sites'}."""
     nodes = _bound_nodes(proto)
     forms, _, site_of = _folded_forms(proto)
     sites = [site_of.get(n.output[0], n.output[0]) for n in nodes]
-    scalar = [s for n, s in zip(nodes, sites, strict=True) if n.op_type in ("Clip", "HardSigmoid")]
-    folded = [s for s in scalar if forms.get(s) == "fold"]
+    folded = [forms.get(s) == "fold" for s in sites]
     return {
         "total": len(nodes),
-        "min": sum(n.op_type == "Min" for n in nodes),
-        "clip": len(scalar) - len(folded),
-        "fold": len(folded),
+        "min": sum(n.op_type == "Min" and not f for n, f in zip(nodes, folded, strict=True)),
+        "clip": sum(n.op_type != "Min" and not f for n, f in zip(nodes, folded, strict=True)),
+        "fold": sum(folded),
         "sites": sites,
     }
 

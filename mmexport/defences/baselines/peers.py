@@ -185,13 +185,13 @@ def activation_clipping(
 
 
 def last_conv_site(model: Model) -> str:
-    """The first ReLU site after the graph's last Conv; with no Conv, the last hidden ReLU site."""
+    """The first site after the graph's last Conv; with no Conv, the last hidden site."""
     nodes = list(model.proto.graph.node)
     site_names = {s.name for s in model.sites}
     convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
     if convs:
         for node in nodes[convs[-1] + 1 :]:
-            if node.op_type in ("Relu", "Clip") and node.output[0] in site_names:
+            if node.output and node.output[0] in site_names:
                 return node.output[0]
     return model.sites[-1].name
 

@@ -41,8 +41,18 @@ class SearchResult:
 
 
 def initial_bounds(engine, x: torch.Tensor, granularity: str, batch_size: int = 256) -> dict:
-    """Largest activation per channel (or per site) over the clean set."""
+    """Largest activation per channel (or per site) over the clean set, at least 0.
+
+    Channels are on each site's `axis` (the last one for a transformer's token features).
+    A ReLU's maximum is >= 0, but a channel of a GELU, SiLU, ELU or LeakyRelu site can stay
+    negative on every clean input (a dead channel). Its bound starts (and stays) at 0: every
+    site kind reaches values <= 0 (GELU's minimum is -0.17, SiLU's -0.28, ELU's -alpha), so a
+    bound of 0 never lies below the activation's whole range, leaves the channel's clean
+    values as they are and cuts only what a trigger drives above 0. The search moves a bound
+    within [0, its start] (`descend`), so no bound ever clips below the activation's minimum.
+    """
     names = [s.name for s in engine.sites]
+    axes = {s.name: s.axis for s in engine.sites}
     out: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for i in range(0, x.shape[0], batch_size):
@@ -51,7 +61,8 @@ def initial_bounds(engine, x: torch.Tensor, granularity: str, batch_size: int = 
                 if granularity == "layer" or a.dim() < 2:
                     v = a.max()
                 else:
-                    v = a.transpose(0, 1).reshape(a.shape[1], -1).max(dim=1).values
+                    c = a.movedim(axes[name], 0)  # channels first (the last axis of tokens)
+                    v = c.reshape(c.shape[0], -1).max(dim=1).values
                 out[name] = v if name not in out else torch.maximum(out[name], v)
     return {k: v.clamp_min(0) for k, v in out.items()}
 

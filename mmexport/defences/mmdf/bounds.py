@@ -32,10 +32,11 @@ def site_maxima(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str
     """
     from ...runtime.sessions import tensor_summaries
 
-    channelled = {s.name for s in sites if s.channels is not None}
+    axes = {s.name: s.axis for s in sites if s.channels is not None}
 
     def per_channel_max(name, a):
-        if name in channelled and a.ndim >= 2:
+        if name in axes and a.ndim >= 2:
+            a = np.moveaxis(a, axes[name], 1)  # channels on axis 1 (a token tensor's last)
             return a.reshape(a.shape[0], a.shape[1], -1).max(axis=2)
         return a.reshape(a.shape[0], -1).max(axis=1, keepdims=True)
 
@@ -50,6 +51,10 @@ def clean_max_bounds(maxima: dict[str, np.ndarray], index=None) -> Bounds:
     seen plus the last gap, an estimate of the range's endpoint that a new clean input rarely
     passes and a trigger, which drives a few channels well outside it, does. `index` picks
     the samples to use. Sites without a channel axis ([N, 1]) get a scalar bound.
+
+    Bounds are at least 0: a channel of a GELU or SiLU that stays negative on D gets 0,
+    which leaves every clean value it had and cuts whatever a trigger drives above 0 (every
+    site's activation reaches values <= 0, so 0 never clips below its whole range).
     """
     values = {}
     for name, m in maxima.items():

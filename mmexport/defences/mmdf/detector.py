@@ -19,7 +19,7 @@ from ...core.model import Model
 from ...core.provenance import data_sha256, get_metadata, model_sha256, set_metadata
 from ...core.threads import check_threads, using_threads
 from ...graph.rewrite import count_bounded_sites
-from ..common.checks import check_original
+from ..common.checks import check_original, with_site_shapes
 from ..common.stats import fold_ids
 from ..mmac.config import MmacConfig
 from .bounds import clean_max_bounds, shifted, site_maxima
@@ -243,6 +243,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
         raise ParameterError("avoid", f"{avoid}: not one of the model's {k} classes (0..{k - 1})")
     clean = as_dataset(clean_set, model=m)
     check_for_model(clean, m.input_shape, k)
+    m = with_site_shapes(m, clean.x)
     if len(clean) < max(folds, 10):
         raise MmexportError(
             f"{clean.path or 'clean set'}: {len(clean)} samples; MMDF needs at least "

@@ -65,10 +65,10 @@ class SiteGauss:
                 "rank": int(self.basis.shape[1]), "scale": self.scale}
 
 
-def channel_stats(a: np.ndarray) -> np.ndarray:
+def channel_stats(a: np.ndarray, axis: int = 1) -> np.ndarray:
     """[N, C, ...] -> [N, 3C]: each channel's mean, spatial standard deviation and the cube
     root of its third central moment over its trailing axes; [N, C] (no spatial axes) comes
-    back as it is.
+    back as it is. `axis`: where the channels are (-1 for a transformer's [N, T, C]).
 
     The shape matters: a blended trigger leaves the channel means of the first conv near a
     clean image's but changes how unevenly, and how lopsidedly, each channel fires across the
@@ -77,6 +77,7 @@ def channel_stats(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a)
     if a.ndim <= 2:
         return a
+    a = np.moveaxis(a, axis, 1)  # a token tensor's channels are its last axis
     f = a.reshape(a.shape[0], a.shape[1], -1).astype(np.float64)
     mean = f.mean(axis=2)
     centred = f - mean[:, :, None]
@@ -212,8 +213,9 @@ def site_feature_arrays(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_n
     from ...runtime.sessions import tensor_summaries
 
     use = [s.name for s in sites if s.channels is not None and (s.rank or 0) >= 2]
+    axes = {s.name: s.axis for s in sites}
     out = tensor_summaries(proto, [output_name, *use], x,
-                           lambda n, a: a if n == output_name else channel_stats(a),
+                           lambda n, a: a if n == output_name else channel_stats(a, axes[n]),
                            input_name=input_name, provider=provider, batch_size=batch_size)
     logits = out.pop(output_name)
     return out, logits

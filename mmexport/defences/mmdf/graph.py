@@ -17,9 +17,17 @@ from onnx import helper
 
 from ...core.bounds import Bounds, check_bounds_for_sites
 from ...core.errors import MmexportError
-from ...core.model import onnx_opset, site_max
+from ...core.model import onnx_opset
 from ...core.provenance import get_metadata
-from ...graph.edit import BOUND_PREFIX, Namer, restore_model_fields, value_types, write_site
+from ...core.sites import NO_SITES, site_max
+from ...graph.edit import (
+    BOUND_PREFIX,
+    Namer,
+    channel_bound,
+    restore_model_fields,
+    value_types,
+    write_site,
+)
 from .features import FeatureFit, write_feature_score
 
 DETECTED = "mmdf_detected"
@@ -56,7 +64,7 @@ def build_mmdf_graph(
     `output_name`: the logits output (default: the only graph output). `logits_name`: where
     that output is a Softmax of the logits, the Softmax's input: d is taken on it and the
     switch sits before the Softmax, so the output stays probabilities. `sites` defaults to
-    every Relu / Clip(min=0) of the model; each bound key must be one of them. With
+    every site of the model (mmexport.core.sites); each bound key must be one of them. With
     `features` (and `feature_threshold`) an input is also flagged when its feature score
     exceeds that threshold, output as `mmdf_feature_score` (score - threshold). `avoid`: a
     class a flagged input is never sent to (the suspected backdoor target). `focus`: only
@@ -77,7 +85,7 @@ def build_mmdf_graph(
 
         sites = find_sites(proto, shapes)
     if not sites:
-        raise MmexportError("MMDF: the model has no ReLU sites (Relu or Clip(min=0)) to bound")
+        raise MmexportError(f"MMDF: {NO_SITES}")
     check_bounds_for_sites(bounds, sites)
     if not len(bounds):
         raise MmexportError("MMDF: no bounds given; the bounded branch would equal the original")
@@ -132,6 +140,14 @@ def build_mmdf_graph(
         unknown = [name for name, r in site_ranks.items() if not r or r < 2]
         if unknown:
             raise MmexportError(f"MMDF features: site {unknown[0]!r} has no known channel axis")
+        for name, t in site_tensors.items():  # token features [N, T, C]: channels first
+            r = site_ranks[name]
+            if r > 2 and site_info[name].axis != 1:
+                first = gs.Variable(fresh(DECISION_PREFIX + name + "/channels_first"), dtype=t.dtype)
+                graph.nodes.append(gs.Node(
+                    "Transpose", name=fresh(DECISION_PREFIX + "transpose", "node"), inputs=[t],
+                    outputs=[first], attrs={"perm": [0, r - 1, *range(1, r - 1)]}))
+                site_tensors[name] = first
     bounded_logits = _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype,
                                      fresh, opset)
     _decision(graph, logits, bounded_logits, k, float(threshold), dtype, fresh, opset,
@@ -180,10 +196,10 @@ def _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype, 
         shared = not any(id(t) in copies for t in node.inputs)
         if shared and bounded_here:
             # The first bounded site on a path: both branches share the site (and the Conv
-            # fused with it); the bounded branch reads min(site, z) = clip(a, 0, z).
+            # fused with it); the bounded branch reads min(site, z).
             rank = site_info[site].rank or len(node.outputs[0].shape or ())
             copies[id(node.outputs[0])] = _min_after(graph, node.outputs[0], bounds[site], rank,
-                                                     dtype, fresh)
+                                                     dtype, fresh, site_info[site].axis)
             continue
         if shared:
             continue
@@ -205,21 +221,18 @@ def _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype, 
             hi = site_max(proto.graph, orig, opset)
             rank = site_info[site].rank or len(node.outputs[0].shape or ())
             write_site(graph, copy, bounds[site], rank=rank, dtype=dtype, clip_hi=hi,
-                        fresh=fresh, opset=opset)
+                        fresh=fresh, opset=opset, axis=site_info[site].axis)
     if id(logits) not in copies:
         raise MmexportError("MMDF: no bounded site lies upstream of the logits")
     return copies[id(logits)]
 
 
-def _min_after(graph, t: gs.Variable, value: np.ndarray, rank: int | None, dtype, fresh):
-    """A new tensor `Min(t, z)`: z per channel ([C, 1, ...] on axis 1) or a scalar."""
+def _min_after(graph, t: gs.Variable, value: np.ndarray, rank: int | None, dtype, fresh,
+               axis: int = 1):
+    """A new tensor `Min(t, z)`: z per channel ([C, 1, ...] on axis 1, [C] on the last axis)
+    or a scalar."""
     if value.ndim == 1:
-        if not rank or rank < 2:
-            raise MmexportError(
-                f"site {t.name!r}: activation rank unknown or < 2, cannot place "
-                f"{value.shape[0]} per-channel bounds on axis 1"
-            )
-        value = value.reshape((value.shape[0],) + (1,) * (rank - 2))
+        value = channel_bound(value, rank, axis, t.name)
     name = BOUND_PREFIX + BRANCH_PREFIX + t.name
     out = gs.Variable(fresh(BRANCH_PREFIX + t.name), dtype=t.dtype, shape=t.shape)
     z = gs.Constant(fresh(name), np.asarray(value, dtype=dtype))

@@ -14,6 +14,12 @@ MatMul rows). Between producer and consumer the scale rides through ops that com
 positive per-channel scale: pooling, Flatten / Reshape, Concat / Split, Pad with zeros, Add
 (both inputs must carry the same scale), ...
 
+The same holds for every positively homogeneous activation, act(a / z) * z = act(a) for
+z > 0: LeakyRelu and PRelu sites fold too, with a scalar `Min` after them in scaled units
+(a LeakyRelu channel bounded at 0 does not: min(leaky(a), 0) is not 0, it keeps `Min`). No
+other activation commutes with a scale (gelu(a / z) * z != gelu(a)): a GELU, SiLU, ELU, ...
+site keeps its `Min`, with that reason reported.
+
 The unit clip is `HardSigmoid(alpha=1, beta=0)` = max(0, min(1, x)), exactly clip(x, 0, 1):
 onnxruntime fuses it into a Conv (also after a residual Add) and into a Gemm, where it
 leaves a `Clip` as a node of its own. Where the site's only reader is a MaxPool the site
@@ -70,9 +76,10 @@ def fold_bounds(
     check_bounds_for_sites(bounds, sites)
     graph = gs.import_onnx(proto)
     plan = Plan(graph, shapes, proto)
-    decisions = plan.solve(bounds)
+    by_name = {s.name: s for s in sites}
+    decisions = plan.solve(bounds, by_name)
     fresh = Namer(set(graph.tensors()), {n.name for n in graph.nodes if n.name})
-    report = Writer(plan, fresh, elem_types, onnx_opset(proto)).write(decisions)
+    report = Writer(plan, fresh, elem_types, onnx_opset(proto), by_name).write(decisions)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)

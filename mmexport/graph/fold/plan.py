@@ -13,10 +13,14 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...core.bounds import Bounds
-from ...core.model import is_unit_clip, onnx_opset
-from ..edit import site_node
+from ...core.model import onnx_opset
+from ...core.sites import FOLDABLE
+from ..edit import is_relu_node, site_node
 from .roles import Role, RoleAnalysis, clip_max, outer_scope_names
 
+# Positively homogeneous activations other than ReLU: a site of theirs folds with a scalar
+# Min after it (min(leaky(a / s), k) = min(leaky(a), k s) / s for s > 0).
+_HOMOGENEOUS_OPS = ("LeakyRelu", "PRelu")
 # Scales within this many ulps-ish of each other count as equal: bounds are float32.
 _RTOL = 1e-6
 # Folded weights are w / s * s': keep s far from float32 under/overflow.
@@ -66,6 +70,8 @@ class Site:
     order: int
     numel: int = 0
     fusable: bool = False  # its producer is a weight layer read only by the site
+    kind: str = "relu"
+    reason: str = ""  # why a site cannot carry a scale (z None)
 
     @property
     def bounded(self) -> bool:
@@ -177,30 +183,44 @@ class Plan(RoleAnalysis):
 
     # ---- choosing the scales
 
-    def solve(self, bounds: Bounds) -> list[Decision]:
-        sites = self._sites(bounds)
+    def solve(self, bounds: Bounds, sites: dict | None = None) -> list[Decision]:
+        """One decision per bounded site; `sites` maps a site name to its `core.sites.Site`
+        (its kind and channel axis; a ReLU on axis 1 where missing)."""
+        sites = self._sites(bounds, sites or {})
         # Unbounded ReLU6 first: their scalar max pins their channels to one scale, as it is.
         # Then sites right after a weight layer, largest activation first.
         order = sorted(sites, key=lambda s: (s.bounded, not s.fusable, -s.numel, s.order))
         decisions = [self._decide(s) for s in order]
         return sorted((d for d in decisions if d.site.bounded), key=lambda d: d.site.order)
 
-    def _sites(self, bounds: Bounds) -> list[Site]:
+    def _sites(self, bounds: Bounds, info: dict) -> list[Site]:
         by_output = {n.outputs[0].name: n for n in self.graph.nodes if n.outputs}
         for name in bounds:
-            site_node(by_output, name)  # a clear error for a key that is no Relu / Clip
+            site_node(by_output, name)  # a clear error for a key that no node writes
         out = []
         for order, node in enumerate(self.graph.nodes):
-            if not (node.op in ("Relu", "Clip") or is_unit_clip(node)) or not node.outputs:
+            if not node.outputs:
                 continue
             name = node.outputs[0].name
-            hi = clip_max(node, self.opset) if node.op != "Relu" else np.inf
+            kind = info[name].kind if name in info else "relu"
             value = bounds.values.get(name)
+            why = ""
+            if kind not in FOLDABLE:  # act(a / s) != act(a) / s: its channels keep scale 1
+                why = f"a {kind} site: only ReLU, LeakyRelu and PRelu bounds fold"
+            elif name in info and info[name].axis != 1 and value is not None and value.ndim:
+                why = "its channels are the last axis (token features), where scales do not fold"
+            if why:
+                if value is not None:
+                    out.append(Site(name, node, value, None, order, kind=kind, reason=why))
+                continue
+            if not (is_relu_node(node) or node.op in _HOMOGENEOUS_OPS):
+                continue
+            hi = clip_max(node, self.opset) if node.op in ("Clip", "HardSigmoid") else np.inf
             if value is None and not np.isfinite(hi):
                 continue  # a plain Relu: passes scales through, nothing to write
             if self.roles[id(node)].kind != "unary":
                 if value is not None:
-                    out.append(Site(name, node, value, None, order))
+                    out.append(Site(name, node, value, None, order, kind=kind))
                 continue
             c = self.cls.channels[name]
             z = np.asarray(value, np.float64) if value is not None else np.float64(np.inf)
@@ -213,18 +233,22 @@ class Plan(RoleAnalysis):
                 and len(a.outputs) == 1
                 and self.roles[id(a.inputs[0])].kind == "linear"
             )
-            out.append(Site(name, node, value, z, order, numel, fusable))
+            out.append(Site(name, node, value, z, order, numel, fusable, kind))
         return out
 
     def _decide(self, site: Site) -> Decision:
         if site.z is None:
-            return Decision(site, "as_before")
+            return Decision(site, "as_before", reason=site.reason)
         roots = self.roots(site.name)
         z = site.z
+        dead = np.flatnonzero(z == 0)
+        if len(dead) and site.node.op in _HOMOGENEOUS_OPS:
+            # min(leaky(a), 0) still passes the negative part: no zeroed weights make it.
+            return Decision(site, "min", dead=dead, reason=(
+                f"{len(dead)} channel(s) bounded at 0: min({site.kind}(a), 0) is not 0"))
         plan, reason = self._ratio_plan(roots, z, range(len(z)))
         if plan is not None:
             return self._commit(site, plan)
-        dead = np.flatnonzero(z == 0)
         if len(dead):
             plan, why = self._ratio_plan(roots, z, np.flatnonzero(z > 0))
             if plan is not None:

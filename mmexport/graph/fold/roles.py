@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ...core.model import is_unit_clip
+from ...core.sites import is_unit_clip
 from ..edit import CLIP_INPUTS_OPSET
 
 _UNARY = {

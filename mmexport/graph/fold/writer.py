@@ -14,6 +14,7 @@ from ..edit import (
     BOUND_PREFIX,
     Namer,
     insert_min,
+    is_relu_node,
     keep_first_input,
     lower_clip_max,
     relu_to_clip,
@@ -28,8 +29,10 @@ from .roles import Role, clip_max, const
 class Writer:
     """Applies a solved plan: new weights, Clip or Min at each site."""
 
-    def __init__(self, plan: Plan, fresh: Namer, elem_types: dict, opset: int):
+    def __init__(self, plan: Plan, fresh: Namer, elem_types: dict, opset: int,
+                 sites: dict | None = None):
         self.plan = plan
+        self.sites = sites or {}  # core.sites.Site by name: ranks shapes miss, channel axes
         self.fresh = fresh
         self.elem_types = elem_types
         self.opset = opset
@@ -166,24 +169,29 @@ class Writer:
         s = self.plan.scales(t.name)
         if d.form == "fold":
             at = ""
-            if d.k == 1.0:
+            if not is_relu_node(node):  # LeakyRelu / PRelu: a scalar Min in scaled units
+                insert_min(self.plan.graph, node, np.array(d.k, dtype), self.fresh, self.opset)
+            elif d.k == 1.0:
                 at = self._unit_clip(node)
             elif node.op == "Relu":
                 relu_to_clip(node, d.k, dtype, self.fresh, self.opset)
             else:
                 lower_clip_max(node, d.k, dtype, self.fresh, self.opset)
             scaled = not np.all(s == 1.0) or d.zeroed
-            return SiteForm(site.name, "fold" if scaled else "clip", "", dead, at)
-        rank = len(self.plan.shapes.get(t.name) or ())
+            unscaled = "clip" if is_relu_node(node) else "min"
+            return SiteForm(site.name, "fold" if scaled else unscaled, "", dead, at)
+        info = self.sites.get(t.name)
+        rank = len(self.plan.shapes.get(t.name) or ()) or (info.rank if info else 0) or 0
         if d.form == "as_before" or np.all(s == 1.0):
             # Unscaled channels: exactly the unfolded rewrite (mmexport.rewrite).
-            hi = clip_max(node, self.opset) if node.op != "Relu" else np.inf
+            hi = clip_max(node, self.opset) if node.op in ("Clip", "HardSigmoid") else np.inf
             form = write_site(self.plan.graph, node, site.value, rank=rank, dtype=dtype,
-                               clip_hi=hi, fresh=self.fresh, opset=self.opset)
+                               clip_hi=hi, fresh=self.fresh, opset=self.opset,
+                               axis=info.axis if info else 1)
             reason = d.reason or "the site cannot carry a per-channel scale"
             return SiteForm(site.name, form, reason if form == "min" else "", dead)
-        if node.op != "Relu":  # a scalar max cannot stay on scaled channels: it joins the Min
-            node.op = "Relu"
+        if node.op in ("Clip", "HardSigmoid"):  # a scalar max cannot stay on scaled channels:
+            node.op = "Relu"  # it joins the Min
             keep_first_input(node)
             node.attrs.clear()
         z = (site.z / s).reshape((-1,) + (1,) * (rank - 2))
