@@ -19,6 +19,8 @@ from mmexport.core.threads import available_cores, check_threads, threads_in_use
 from mmexport.engine.threads import use_threads
 from mmexport.runtime.sessions import session
 
+pytestmark = pytest.mark.own_threads  # these tests set and read the thread count themselves
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

@@ -1,0 +1,20 @@
+"""Every test computes on one thread unless it is about threads itself (`own_threads`).
+
+A computing call defaults to the cores the process may use; on a shared 2-core machine two
+torch threads ran a harden 10x slower than one (232 s against 22.5 s on digits-cnn-sig with
+another job running), so the suite pins one thread to keep its time and its results the same
+on any machine.
+"""
+
+import pytest
+
+from mmexport.core.threads import using_threads
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    if request.node.get_closest_marker("own_threads"):
+        yield
+        return
+    with using_threads(1):
+        yield
