@@ -162,3 +162,13 @@ def test_fewer_samples_than_the_fixed_batch_run_once_padded():
     x = torch.arange(8, dtype=torch.float32).reshape(2, 4)
     torch.testing.assert_close(engine(x), x)
     assert engine.batching == "fixed"  # no larger batch was run
+
+
+@pytest.mark.parametrize("folder", sorted(p.parent.name for p in SAMPLES.glob("*/model.onnx")))
+def test_inspect_verify_passes_on_a_batch_one_copy_of_every_sample(folder, tmp_path):
+    path = tmp_path / "model.onnx"
+    onnx.save(with_fixed_batch(onnx.load(SAMPLES / folder / "model.onnx"), 1), path)
+    result = run("inspect", path, "--verify", "--samples", 3, "--json", "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["fixed_batch"] == 1 and info["verify"]["passed"]
