@@ -311,3 +311,27 @@ def case(
 
 def unary(op_type, **attrs):
     return [helper.make_node(op_type, ["x"], ["y"], **attrs)]
+
+
+def assert_op_matches_onnxruntime(nodes, shape, opset, inits, outputs, atol, positive):
+    """The engine's outputs of a one-op graph equal onnxruntime's (shape, kind and values)."""
+    import torch
+
+    from mmexport.core.model import from_proto
+    from mmexport.engine import Engine
+
+    rng = np.random.default_rng(1)
+    x = rng.random(shape) + 0.1 if positive else rng.standard_normal(shape)
+    x = x.astype(np.float32)
+    proto = make_onnx_model(nodes, shape, outputs=outputs, inits=inits, opset=opset)
+    expected = ort_run(proto, x)
+
+    engine = Engine(from_proto(proto, output_name=outputs[0]))
+    got, _ = engine.run(torch.from_numpy(x))
+
+    assert list(got) == list(outputs)
+    for name in outputs:
+        want, have = expected[name], got[name].numpy()
+        assert have.shape == want.shape, name
+        assert have.dtype.kind == want.dtype.kind, (name, have.dtype, want.dtype)
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=atol, err_msg=name)

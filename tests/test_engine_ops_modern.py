@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from builders import case, i64, make_onnx_model, ort_run, unary
+from builders import assert_op_matches_onnxruntime, case, i64, make_onnx_model, unary
 from onnx import TensorProto, helper
 
 from mmexport.core.errors import MmexportError
@@ -667,21 +667,7 @@ CASES = ACTIVATIONS + LOGIC + NORMALIZATION + REDUCTIONS + LINEAR + SHAPES + RES
 
 @pytest.mark.parametrize("nodes, shape, opset, inits, outputs, atol, positive", CASES)
 def test_op_matches_onnxruntime(nodes, shape, opset, inits, outputs, atol, positive):
-    rng = np.random.default_rng(1)
-    x = rng.random(shape) + 0.1 if positive else rng.standard_normal(shape)
-    x = x.astype(np.float32)
-    proto = make_onnx_model(nodes, shape, outputs=outputs, inits=inits, opset=opset)
-    expected = ort_run(proto, x)
-
-    engine = Engine(from_proto(proto, output_name=outputs[0]))
-    got, _ = engine.run(torch.from_numpy(x))
-
-    assert list(got) == list(outputs)
-    for name in outputs:
-        want, have = expected[name], got[name].numpy()
-        assert have.shape == want.shape, name
-        assert have.dtype.kind == want.dtype.kind, (name, have.dtype, want.dtype)
-        np.testing.assert_allclose(have, want, rtol=1e-5, atol=atol, err_msg=name)
+    assert_op_matches_onnxruntime(nodes, shape, opset, inits, outputs, atol, positive)
 
 
 GRAD_CASES = [
