@@ -15,7 +15,7 @@ from ..defences.mmdf.config import MmdfConfig
 from ..defences.mmom.config import MmomConfig
 from ..graph.rewrite import FORMS
 from .data import attack_folder_options, data_path_option, preprocess_options, read_sources
-from .main import main, print_json, write_outputs
+from .main import main, print_json, show, write_outputs
 from .options import (
     avoid_class,
     config_options,
@@ -123,14 +123,8 @@ def harden(model, data, preprocess, out, method, form, input_range, layout, devi
         result = run_harden(model, clean, method=method, form=form, input_range=input_range, layout=layout,
                             device=device, threads=threads, input_name=input_name, output_name=output_name,
                             progress=progress, **set_only(**settings))
-    written = write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
-    summary = result.report.to_json(history=False) | {"written": written}
-    if as_json:
-        print_json(summary)
-    else:
-        from .render import print_harden
-
-        print_harden(summary)
+    summary = write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
+    show(summary, as_json, "print_harden")
 
 
 @main.command()
@@ -312,14 +306,8 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
         result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, layout=layout, device=device,
                             provider=provider, threads=threads, input_name=input_name, output_name=output_name,
                             progress=progress, **overrides)
-    written = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
-    summary = result.report.to_json() | {"written": written}
-    if as_json:
-        print_json(summary)
-    else:
-        from .render import print_detect
-
-        print_detect(summary)
+    summary = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
+    show(summary, as_json, "print_detect")
 
 
 @main.command()

@@ -44,7 +44,8 @@ def print_json(obj) -> None:
 
 
 def write_outputs(result, out: Path, bounds_path, report_path, *, force: bool, inputs) -> dict:
-    """Write the model, its bounds file and the full report (each atomically); returns the paths."""
+    """Write the model, its bounds file and the full report (each atomically); returns the
+    report's summary (no history) with the paths written under `written`."""
     from ..core.model import save_model
     from ..core.provenance import atomic_write_bytes
 
@@ -53,10 +54,21 @@ def write_outputs(result, out: Path, bounds_path, report_path, *, force: bool, i
     if bounds_path is not None:
         atomic_write_bytes(bounds_path, result.bounds.dumps().encode())
         written["bounds"] = str(bounds_path)
+    report = result.report.to_json()
     if report_path is not None:
-        atomic_write_bytes(report_path, json.dumps(result.report.to_json(), indent=1).encode())
+        atomic_write_bytes(report_path, json.dumps(report, indent=1).encode())
         written["report"] = str(report_path)
-    return written
+    return {k: v for k, v in report.items() if k != "history"} | {"written": written}
+
+
+def show(summary: dict, as_json: bool, table: str) -> None:
+    """One JSON object, or the rich table `render.<table>` draws of it."""
+    if as_json:
+        print_json(summary)
+        return
+    from . import render
+
+    getattr(render, table)(summary)
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
