@@ -7,14 +7,21 @@ on any machine.
 """
 
 import pytest
+import torch
 
 from mmexport.core.threads import using_threads
 
 
 @pytest.fixture(autouse=True)
 def one_thread(request):
+    """mmexport's calls and torch's own pool (tests that train through the engine directly)."""
     if request.node.get_closest_marker("own_threads"):
         yield
         return
-    with using_threads(1):
-        yield
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with using_threads(1):
+            yield
+    finally:
+        torch.set_num_threads(before)

@@ -198,18 +198,7 @@ def test_validate_on_folders_equals_validate_on_the_quantised_npz(src):
     assert abs(folder["asr"] - orig["asr"]) * folder["n_attack"] <= 1
 
 
-@pytest.fixture
-def one_thread():
-    """The search on one thread: on a small shared machine, two threads are several times slower."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def test_harden_on_a_folder_equals_harden_on_the_quantised_npz(src, one_thread):
+def test_harden_on_a_folder_equals_harden_on_the_quantised_npz(src):
     a = mmexport.harden(MODEL, src["small"], **FAST)
     b = mmexport.harden(MODEL, src["small_q"], **FAST)
     assert a.report.data_sha256 == b.report.data_sha256  # the very same x and y

@@ -37,14 +37,6 @@ from mmexport.engine.executor import Engine
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The searches run on one thread: CI machines are small and shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def ort_logits(model, x: np.ndarray) -> np.ndarray:
     """The first output of a model (path or ModelProto) under onnxruntime CPU."""

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from builders import labelled_set, ort_run, tiny_cnn
 from onnx import numpy_helper
@@ -16,13 +15,6 @@ from mmexport.graph.rewrite import extract_bounds
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def ort_accuracy(proto: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
