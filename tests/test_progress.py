@@ -40,11 +40,21 @@ def test_harden_logs_its_stages_and_every_tenth_epoch(tiny):
                  "--max-epochs", 20, "--restarts", 2, "--unlearn", "off", "--force")
     assert result.exit_code == 0, result.output
     log = [line for line in result.stderr.splitlines() if line.startswith("[MMAC]")]
-    assert log[0] == "[MMAC] max-margin search"
+    assert log[0] == "[MMAC] planning"
+    assert log[1].startswith("[MMAC] schedule: as configured, about ") and "ms per row" in log[1]
+    assert log[2] == "[MMAC] max-margin search"
     epochs = [line for line in log if ": epoch " in line]
     assert [line.split("epoch ")[1].split(",")[0] for line in epochs] == ["2/20", "12/20", "20/20"]
     assert "lambda" in epochs[0] and "acc(D)" in epochs[0] and "left" in epochs[0]
     assert log[-1] == "[MMAC] margin check"
+
+
+def test_a_shrunk_schedule_is_logged_with_what_moved(tiny):
+    result = run("harden", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "-o", tiny / "t.onnx",
+                 "--max-epochs", 20, "--restarts", 4, "--unlearn", "off", "--time-limit", "0.000001", "--force")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stderr.splitlines() if x.startswith("[MMAC] schedule:"))
+    assert "shrunk to fit --time-limit 1e-06 s" in line and "restarts 4->2" in line and "max_epochs 20->10" in line
 
 
 def test_the_stamp_search_and_its_verdict_are_logged(tiny):

@@ -103,7 +103,7 @@ def test_cli_json_has_the_issue_keys_and_the_same_seed_gives_the_same_result(tin
     out = json.loads(first.output)
     assert {"verdict", "target_class", "p_value", "max_margins"} <= set(out)
     assert out["verdict"] in ("backdoor", "clean") and len(out["max_margins"]) == 3
-    drop = ("seconds",)
+    drop = ("seconds", "schedule")  # timings
     assert {k: v for k, v in out.items() if k not in drop} == {
         k: v for k, v in json.loads(second.output).items() if k not in drop
     }

@@ -100,11 +100,14 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
 @device_option()
 @threads_option
 @path_option("--report", "report_path", help="Also write the full report (settings, history) as JSON.")
+@click.option("--plan", "plan_only", is_flag=True,
+              help="Measure the model's cost per row and print the schedule a run would use, with its predicted "
+                   "time and memory chunk, then stop: nothing is searched or written.")
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
 def harden(model, data, preprocess, out, method, form, input_range, layout, device, threads, report_path,
-           no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
+           plan_only, no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
     """Search bounds on a clean set and write a hardened ONNX model.
 
     The model keeps its input/output names, opset and IR version: a drop-in replacement.
@@ -115,6 +118,15 @@ def harden(model, data, preprocess, out, method, form, input_range, layout, devi
     from ..core.provenance import check_output_paths, default_output
     from ..defences.harden import harden as run_harden
 
+    if plan_only:
+        from ..defences.harden import plan
+
+        clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name,
+                                output_name=output_name)
+        schedule = plan(model, clean, method=method, device=device, threads=threads, input_name=input_name,
+                        output_name=output_name, **set_only(**settings))
+        show(schedule.to_json() | {"settings": schedule.config.to_json()}, as_json, "print_plan")
+        return
     out = out or default_output(model, method)
     bounds_path = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
     check_output_paths((out, bounds_path, report_path), force=force, inputs=(model, data))
@@ -197,7 +209,7 @@ def validate(model, data, attack, target, attack_labels, preprocess, layout, pro
 @attack_folder_options
 @preprocess_options
 @provider_option("onnxruntime provider; both models run on the one PRE gets.")
-@config_options(ScanConfig, exclude=("alpha",))
+@config_options(ScanConfig, exclude=("alpha", "time_limit"))
 @click.option("--no-margins", is_flag=True, help="Skip the max-margin search (no torch needed).")
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Input box of the margin search [default: per-channel min/max of --data].")

@@ -53,12 +53,24 @@ def info_text(row: dict) -> str | None:
         cv = row["cv"]
         return (f"cross-validation: lambda {cv['lambda']:g} -> held-out balanced accuracy "
                 f"{cv['balanced_accuracy']:.3f}")
+    if "schedule" in row:
+        return schedule_text(row["schedule"])
     if "stamp" in row:
         st = row["stamp"]
         verdict = "unlearning it" if st["found"] else "below the gate: max-margin search"
         return (f"stamp search: class {st['target']} stands out by {st['outlier']:.1f} (sends "
                 f"{100 * st['fooled'][st['target']]:.0f}% of D's other classes to it); {verdict}")
     return None
+
+
+def schedule_text(sc: dict) -> str:
+    """The search's schedule: as configured, or what shrank to fit the time limit."""
+    cost = f"{sc['backward_ms_per_row']:.3g} ms per row forward+backward"
+    if not sc["changed"]:
+        return f"schedule: as configured, about {duration(sc['planned_seconds'])} at most ({cost})"
+    moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in sc["changed"].items())
+    return (f"schedule: the configured one would take about {duration(sc['default_seconds'])} ({cost}); "
+            f"shrunk to fit --time-limit {sc['time_limit']:g} s: {moved}")
 
 
 class Progress:

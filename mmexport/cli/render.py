@@ -82,6 +82,11 @@ def print_harden(summary: dict) -> None:
         _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
                    f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of D's "
                    f"other classes to it: {found}")
+    sched = summary.get("schedule")
+    if sched and sched.get("changed"):
+        from .progress import schedule_text
+
+        _out.print(schedule_text(sched))
     _out.print(f"{summary['method'].upper()}: {summary['sites']} sites bounded, lambda {summary['lambda']:.3g}, "
                f"clean-set accuracy kept {_pct(summary['clean_set_accuracy'])}, {summary['epochs']} epochs, "
                f"{summary['seconds']:.1f} s on {summary['device']}")
@@ -100,6 +105,17 @@ def print_harden(summary: dict) -> None:
         _out.print(f"  {site['site']}: {site['form']}{why}")
     for kind, path in summary["written"].items():
         _out.print(f"wrote {kind}: {path}")
+
+
+def print_plan(plan: dict) -> None:
+    from .progress import duration, schedule_text
+
+    _out.print(schedule_text(plan))
+    _out.print(f"measured per row: {plan['backward_ms_per_row']:.3g} ms forward+backward, "
+               f"{plan['forward_ms_per_row']:.3g} ms forward, {plan['saved_mib_per_row']:.3g} MiB saved for the "
+               f"backward; {plan['chunk_rows']} rows per chunk")
+    _out.print(f"predicted search time: {duration(plan['planned_seconds'])} (an upper bound: the search may stop "
+               "early; loading and writing the model come on top)")
 
 
 def print_validation(rep, *, title: str = "") -> None:

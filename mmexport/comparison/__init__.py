@@ -213,7 +213,7 @@ def engine_max_margins(
 
     dev = resolve_device(device)
     with use_threads(None):  # the count compare() holds
-        engine = Engine(model, device=dev)
+        engine = Engine(model, device=dev, memory_format="auto")
         x = torch.from_numpy(box_x).to(dev)
         box = input_box(x, input_range, channel_axis=input_layout(model, layout).channel_axis).to(dev)
         mm = max_margins(

@@ -27,14 +27,16 @@ from ..engine.executor import Engine
 from ..engine.threads import use_threads
 from ..graph.rewrite import FORMS, apply_bounds
 from .common.checks import check_clean_set, check_original, with_site_shapes
+from .common.cost import chunk_rows, measure, memory_budget
 from .common.device import reproducible, resolve_device
 from .common.margins import input_box, max_margins
-from .common.search import fit_bounds
+from .common.schedule import MMAC_KNOBS, SEARCH_KNOBS, Schedule, fit_schedule, mmac_work, mmom_work, with_rows
+from .common.search import fit_bounds, initial_bounds
 from .mmac.config import MmacConfig
 from .mmac.unlearn import find_stamp, unlearn_bounds
 from .mmom.config import MmomConfig
 from .mmom.refit import find_classifier, refit, write_classifier
-from .mmom.search import fit_mmom
+from .mmom.search import LAMBDA_GRID, fit_mmom
 
 METHODS = ("mmac", "mmom", "mmom-refit")
 
@@ -65,6 +67,7 @@ class HardenReport:
     history: list[dict] = field(default_factory=list)
     cross_validation: list[dict] | None = None
     refit: dict | None = None
+    schedule: dict | None = None  # the time limit, measured costs, and what shrank to fit it
     mmexport_version: str = __version__
     torch: str = torch.__version__
     python: str = field(default_factory=platform.python_version)
@@ -167,40 +170,47 @@ def harden(
             progress({"stage": what})
 
     with use_threads(threads), reproducible(dev):
-        engine = Engine(m, device=dev)
+        engine = Engine(m, device=dev, memory_format="auto")
         x = torch.from_numpy(clean.x).to(dev)
         y = torch.from_numpy(clean.y).to(dev)
         box = input_box(x, input_range, channel_axis=lay.channel_axis).to(dev)
+        stage("planning")
+        plan = schedule_search(engine, x, k, cfg, dev)
+        cfg, chunk = plan.config, plan.chunk
+        if progress is not None:
+            progress({"schedule": plan.to_json()})
 
         cv = stamp = None
         if isinstance(cfg, MmomConfig):
             stage("cross-validation")
-            result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress)
+            result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress, chunk=chunk)
         else:
             if cfg.unlearn == "auto":
                 stage("stamp search")
-                stamp = find_stamp(engine, x, y, box, k, cfg)
+                stamp = find_stamp(engine, x, y, box, k, cfg, chunk=chunk)
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
             if stamp is not None and stamp.found:
                 stage("unlearning")
                 result = unlearn_bounds(engine, x, y, stamp, cfg, progress=progress,
-                                        channel_axis=box.channel_axis)
+                                        channel_axis=box.channel_axis, chunk=chunk)
             else:
                 stage("max-margin search")
-                result = fit_bounds(engine, x, y, box, k, cfg, progress=progress)
+                result = fit_bounds(engine, x, y, box, k, cfg, progress=progress, chunk=chunk)
 
         # Fresh, equal-seeded estimates before and after: the search's own maximisers have
         # adapted to the clipped model, a new search is the fair comparison.
         stage("margin check")
-        probe = dict(restarts=cfg.restarts, steps=max(cfg.warmup_steps, 100), seed=cfg.seed + 1, clean_x=x)
+        probe = dict(restarts=cfg.restarts, steps=max(cfg.warmup_steps, cfg.probe_steps), seed=cfg.seed + 1,
+                     clean_x=x, chunk=chunk)
         zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
         mm_before = max_margins(engine, box, k, **probe)
         source, refit_table = m.proto, None
         if name == "mmom-refit":
             w, b, refit_table = refit(engine, x, y, k, bounds=zb, seed=cfg.seed)
             source = write_classifier(m, w, b)
-            engine = Engine(from_proto(source, input_name=m.input_name, output_name=m.output_name), device=dev)
+            engine = Engine(from_proto(source, input_name=m.input_name, output_name=m.output_name), device=dev,
+                            memory_format="auto")
         mm_after = max_margins(engine, box, k, bounds=zb, **probe)
 
     hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
@@ -216,12 +226,53 @@ def harden(
         max_margins_before=[float(v) for v in mm_before.cpu()],
         max_margins_after=[float(v) for v in mm_after.cpu()],
         epochs=result.epochs, seconds=result.seconds, form=form, site_forms=forms.to_json(),
-        history=result.history, cross_validation=cv, refit=refit_table,
+        history=result.history, cross_validation=cv, refit=refit_table, schedule=plan.to_json(),
     )
     result.bounds.meta = {"method": name, "seed": cfg.seed, "model_sha256": report.model_sha256,
                           "data_sha256": report.data_sha256}
     set_metadata(hardened, provenance(report, cfg))
     return HardenResult(bounds=result.bounds, model=hardened, report=report)
+
+
+def plan(
+    model,
+    clean_set,
+    config: MmacConfig | MmomConfig | None = None,
+    *,
+    method: str | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    **overrides,
+) -> Schedule:
+    """The schedule `harden` would run with these settings, and its predicted time, from a
+    few measured passes (seconds, not minutes): what a user checks before a long run."""
+    cfg = resolve_config(config, method, overrides)
+    check_threads(threads)
+    m = as_model(model, input_name=input_name, output_name=output_name)
+    k = check_original(m)
+    clean = as_dataset(clean_set, model=m)
+    check_clean_set(clean, m, k)
+    m = with_site_shapes(m, clean.x)
+    dev = resolve_device(device)
+    with use_threads(threads), reproducible(dev):
+        engine = Engine(m, device=dev, memory_format="auto")
+        return schedule_search(engine, torch.from_numpy(clean.x).to(dev), k, cfg, dev)
+
+
+def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> Schedule:
+    """The config as it will run: its work priced on this model (`common.schedule`), shrunk
+    to `time_limit` where needed, and the rows per chunk that `max_memory` allows."""
+    z = initial_bounds(engine, x[: min(8, x.shape[0])], cfg.granularity)
+    cost = measure(engine, x[: min(128, x.shape[0])], {name: v.requires_grad_(True) for name, v in z.items()})
+    chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
+    n = x.shape[0]
+    cfg = with_rows(cfg, n)
+    if isinstance(cfg, MmomConfig):
+        fits = len(LAMBDA_GRID) * 2
+        return fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, cfg.time_limit, chunk)
+    return fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, cfg.time_limit, chunk)
 
 
 def provenance(report: HardenReport, cfg) -> dict[str, str]:

@@ -50,6 +50,18 @@ class SearchConfig:
     mask_area: float = param(0.05, "Largest area of the masked maximisers' patterns, as a fraction of the image; "
                                    "the pattern concentrates on a patch of about that size.")
     seed: int = param(0, "Seed: same seed, same bounds (on CPU).")
+    time_limit: float = param(480.0, "Seconds the search may take, predicted from the model's measured cost per "
+                                     "row: where the schedule above would take longer, restarts, ascent steps and "
+                                     "epochs shrink together until it fits (the report says how). 0: no limit.")
+    max_memory: float = param(0.0, "GiB of activations held at once: passes run in chunks of rows that fit. "
+                                   "0: a quarter of the available memory, at most 2 GiB (half the free GPU "
+                                   "memory on CUDA).")
+    fit_rows: int = param(0, "Rows of D (and as many augmented) in each epoch's logit term, drawn afresh each "
+                             "epoch (0: all of D).", cli=False)
+    floor_rows: int = param(0, "Rows of D and its shifts the accuracy floor is checked on, drawn once (0: all).",
+                            cli=False)
+    probe_steps: int = param(100, "Ascent steps of the report's before/after max-margin estimates (at least "
+                                  "warmup_steps).", cli=False)
 
     def __post_init__(self):
         check_choices(self)
@@ -58,7 +70,8 @@ class SearchConfig:
         for name in ("restarts", "check_every", "refresh_every"):
             if getattr(self, name) < 1:
                 raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("steps", "warmup_steps", "max_epochs"):
+        for name in ("steps", "warmup_steps", "max_epochs", "time_limit", "max_memory", "fit_rows", "floor_rows",
+                     "probe_steps"):
             if getattr(self, name) < 0:
                 raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("budget", "mask_area", "lr", "step_size"):

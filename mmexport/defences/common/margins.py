@@ -20,6 +20,18 @@ def margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return own - others.max(dim=1).values
 
 
+def row_slices(n: int, chunk: int | None) -> list[slice]:
+    """Consecutive slices of n rows, `chunk` at a time (None: one slice)."""
+    step = n if not chunk else chunk
+    return [slice(i, min(n, i + step)) for i in range(0, n, max(step, 1))]
+
+
+def chunked_margins(engine, rows, n: int, classes: torch.Tensor, bounds, chunk: int | None) -> torch.Tensor:
+    """Margins of n rows without autograd, `rows(slice)` building each chunk's inputs."""
+    with torch.no_grad():
+        return torch.cat([margins(engine(rows(sl), bounds), classes[sl]) for sl in row_slices(n, chunk)])
+
+
 @dataclass
 class Box:
     """The valid input region, per-element lower and upper limits shaped like one sample.
@@ -96,19 +108,22 @@ class Maximisers:
         self.x = x
         self.classes = torch.arange(num_classes, device=x.device).repeat_interleave(restarts)
         self.step = step_size * (box.hi - box.lo)
-        self._adam = None
+        self.chunk: int | None = None  # rows per forward/backward (None: all at once)
+
+    def rows(self, sl: slice) -> torch.Tensor:
+        return self.x[sl]
 
     def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
         """Projected signed-gradient ascent on each point's own-class margin; returns margins."""
-        x = self.x
         for _ in range(steps):
-            x = x.detach().requires_grad_(True)
-            m = margins(engine(x, bounds), self.classes)
-            (grad,) = torch.autograd.grad(m.sum(), x)
-            x = self.box.clamp(x.detach() + self.step * grad.sign())
-        self.x = x.detach()
-        with torch.no_grad():
-            return margins(engine(self.x, bounds), self.classes)
+            grads = []
+            for sl in row_slices(len(self.x), self.chunk):
+                xs = self.x[sl].detach().requires_grad_(True)
+                (g,) = torch.autograd.grad(margins(engine(xs, bounds), self.classes[sl]).sum(), xs)
+                grads.append(g)
+            grad = grads[0] if len(grads) == 1 else torch.cat(grads)
+            self.x = self.box.clamp(self.x.detach() + self.step * grad.sign())
+        return chunked_margins(engine, self.rows, len(self.x), self.classes, bounds, self.chunk)
 
     def per_class(self, m: torch.Tensor, how: str = "max") -> torch.Tensor:
         """Reduce point margins [K*J] to one estimate per class [K]."""
@@ -126,10 +141,12 @@ def max_margins(
     steps: int = 200,
     seed: int = 0,
     clean_x: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Estimated maximum margin of every class (the MM-BD statistic), shape [K]."""
     gen = torch.Generator().manual_seed(seed)
     maxi = Maximisers(box, num_classes, restarts, generator=gen, clean_x=clean_x)
+    maxi.chunk = chunk
     return maxi.per_class(maxi.ascend(engine, bounds, steps), "max")
 
 
@@ -171,6 +188,7 @@ class _OnCleanImages:
         # For each class, indices of clean images of the other classes.
         self.pools = [torch.nonzero(clean_y != c).flatten() for c in range(num_classes)]
         self.classes = torch.arange(num_classes, device=clean_x.device).repeat_interleave(batch)
+        self.chunk: int | None = None  # rows per forward/backward (None: all at once)
         self.resample()
 
     def resample(self) -> None:
@@ -187,6 +205,25 @@ class _OnCleanImages:
     @property
     def restarts(self) -> int:
         return self.batch
+
+    def _spread(self, t: torch.Tensor, sl: slice) -> torch.Tensor:
+        """Per-class tensor t [K, ...] as one entry per row of the rows in sl."""
+        if sl == slice(None):
+            return t.repeat_interleave(self.batch, dim=0)
+        return t[self.classes[sl]]
+
+    def _ascent_grads(self, engine, bounds, params: tuple[torch.Tensor, ...], rows) -> tuple:
+        """Gradients of the summed margins w.r.t. the per-class params, chunk by chunk."""
+        n = len(self.classes)
+        slices = row_slices(n, self.chunk)
+        if len(slices) == 1:
+            slices = [slice(None)]
+        total = None
+        for sl in slices:
+            m = margins(engine(rows(sl, *params), bounds), self.classes[sl])
+            grads = torch.autograd.grad(m.sum(), params)
+            total = grads if total is None else tuple(a + b for a, b in zip(total, grads, strict=True))
+        return total
 
 
 class UniversalMaximisers(_OnCleanImages):
@@ -216,9 +253,11 @@ class UniversalMaximisers(_OnCleanImages):
         self.delta = torch.zeros((num_classes, *box.lo.shape), device=clean_x.device)
         super().__init__(clean_x, clean_y, num_classes, generator=generator, batch=batch)
 
-    def inputs(self, delta: torch.Tensor) -> torch.Tensor:
-        d = delta.repeat_interleave(self.batch, dim=0)
-        return self.box.clamp(self.clean_x[self.index] + d)
+    def _shifted(self, sl: slice, delta: torch.Tensor) -> torch.Tensor:
+        return self.box.clamp(self.clean_x[self.index[sl]] + self._spread(delta, sl))
+
+    def rows(self, sl: slice) -> torch.Tensor:
+        return self._shifted(sl, self.delta)
 
     def _project(self, delta: torch.Tensor) -> torch.Tensor:
         flat = delta.flatten(1)
@@ -230,18 +269,16 @@ class UniversalMaximisers(_OnCleanImages):
         delta = self.delta
         for _ in range(steps):
             delta = delta.detach().requires_grad_(True)
-            m = margins(engine(self.inputs(delta), bounds), self.classes)
-            (grad,) = torch.autograd.grad(m.sum(), delta)
+            (grad,) = self._ascent_grads(engine, bounds, (delta,), self._shifted)
             g = grad.flatten(1)
             g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
             delta = self._project(delta.detach() + self.step * g.view_as(delta))
         self.delta = delta.detach()
-        with torch.no_grad():
-            return margins(engine(self.inputs(self.delta), bounds), self.classes)
+        return chunked_margins(engine, self.rows, len(self.classes), self.classes, bounds, self.chunk)
 
     @property
     def x(self) -> torch.Tensor:
-        return self.inputs(self.delta)
+        return self.rows(slice(None))
 
 
 class MaskedMaximisers(_OnCleanImages):
@@ -277,10 +314,11 @@ class MaskedMaximisers(_OnCleanImages):
         self.mask_step = step_size
         self.pattern_step = step_size * (box.hi - box.lo)
 
-    def _stamp(self, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-        m = mask.repeat_interleave(self.batch, dim=0)
-        p = pattern.repeat_interleave(self.batch, dim=0)
-        return stamped(self.clean_x[self.index], m, p)
+    def _stamp(self, sl: slice, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+        return stamped(self.clean_x[self.index[sl]], self._spread(mask, sl), self._spread(pattern, sl))
+
+    def rows(self, sl: slice) -> torch.Tensor:
+        return self._stamp(sl, self.mask, self.pattern)
 
     def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
         """Projected ascent on mask and pattern of each class's mean margin.
@@ -295,16 +333,14 @@ class MaskedMaximisers(_OnCleanImages):
         for _ in range(steps):
             mask = mask.detach().requires_grad_(True)
             pattern = pattern.detach().requires_grad_(True)
-            m = margins(engine(self._stamp(mask, pattern), bounds), self.classes)
-            gm, gp = torch.autograd.grad(m.sum(), (mask, pattern))
+            gm, gp = self._ascent_grads(engine, bounds, (mask, pattern), self._stamp)
             top = gm.flatten(1).abs().max(dim=1).values.clamp_min(1e-12)
             step = self.mask_step * gm / top.view(-1, *([1] * (gm.dim() - 1)))
             mask = project_capped_simplex(mask.detach() + step, self.area)
             pattern = self.box.clamp(pattern.detach() + self.pattern_step * gp.sign())
         self.mask, self.pattern = mask.detach(), pattern.detach()
-        with torch.no_grad():
-            return margins(engine(self.x, bounds), self.classes)
+        return chunked_margins(engine, self.rows, len(self.classes), self.classes, bounds, self.chunk)
 
     @property
     def x(self) -> torch.Tensor:
-        return self._stamp(self.mask, self.pattern)
+        return self.rows(slice(None))

@@ -21,7 +21,7 @@ import torch
 
 from ...core.bounds import Bounds
 from .config import REDUCTIONS, SearchConfig
-from .margins import Box, MaskedMaximisers, Maximisers, UniversalMaximisers, margins
+from .margins import Box, MaskedMaximisers, Maximisers, UniversalMaximisers, chunked_margins, margins, row_slices
 
 # After a back-off lambda still grows this much per feasible check: the floor is probed
 # again and again while the maximisers keep adapting, instead of freezing the first answer.
@@ -125,10 +125,21 @@ def augment(x: torch.Tensor, gen: torch.Generator, channel_axis: int | None = 1)
     return (1 - lam) * x + lam * x[partner]
 
 
+def subset(gen: torch.Generator, rows: int, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A fresh draw of `rows` rows of each tensor (the same rows), or all of them where
+    `rows` is 0 or covers them (no draw: the generator's stream is left as it was)."""
+    n = tensors[0].shape[0]
+    if not 0 < rows < n:
+        return tensors
+    pick = torch.randperm(n, generator=gen)[:rows].to(tensors[0].device)
+    return tuple(t[pick] for t in tensors)
+
+
 def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True,
-              channel_axis: int | None = 1):
-    """Where the accuracy floor is checked: D and its 1-pixel shifts (labels kept), and which
-    of those the original model gets right (the floor counts only those).
+              channel_axis: int | None = 1, chunk: int | None = None, rows: int = 0, seed: int = 0):
+    """Where the accuracy floor is checked: D and its 1-pixel shifts (labels kept), or `rows`
+    of them drawn once, and which of those the original model gets right (the floor counts
+    only those).
 
     Bounds tuned on 200 images otherwise keep exactly those right while held-out accuracy slips.
     """
@@ -136,28 +147,96 @@ def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True,
         xc, yc = torch.cat([x, *shifts(x, channel_axis)]), y.repeat(5)
     else:
         xc, yc = x, y
-    with torch.no_grad():
-        correct = engine(xc).argmax(1) == yc
+    xc, yc = subset(torch.Generator().manual_seed(seed + 7), rows, xc, yc)
+    correct = predict(engine, xc, None, chunk).argmax(1) == yc
     if not correct.any():
         correct = torch.ones_like(correct)
     return xc, yc, correct
 
 
-def kept_correct(engine, xc: torch.Tensor, yc: torch.Tensor, correct: torch.Tensor, bounds) -> float:
-    """The floor's measure: the fraction of the originally-correct inputs still correct."""
+def predict(engine, x: torch.Tensor, bounds=None, chunk: int | None = None) -> torch.Tensor:
+    """Logits of x without autograd, `chunk` rows at a time."""
     with torch.no_grad():
-        pred = engine(xc, bounds).argmax(1)
+        parts = [engine(x[sl], bounds) for sl in row_slices(x.shape[0], chunk)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def kept_correct(engine, xc: torch.Tensor, yc: torch.Tensor, correct: torch.Tensor, bounds,
+                 chunk: int | None = None) -> float:
+    """The floor's measure: the fraction of the originally-correct inputs still correct."""
+    pred = predict(engine, xc, bounds, chunk).argmax(1)
     return float((pred[correct] == yc[correct]).float().mean())
 
 
-def descend(opt, loss: torch.Tensor, rel: dict) -> None:
-    """One step on the relative bounds, kept in [0, 1]: never above the clean maxima."""
-    opt.zero_grad()
-    loss.backward()
+def descend(opt, loss: torch.Tensor | None, rel: dict) -> None:
+    """One step on the relative bounds, kept in [0, 1]: never above the clean maxima.
+
+    `loss` None: the gradients are already in place (accumulated chunk by chunk)."""
+    if loss is not None:
+        opt.zero_grad()
+        loss.backward()
     opt.step()
     with torch.no_grad():
         for v in rel.values():
             v.clamp_(0.0, 1.0)
+
+
+def fit_backward(engine, x: torch.Tensor, ref: torch.Tensor | None, bounds_fn, *, weight: float,
+                 chunk: int | None, labels: torch.Tensor | None = None) -> float:
+    """The logit term (squared distance to `ref`, or cross-entropy on `labels`), its mean over
+    the rows, back-propagated `chunk` rows at a time with `weight`; returns the term's value."""
+    n, total = x.shape[0], 0.0
+    for sl in row_slices(n, chunk):
+        out = engine(x[sl], bounds_fn())
+        if labels is None:
+            term = ((out - ref[sl]) ** 2).sum()
+        else:
+            term = torch.nn.functional.cross_entropy(out, labels[sl], reduction="sum")
+        (term * (weight / n)).backward()
+        total += float(term.detach())
+    return total / n
+
+
+def objective_value(engine, sets, bounds, how: str, chunk: int | None) -> float:
+    """The margin objective: each set's per-class mean margins, reduced by `how`, summed."""
+    total = 0.0
+    for ms in sets:
+        m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk)
+        total += float(reduce_margins(ms.per_class(m, "mean"), how))
+    return total
+
+
+def objective_backward(engine, sets, bounds_fn, how: str, *, weight: float, chunk: int | None) -> float:
+    """Back-propagate `weight` x the margin objective, in two passes: the margins of every row
+    without autograd give each class's weight in the reduction (one class for "max"), then
+    only rows of classes with a weight run forward and backward, `chunk` at a time."""
+    total = 0.0
+    with torch.no_grad():
+        bounds = {k: v.detach() for k, v in bounds_fn().items()}
+    for ms in sets:
+        m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk)
+        per_class = ms.per_class(m, "mean").detach().requires_grad_(True)
+        value = reduce_margins(per_class, how)
+        (w,) = torch.autograd.grad(value, per_class)
+        total += float(value.detach())
+        row_w = w[ms.classes] / ms.restarts  # d(mean over a class's rows) / d(row)
+        for sl in _weighted_runs(row_w, chunk):
+            out = engine(ms.rows(sl), bounds_fn())
+            (weight * (row_w[sl] * margins(out, ms.classes[sl])).sum()).backward()
+    return total
+
+
+def _weighted_runs(row_w: torch.Tensor, chunk: int | None) -> list[slice]:
+    """Slices over the runs of rows with a non-zero weight, each at most `chunk` rows."""
+    nz = (row_w != 0).tolist()
+    runs, start = [], None
+    for i, on in enumerate([*nz, False]):
+        if on and start is None:
+            start = i
+        elif not on and start is not None:
+            runs += [slice(start + s.start, start + s.stop) for s in row_slices(i - start, chunk)]
+            start = None
+    return runs
 
 
 def restore(rel: dict, saved: dict) -> None:
@@ -217,23 +296,24 @@ def fit_bounds(
     *,
     progress: Callable[[dict], None] | None = None,
     monitor: Callable[[dict], dict] | None = None,
+    chunk: int | None = None,
 ) -> SearchResult:
     """Search bounds for every site of `engine` on the clean set (x, y).
 
     `monitor(bounds) -> dict` adds diagnostics to each check's row (research use: it must
-    never feed back into the search).
+    never feed back into the search). `chunk`: rows per forward/backward (None: all at once).
     """
     config = config or SearchConfig()
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
 
-    with torch.no_grad():
-        ref = engine(x)
+    ref = predict(engine, x, None, chunk)
     scale = ref.var(dim=0).sum().clamp_min(1e-8)  # squared logit scale of D
-    xc, yc, correct = floor_set(engine, x, y, shifted=config.augment, channel_axis=box.channel_axis)
+    xc, yc, correct = floor_set(engine, x, y, shifted=config.augment, channel_axis=box.channel_axis,
+                                chunk=chunk, rows=config.floor_rows, seed=config.seed)
 
-    z0 = initial_bounds(engine, x, config.granularity)
+    z0 = initial_bounds(engine, x, config.granularity, batch_size=chunk or 256)
     names = list(z0)
     rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
 
@@ -248,7 +328,7 @@ def fit_bounds(
         return {k: z0[k] * rel[k] for k in names}
 
     def accuracy(bounds) -> float:
-        return kept_correct(engine, xc, yc, correct, bounds)
+        return kept_correct(engine, xc, yc, correct, bounds, chunk)
 
     sets = []
     if config.maximisers in ("points", "both"):
@@ -273,18 +353,15 @@ def fit_bounds(
         )
     if not sets:
         raise ValueError(f"unknown maximisers {config.maximisers!r}")
+    for ms in sets:
+        ms.chunk = chunk
 
-    def objective(bounds) -> torch.Tensor:
-        total = 0.0
-        for ms in sets:
-            m = margins(engine(ms.x, bounds), ms.classes)
-            total = total + reduce_margins(ms.per_class(m, "mean"), config.reduction)
-        return total
+    def objective(bounds) -> float:
+        return objective_value(engine, sets, bounds, config.reduction, chunk)
 
     for ms in sets:
         ms.ascend(engine, None, config.warmup_steps)
-    with torch.no_grad():
-        before = float(objective(None))
+    before = objective(None)
 
     lam = config.lambda0
     up = config.lambda_up
@@ -302,24 +379,24 @@ def fit_bounds(
             if config.refresh_every == 1 or (epoch > 1 and (epoch - 1) % config.refresh_every == 0):
                 ms.ascend(engine, bounds_now, config.steps)
 
-        bounds = current()
+        opt.zero_grad()
+        xs, ys, refs = subset(gen, config.fit_rows, x, y, ref)
         if config.method == "mmom":
-            fit = torch.nn.functional.cross_entropy(engine(x, bounds), y)
+            fit = fit_backward(engine, xs, None, current, weight=1.0, chunk=chunk, labels=ys)
         elif config.augment:
-            xa = augment(x, gen, box.channel_axis)
-            with torch.no_grad():
-                ref_a = engine(xa)
-            out = engine(torch.cat([x, xa]), bounds)
-            fit = ((out - torch.cat([ref, ref_a])) ** 2).sum(dim=1).mean() / scale
+            xa = augment(xs, gen, box.channel_axis)
+            ref_a = predict(engine, xa, None, chunk)
+            fit = fit_backward(engine, torch.cat([xs, xa]), torch.cat([refs, ref_a]), current,
+                               weight=float(1 / scale), chunk=chunk) / float(scale)
         else:
-            fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
-        reg = objective(bounds) / scale.sqrt()
-        descend(opt, fit + lam * reg, rel)
+            fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk) / float(scale)
+        objective_backward(engine, sets, current, config.reduction, weight=lam / float(scale.sqrt()), chunk=chunk)
+        descend(opt, None, rel)
 
         if epoch % config.check_every == 0 or epoch == config.max_epochs:
             with torch.no_grad():
                 snap = {k: v.detach().clone() for k, v in current().items()}
-                obj = float(objective(snap))
+            obj = objective(snap)
             acc = accuracy(snap)
             feasible = acc >= config.acc_floor
             row = {
@@ -327,7 +404,7 @@ def fit_bounds(
                 "max_epochs": config.max_epochs,
                 "lambda": lam,
                 "accuracy": acc,
-                "fit": float(fit.detach()),
+                "fit": fit,
                 "objective": obj,
                 "feasible": feasible,
                 "seconds": time.perf_counter() - start,

@@ -26,10 +26,13 @@ from ..common.search import (
     SearchResult,
     conclude,
     descend,
+    fit_backward,
     floor_set,
     initial_bounds,
     kept_correct,
+    predict,
     restore,
+    subset,
 )
 
 
@@ -73,11 +76,13 @@ def outlier_score(values: torch.Tensor) -> float:
 
 
 def find_stamp(
-    engine, x: torch.Tensor, y: torch.Tensor, box: Box, num_classes: int, config: SearchConfig
+    engine, x: torch.Tensor, y: torch.Tensor, box: Box, num_classes: int, config: SearchConfig,
+    chunk: int | None = None,
 ) -> Stamp:
     """Ascend one stamp per class on the original model; name the outlier class, if any."""
     gen = torch.Generator().manual_seed(config.seed)
     ms = MaskedMaximisers(box, x, y, num_classes, generator=gen, area=config.mask_area, batch=config.restarts)
+    ms.chunk = chunk
     ms.ascend(engine, None, config.warmup_steps + config.steps)
     # Each stamp is judged on all of D's images of the other classes, not on the ascent's
     # batch of `restarts`: measured on the samples over three seeds, the batch's mean margins
@@ -87,7 +92,7 @@ def find_stamp(
     with torch.no_grad():
         for c in range(num_classes):
             others = x[y != c]
-            out = engine(stamped(others, ms.mask[c], ms.pattern[c]))
+            out = predict(engine, stamped(others, ms.mask[c], ms.pattern[c]), None, chunk)
             per_class.append(float(margins(out, torch.full((len(others),), c, device=x.device)).mean()))
             fooled.append(float((out.argmax(1) == c).float().mean()))
     per_class = torch.tensor(per_class)
@@ -121,6 +126,7 @@ def unlearn_bounds(
     *,
     progress: Callable[[dict], None] | None = None,
     channel_axis: int | None = 1,
+    chunk: int | None = None,
 ) -> SearchResult:
     """Fit bounds that keep D's logits and send stamped images of D back to their labels.
 
@@ -130,17 +136,19 @@ def unlearn_bounds(
     """
     start = time.perf_counter()
     torch.manual_seed(config.seed)
-    with torch.no_grad():
-        ref = engine(x)
+    ref = predict(engine, x, None, chunk)
     scale = ref.var(dim=0).sum().clamp_min(1e-8)
-    xc, yc, correct = floor_set(engine, x, y, channel_axis=channel_axis)
+    xc, yc, correct = floor_set(engine, x, y, channel_axis=channel_axis, chunk=chunk, rows=config.floor_rows,
+                                seed=config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    share = min(1.0, config.fit_rows / x.shape[0]) if config.fit_rows else 1.0
 
     first = halves(y)
     other = y != stamp.target
     fit_x, fit_y = stamp.apply(x[first & other]), y[first & other]
     held_x = stamp.apply(x[~first & other])
 
-    z0 = initial_bounds(engine, x, config.granularity)
+    z0 = initial_bounds(engine, x, config.granularity, batch_size=chunk or 256)
     names = list(z0)
     rel = {k: torch.ones_like(v, requires_grad=True) for k, v in z0.items()}
 
@@ -157,23 +165,25 @@ def unlearn_bounds(
     history: list[dict] = []
     epochs = config.unlearn_epochs
     for epoch in range(1, epochs + 1):
-        bounds = current()
-        fit = ((engine(x, bounds) - ref) ** 2).sum(dim=1).mean() / scale
-        purge = torch.nn.functional.cross_entropy(engine(fit_x, bounds), fit_y)
-        descend(opt, fit + weight * purge, rel)
+        opt.zero_grad()
+        xs, refs = subset(gen, config.fit_rows, x, ref)
+        fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk) / float(scale)
+        px, py = subset(gen, round(share * len(fit_y)), fit_x, fit_y)
+        fit_backward(engine, px, None, current, weight=weight, chunk=chunk, labels=py)
+        descend(opt, None, rel)
 
         if epoch % config.check_every == 0 or epoch == epochs:
             with torch.no_grad():
                 snap = {k: v.detach().clone() for k, v in current().items()}
-                acc = kept_correct(engine, xc, yc, correct, snap)
-                fooled = float((engine(held_x, snap).argmax(1) == stamp.target).float().mean())
+            acc = kept_correct(engine, xc, yc, correct, snap, chunk)
+            fooled = float((predict(engine, held_x, snap, chunk).argmax(1) == stamp.target).float().mean())
             feasible = acc >= config.unlearn_floor
             row = {
                 "epoch": epoch,
                 "max_epochs": epochs,
                 "lambda": weight,
                 "accuracy": acc,
-                "fit": float(fit.detach()),
+                "fit": fit,
                 "objective": fooled,  # held-out stamped images still sent to the suspect class
                 "feasible": feasible,
                 "seconds": time.perf_counter() - start,
@@ -193,7 +203,6 @@ def unlearn_bounds(
                 weight /= config.lambda_down
                 up = max(1.0 + (up - 1.0) / 2, MIN_GROWTH)
 
-    with torch.no_grad():
-        before = float((engine(held_x).argmax(1) == stamp.target).float().mean())
-    return conclude(best, z0, before, lambda b: kept_correct(engine, xc, yc, correct, b), weight=0.0,
+    before = float((predict(engine, held_x, None, chunk).argmax(1) == stamp.target).float().mean())
+    return conclude(best, z0, before, lambda b: kept_correct(engine, xc, yc, correct, b, chunk), weight=0.0,
                     epochs=epochs, start=start, history=history)

@@ -50,9 +50,17 @@ class ScanConfig:
     budget: float = param(0.05, "The shared perturbation's radius: a fraction of the box's range (linf) or "
                                 "of its norm (l2).", cli=False)
     seed: int = param(0, "Seed of the searches: same seed, same result (on CPU).")
+    time_limit: float = param(150.0, "Seconds the scan may take, predicted from the model's measured cost per "
+                                     "row: where the steps above would take longer, restarts and steps shrink "
+                                     "together until it fits (the report says how). 0: no limit.")
+    max_memory: float = param(0.0, "GiB of activations held at once (0: a quarter of the available memory, at "
+                                   "most 2 GiB).", cli=False)
 
     def __post_init__(self):
         check_choices(self)
+        for name in ("time_limit", "max_memory"):
+            if getattr(self, name) < 0:
+                raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.alpha < 1.0:
             raise ParameterError("alpha", f"must be in (0, 1), got {self.alpha}")
         for name in ("restarts", "universal_batch"):
@@ -89,6 +97,7 @@ class ScanResult:
     device: str = "cpu"
     model: str | None = None
     data: str | None = None
+    schedule: dict | None = None  # the time limit, measured costs, and what shrank to fit it
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -110,6 +119,7 @@ def universal_gain(
     batch: int,
     generator,
     progress: Callable[[int], None] | None = None,
+    chunk: int | None = None,
 ) -> list[float]:
     """Per class c: the mean margin gain toward c of D's other-class images under one shared
     perturbation, over its std on D (how many clean spreads a small shared change buys).
@@ -121,7 +131,7 @@ def universal_gain(
     """
     import torch
 
-    from ..common.margins import margins
+    from ..common.margins import margins, row_slices
 
     span = box.hi - box.lo
     shape = (num_classes, *box.lo.shape)
@@ -141,8 +151,15 @@ def universal_gain(
             [p[torch.randint(0, len(p), (batch,), generator=generator).to(p.device)] for p in pools]
         )
         delta = delta.detach().requires_grad_(True)
-        m = margins(engine(box.clamp(x[pick] + delta.repeat_interleave(batch, dim=0))), classes)
-        (grad,) = torch.autograd.grad(m.sum(), delta)
+        slices = row_slices(len(classes), chunk)
+        if len(slices) == 1:
+            m = margins(engine(box.clamp(x[pick] + delta.repeat_interleave(batch, dim=0))), classes)
+            (grad,) = torch.autograd.grad(m.sum(), delta)
+        else:
+            grad = torch.zeros_like(delta)
+            for sl in slices:
+                m = margins(engine(box.clamp(x[pick[sl]] + delta[classes[sl]])), classes[sl])
+                grad += torch.autograd.grad(m.sum(), delta)[0]
         with torch.no_grad():
             if norm == "l2":
                 g = grad.flatten(1)
@@ -177,6 +194,7 @@ def scan_engine(
     config: ScanConfig = ScanConfig(),
     *,
     progress: Callable[[str, int, int], None] | None = None,
+    chunk: int | None = None,
 ) -> dict[str, StatisticTest]:
     """Both statistics and their MM-BD tests for an engine, a clean set (x, y) and a box."""
     import torch
@@ -196,10 +214,11 @@ def scan_engine(
     maxi = Maximisers(
         box, num_classes, config.restarts, generator=gen, clean_x=x, step_size=config.step_size
     )
-    chunk = 20
+    maxi.chunk = chunk
+    every = 20
     m = None
-    for start in range(0, config.ascent_steps, chunk):
-        n = min(chunk, config.ascent_steps - start)
+    for start in range(0, config.ascent_steps, every):
+        n = min(every, config.ascent_steps - start)
         m = maxi.ascend(engine, None, n)
         tick("max margins", n)
     if m is None:  # steps == 0: the starts themselves
@@ -219,8 +238,31 @@ def scan_engine(
         batch=config.universal_batch,
         generator=gen_u,
         progress=lambda n: tick("universal perturbations", n),
+        chunk=chunk,
     )
     return {"max_margin": mmbd_test(mm), "universal_gain": mmbd_test(ug)}
+
+
+SCAN_KNOBS = (("restarts", 2), ("ascent_steps", 20), ("universal_steps", 10), ("universal_batch", 5))
+
+
+def scan_work(c: ScanConfig, n: int, k: int):
+    """Row passes and forwards of `scan_engine` on n clean rows and k classes."""
+    from ..common.schedule import Work
+
+    return Work(passes=k * c.restarts * c.ascent_steps + c.universal_steps * k * c.universal_batch,
+                forwards=k * c.restarts * (1 + -(-c.ascent_steps // 20)) + 2 * n * (k - 1))
+
+
+def schedule_scan(engine, x, k: int, cfg: ScanConfig, dev):
+    """The scan's config as it will run: priced on this model, shrunk to its time limit."""
+    from ..common.cost import chunk_rows, measure, memory_budget
+    from ..common.schedule import Knob, fit_schedule
+
+    cost = measure(engine, x[: min(128, x.shape[0])], None)
+    chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
+    knobs = [Knob(name, floor) for name, floor in SCAN_KNOBS]
+    return fit_schedule(cfg, knobs, lambda c: scan_work(c, x.shape[0], k), cost, cfg.time_limit, chunk)
 
 
 def scan(
@@ -274,11 +316,13 @@ def scan(
     axis = input_layout(m, layout).channel_axis
     dev = resolve_device(device)
     with use_threads(threads), reproducible(dev):
-        engine = Engine(m, device=dev)
+        engine = Engine(m, device=dev, memory_format="auto")
         x = torch.from_numpy(clean.x).to(dev)
         y = torch.from_numpy(clean.y).to(dev)
         box = input_box(x, input_range, channel_axis=axis).to(dev)
-        tests = scan_engine(engine, x, y, k, box, cfg, progress=progress)
+        plan = schedule_scan(engine, x, k, cfg, dev)
+        cfg = plan.config
+        tests = scan_engine(engine, x, y, k, box, cfg, progress=progress, chunk=plan.chunk)
     verdict, target, p, name = decide(tests, cfg.alpha)
     return ScanResult(
         verdict=verdict,
@@ -291,6 +335,7 @@ def scan(
         alpha=cfg.alpha,
         settings=cfg.to_json() | {"input_range": list(input_range) if input_range else None,
                                   "layout": input_layout(m, layout).name},
+        schedule=plan.to_json(),
         seconds=time.perf_counter() - start,
         device=str(dev),
         model=str(m.path) if m.path else None,

@@ -34,6 +34,7 @@ def fit_mmom(
     grid=LAMBDA_GRID,
     folds: int = 2,
     progress: Callable[[dict], None] | None = None,
+    chunk: int | None = None,
 ) -> tuple[SearchResult, list[dict]]:
     """Cross-validate lambda on D, then fit on all of D; returns the fit and the CV table."""
     cfg = replace(config, method="mmom", controller="fixed", augment=False)
@@ -45,7 +46,8 @@ def fit_mmom(
             mask = torch.ones(len(y), dtype=torch.bool)
             mask[torch.from_numpy(out_idx)] = False
             res = fit_bounds(
-                engine, x[mask], y[mask], box, num_classes, replace(cfg, lambda0=lam, seed=config.seed + k)
+                engine, x[mask], y[mask], box, num_classes, replace(cfg, lambda0=lam, seed=config.seed + k),
+                chunk=chunk,
             )
             bounds = {n: torch.from_numpy(v).to(x.device) for n, v in res.bounds.items()}
             with torch.no_grad():
@@ -62,9 +64,10 @@ def fit_mmom(
     best = max(table[:-1], key=lambda r: (r["balanced_accuracy"], r["lambda"]))
     if progress is not None:
         progress({"stage": "max-margin search"})
-    final = fit_bounds(engine, x, y, box, num_classes, replace(cfg, lambda0=best["lambda"]), progress=progress)
+    final = fit_bounds(engine, x, y, box, num_classes, replace(cfg, lambda0=best["lambda"]), progress=progress,
+                       chunk=chunk)
     if best["balanced_accuracy"] <= base:
         # No clipping setting beat the original on held-out data: keep the model's behaviour
         # (bounds at the clean maxima clip nothing seen in D).
-        final = fit_bounds(engine, x, y, box, num_classes, replace(cfg, lambda0=0.0, max_epochs=0))
+        final = fit_bounds(engine, x, y, box, num_classes, replace(cfg, lambda0=0.0, max_epochs=0), chunk=chunk)
     return final, table

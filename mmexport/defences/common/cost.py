@@ -1,0 +1,116 @@
+"""What one row of a batch costs the engine: seconds and bytes, measured, not guessed.
+
+The search's work is counted in row passes (one sample through the network, forward and
+backward) and row forwards; measuring both once per model turns a schedule into seconds, and
+the bytes autograd saves per row turn a memory budget into a chunk size. Peak memory then
+depends on the chunk, not on restarts x classes x activations held at once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+GIB = 1024**3
+AUTO_MEMORY_CAP = 2 * GIB  # "auto": a quarter of what is available, at most this
+
+
+@dataclass(frozen=True)
+class RowCost:
+    """Per-row costs of one model on one device, at the measured batch size."""
+
+    backward_seconds: float  # forward + backward to the input and the bounds
+    forward_seconds: float  # forward without autograd
+    saved_bytes: int  # what autograd keeps per row for the backward
+
+    def to_json(self) -> dict:
+        return {
+            "backward_ms_per_row": round(1e3 * self.backward_seconds, 3),
+            "forward_ms_per_row": round(1e3 * self.forward_seconds, 3),
+            "saved_mib_per_row": round(self.saved_bytes / 2**20, 3),
+        }
+
+
+def available_memory() -> int:
+    """Bytes the process could still take (MemAvailable on Linux; 8 GiB where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * GIB
+
+
+def memory_budget(max_memory_gib: float, device: torch.device) -> int:
+    """Bytes of activations the search may hold at once; `max_memory_gib` 0 means auto."""
+    if max_memory_gib > 0:
+        return int(max_memory_gib * GIB)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free // 2)
+    return int(min(available_memory() // 4, AUTO_MEMORY_CAP))
+
+
+def saved_bytes_per_row(engine, x: torch.Tensor, bounds) -> int:
+    """Bytes autograd saves for one row of a margin backward (measured on two rows)."""
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        if isinstance(t, torch.Tensor):
+            total += t.numel() * t.element_size()
+        return t
+
+    rows = x[:2].detach().clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = engine(rows, bounds)
+    out.sum().backward()
+    return max(1, total // rows.shape[0])
+
+
+def measure(engine, x: torch.Tensor, bounds, *, rows: int | None = None, repeat: int = 2,
+            seconds: float = 0.5, most: int = 128) -> RowCost:
+    """Time forward and forward+backward per row (best of `repeat`, after a warm-up) on
+    `rows` rows of x; None: as many as take about `seconds` a pass (2 to `most`: small models
+    pay a per-call overhead that a batch of 2 would charge to every row)."""
+    saved = saved_bytes_per_row(engine, x, bounds)
+    params = [v for v in (bounds or {}).values() if v.requires_grad]
+    if rows is None:
+        probe = x[:2].detach().clone().requires_grad_(True)
+        t0 = time.perf_counter()
+        torch.autograd.grad(engine(probe, bounds).sum(), [probe, *params])
+        per_row = (time.perf_counter() - t0) / probe.shape[0]
+        rows = int(min(most, max(2, seconds // max(per_row, 1e-9))))
+    batch = x[:rows].detach()
+    if batch.shape[0] < rows:
+        batch = batch.repeat((rows + batch.shape[0] - 1) // batch.shape[0], *([1] * (x.dim() - 1)))[:rows]
+
+    def backward() -> None:
+        xb = batch.clone().requires_grad_(True)
+        out = engine(xb, bounds).sum()
+        torch.autograd.grad(out, [xb, *params])
+
+    def forward() -> None:
+        with torch.no_grad():
+            engine(batch, bounds)
+
+    times = []
+    for fn in (backward, forward):
+        fn()
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        times.append(best / batch.shape[0])
+    return RowCost(backward_seconds=times[0], forward_seconds=times[1], saved_bytes=saved)
+
+
+def chunk_rows(cost: RowCost, budget_bytes: int, *, floor: int = 1) -> int:
+    """Rows per chunk so that what autograd saves stays within the budget."""
+    return max(floor, int(budget_bytes // max(cost.saved_bytes, 1)))
+

@@ -1,0 +1,165 @@
+"""Schedules that fit a time limit: the search's work counted in rows, priced per model.
+
+The defaults (10 restarts per class, 100 warm-up steps, 150 epochs, ...) were set on models
+whose forward pass costs microseconds; on a PreAct-ResNet-18 at 32x32 the same schedule is
+hours. Each method states its work as row passes (forward and backward) and row forwards
+as a function of its settings; with the per-row costs measured on the model (`cost.measure`)
+that is a time. Where the default schedule would run past the limit, every knob that sets
+the amount of work shrinks by the same factor f^exponent (never below its floor) and f is the
+largest (on a coarse grid) that fits: restarts, ascent steps and epochs go down together
+rather than one of them collapsing. Where the default fits, nothing changes.
+
+The costs are measured, not derived from FLOPs: depthwise convolutions ran 7x slower per
+FLOP than a ResNet's here (MobileNetV2-style 47 ms per row for 0.16 GFLOP, PreAct-ResNet-18
+84 ms for 2.2 GFLOP; docs/experiments.md, "Real-size models").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from .cost import RowCost
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A setting that sets the amount of work: value x f^exponent, at least `floor`."""
+
+    field: str
+    floor: int
+    exponent: float = 0.5
+
+
+@dataclass(frozen=True)
+class Work:
+    """Row passes (forward + backward) and row forwards."""
+
+    passes: float = 0.0
+    forwards: float = 0.0
+
+    def __add__(self, other: Work) -> Work:
+        return Work(self.passes + other.passes, self.forwards + other.forwards)
+
+    def __mul__(self, k: float) -> Work:
+        return Work(self.passes * k, self.forwards * k)
+
+    def seconds(self, cost: RowCost) -> float:
+        return self.passes * cost.backward_seconds + self.forwards * cost.forward_seconds
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The settings a run uses, and why: the limit, the costs and the shrink factor."""
+
+    config: object  # the method's config as run
+    scale: float  # 1: the defaults as they are
+    default_seconds: float  # predicted for the unscaled config
+    planned_seconds: float  # predicted for `config`
+    time_limit: float
+    cost: RowCost
+    chunk: int | None  # rows per forward/backward (None: all at once)
+    changed: dict  # field: (default, as run) for every knob that moved
+
+    def to_json(self) -> dict:
+        return {
+            "time_limit": self.time_limit,
+            "scale": round(self.scale, 4),
+            "default_seconds": round(self.default_seconds, 1),
+            "planned_seconds": round(self.planned_seconds, 1),
+            "chunk_rows": self.chunk,
+            "changed": {k: list(v) for k, v in self.changed.items()},
+            **self.cost.to_json(),
+        }
+
+
+def scaled(config, knobs: list[Knob], f: float):
+    """The config with every knob at value x f^exponent (rounded, floored, never raised)."""
+    values = {}
+    for k in knobs:
+        v = getattr(config, k.field)
+        values[k.field] = min(v, max(k.floor, round(v * f**k.exponent)))
+    return replace(config, **values)
+
+
+def fit_schedule(
+    config,
+    knobs: list[Knob],
+    work: Callable[[object], Work],
+    cost: RowCost,
+    time_limit: float,
+    chunk: int | None = None,
+) -> Schedule:
+    """The largest f on the grid 2^(-j/2) whose scaled config's predicted time is within
+    `time_limit` (the floors may leave it above: then the floors are the schedule).
+
+    The grid keeps the schedule, and with it the result of a seeded run, the same from run
+    to run on one machine although the measured costs jitter: only a cost that moves across
+    a step of ~41% changes it. The report lists every knob as run, so `time_limit=0` with
+    those values replays a run anywhere."""
+    default = work(config).seconds(cost)
+    f = 1.0
+    if time_limit > 0 and default > time_limit:
+        j = 1
+        while j < 60 and work(scaled(config, knobs, 2 ** (-j / 2))).seconds(cost) > time_limit:
+            j += 1
+        f = 2 ** (-j / 2)
+    run = scaled(config, knobs, f) if f < 1.0 else config
+    changed = {k.field: (getattr(config, k.field), getattr(run, k.field)) for k in knobs
+               if getattr(config, k.field) != getattr(run, k.field)}
+    return Schedule(config=run, scale=f, default_seconds=default, planned_seconds=work(run).seconds(cost),
+                    time_limit=time_limit, cost=cost, chunk=chunk, changed=changed)
+
+
+# --------------------------------------------------------------------------- the searches' work
+
+SEARCH_KNOBS = [
+    Knob("restarts", 2), Knob("warmup_steps", 10), Knob("steps", 2), Knob("max_epochs", 10),
+    Knob("probe_steps", 20), Knob("fit_rows", 32), Knob("floor_rows", 200),
+]  # fmt: skip
+MMAC_KNOBS = [*SEARCH_KNOBS, Knob("unlearn_epochs", 20)]
+SETS = {"points": 1, "universal": 1, "masked": 1, "both": 2, "universal+masked": 2}
+
+
+def with_rows(config, n: int):
+    """The config with fit_rows / floor_rows spelled out for a clean set of n (0 means all)."""
+    floor = 5 * n if config.augment else n
+    return replace(config, fit_rows=min(config.fit_rows or n, n), floor_rows=min(config.floor_rows or floor, floor))
+
+
+def search_work(c, n: int, k: int, *, fit_n: float | None = None) -> Work:
+    """One max-margin search (`fit_bounds`) on n clean rows and k classes."""
+    rows = SETS[c.maximisers] * k * c.restarts
+    fit = min(c.fit_rows, n) if fit_n is None else fit_n
+    logit_rows = 2 * fit if (c.augment and c.method == "mmac") else fit
+    argmax_rows = SETS[c.maximisers] * c.restarts if c.reduction == "max" else rows
+    epochs, checks = c.max_epochs, c.max_epochs / c.check_every
+    return Work(
+        passes=rows * c.warmup_steps + epochs * (rows * c.steps + logit_rows + argmax_rows),
+        forwards=rows + epochs * (2 * rows + fit) + checks * (c.floor_rows + rows),
+    )
+
+
+def probe_work(c, k: int) -> Work:
+    """The report's before/after max-margin estimates."""
+    rows = k * c.restarts
+    return Work(passes=2 * rows * max(c.warmup_steps, c.probe_steps), forwards=2 * rows)
+
+
+def mmac_work(c, n: int, k: int) -> Work:
+    """Stamp search, then the larger of unlearning and the max-margin search, then the probe."""
+    search = search_work(c, n, k)
+    if c.unlearn == "off":
+        return search + probe_work(c, k)
+    stamp = Work(passes=k * c.restarts * (c.warmup_steps + c.steps), forwards=k * c.restarts + n * (k - 1))
+    purge = c.fit_rows * (k - 1) / (2 * k)
+    unlearn = Work(passes=c.unlearn_epochs * (c.fit_rows + purge),
+                   forwards=c.unlearn_epochs / c.check_every * (c.floor_rows + n / 2))
+    longer = Work(max(search.passes, unlearn.passes), max(search.forwards, unlearn.forwards))
+    return stamp + longer + probe_work(c, k)
+
+
+def mmom_work(c, n: int, k: int, fits: int) -> Work:
+    """`fits` cross-validation fits on half of D, the final fit on all of it, the probe."""
+    half = replace(c, fit_rows=max(1, c.fit_rows // 2), floor_rows=max(1, c.floor_rows // 2))
+    return search_work(half, n // 2, k) * fits + search_work(c, n, k) + probe_work(c, k)

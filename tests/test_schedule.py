@@ -1,0 +1,194 @@
+"""Searches sized for real models: chunked passes, measured costs, schedules that fit a limit."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from builders import labelled_set, tiny_cnn
+
+import mmexport
+from mmexport.core.model import from_proto
+from mmexport.defences.common.cost import RowCost, chunk_rows, measure, memory_budget, saved_bytes_per_row
+from mmexport.defences.common.margins import MaskedMaximisers, Maximisers, UniversalMaximisers, input_box
+from mmexport.defences.common.schedule import (
+    MMAC_KNOBS,
+    Knob,
+    Work,
+    fit_schedule,
+    mmac_work,
+    scaled,
+    with_rows,
+)
+from mmexport.defences.common.search import (
+    fit_backward,
+    fit_bounds,
+    initial_bounds,
+    objective_backward,
+    objective_value,
+    reduce_margins,
+)
+from mmexport.defences.mmac.config import MmacConfig
+from mmexport.engine.executor import Engine
+
+FAST = dict(restarts=3, warmup_steps=4, steps=2, max_epochs=6, check_every=2)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    proto = tiny_cnn(seed=3, classes=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    engine = Engine(from_proto(proto))
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    return engine, x, y, input_box(x)
+
+
+def _sets(engine, x, y, box):
+    gen = torch.Generator().manual_seed(0)
+    return [
+        Maximisers(box, 3, 4, generator=gen, clean_x=x),
+        UniversalMaximisers(box, x, y, 3, generator=gen, batch=5),
+        MaskedMaximisers(box, x, y, 3, generator=gen, batch=5),
+    ]
+
+
+@pytest.mark.parametrize("kind", [0, 1, 2])
+def test_chunked_ascent_follows_the_same_path_as_one_batch(setup, kind):
+    engine, x, y, box = setup
+    whole = _sets(engine, x, y, box)[kind]
+    parts = copy.deepcopy(whole)
+    parts.chunk = 4  # 12 or 15 rows: several chunks, the last one short
+    m_whole = whole.ascend(engine, None, 5)
+    m_parts = parts.ascend(engine, None, 5)
+    assert torch.allclose(m_whole, m_parts, atol=1e-4)
+    assert torch.allclose(whole.x, parts.x, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["max", "mean", "excess", "softmax"])
+def test_two_pass_objective_gradient_equals_autograd_of_the_objective(setup, how):
+    engine, x, y, box = setup
+    sets = _sets(engine, x, y, box)[1:]
+    for ms in sets:
+        ms.ascend(engine, None, 3)
+    z0 = initial_bounds(engine, x, "channel")
+    rel = {k: torch.full_like(v, 0.8, requires_grad=True) for k, v in z0.items()}
+
+    def current():
+        return {k: z0[k] * rel[k] for k in z0}
+
+    from mmexport.defences.common.margins import margins
+
+    direct = sum(reduce_margins(ms.per_class(margins(engine(ms.x, current()), ms.classes), "mean"), how)
+                 for ms in sets)
+    expected = torch.autograd.grad(2.5 * direct, list(rel.values()))
+    value = objective_backward(engine, sets, current, how, weight=2.5, chunk=3)
+    got = [v.grad for v in rel.values()]
+    assert value == pytest.approx(float(direct.detach()), rel=1e-5)
+    assert value == pytest.approx(objective_value(engine, sets, current(), how, chunk=4), rel=1e-5)
+    for a, b in zip(expected, got, strict=True):
+        assert torch.allclose(a, b, atol=1e-5), (a, b)
+
+
+def test_chunked_logit_term_gradient_equals_the_whole_batch(setup):
+    engine, x, y, _ = setup
+    z0 = initial_bounds(engine, x, "channel")
+    rel = {k: torch.full_like(v, 0.7, requires_grad=True) for k, v in z0.items()}
+
+    def current():
+        return {k: z0[k] * rel[k] for k in z0}
+
+    ref = engine(x).detach() + 0.1
+    loss = ((engine(x, current()) - ref) ** 2).sum(dim=1).mean() * 3.0
+    expected = torch.autograd.grad(loss, list(rel.values()))
+    value = fit_backward(engine, x, ref, current, weight=3.0, chunk=5)
+    assert value * 3.0 == pytest.approx(float(loss), rel=1e-5)
+    for a, v in zip(expected, rel.values(), strict=True):
+        assert torch.allclose(a, v.grad, atol=1e-5)
+
+
+def test_search_in_chunks_finds_the_bounds_of_the_whole_batch(setup):
+    engine, x, y, box = setup
+    cfg = MmacConfig(**FAST)
+    whole = fit_bounds(engine, x, y, box, 3, cfg)
+    parts = fit_bounds(engine, x, y, box, 3, cfg, chunk=5)
+    for name in whole.bounds:
+        assert torch.allclose(torch.from_numpy(whole.bounds[name]), torch.from_numpy(parts.bounds[name]),
+                              rtol=1e-3, atol=1e-4)
+
+
+def test_costs_are_measured_and_saved_bytes_grow_with_the_rows(setup):
+    engine, x, _, _ = setup
+    cost = measure(engine, x, None, rows=4, repeat=1)
+    assert cost.backward_seconds > 0 and cost.forward_seconds > 0
+    # tiny_cnn saves at least its input and two activations per row, 4 bytes each.
+    assert cost.saved_bytes >= 4 * x[0].numel()
+    assert saved_bytes_per_row(engine, x, None) == cost.saved_bytes
+    assert chunk_rows(cost, 10 * cost.saved_bytes) == 10
+    assert chunk_rows(cost, 1) == 1  # never fewer than one row
+    assert memory_budget(1.5, torch.device("cpu")) == int(1.5 * 1024**3)
+    assert 0 < memory_budget(0, torch.device("cpu")) <= 2 * 1024**3
+
+
+def test_a_schedule_that_fits_is_left_alone_and_one_that_does_not_shrinks_to_the_limit():
+    cfg = with_rows(MmacConfig(), 200)
+    assert cfg.fit_rows == 200 and cfg.floor_rows == 1000
+    cost = RowCost(backward_seconds=0.05, forward_seconds=0.015, saved_bytes=30 << 20)
+    default = mmac_work(cfg, 200, 10).seconds(cost)
+    same = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, 200, 10), cost, time_limit=10 * default)
+    assert same.config == cfg and same.scale == 1.0 and same.changed == {}
+
+    plan = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, 200, 10), cost, time_limit=480)
+    assert default > 480 >= plan.planned_seconds
+    assert plan.scale < 1.0 and plan.changed
+    for knob in MMAC_KNOBS:  # shrunk together, never below a floor, never raised
+        assert knob.floor <= getattr(plan.config, knob.field) <= getattr(cfg, knob.field) or (
+            getattr(cfg, knob.field) < knob.floor
+        )
+    assert plan.config.restarts < cfg.restarts and plan.config.max_epochs < cfg.max_epochs
+    # The factor sits on the grid 2^(-j/2): jitter in the costs rarely moves it.
+    j = round(-2 * torch.log2(torch.tensor(plan.scale)).item())
+    assert plan.scale == pytest.approx(2 ** (-j / 2))
+    # A limit no schedule meets: the floors are the schedule.
+    floor = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, 200, 10), cost, time_limit=1e-3)
+    assert floor.config.restarts == 2 and floor.planned_seconds > 1e-3
+
+
+def test_scaled_respects_floors_and_exponents():
+    cfg = MmacConfig()
+    knobs = [Knob("restarts", 4), Knob("max_epochs", 10, exponent=1.0)]
+    out = scaled(cfg, knobs, 0.25)
+    assert out.restarts == 5 and out.max_epochs == 38
+    assert scaled(cfg, knobs, 0.0).restarts == 4
+    assert Work(2, 4) + Work(1, 1) * 2 == Work(4, 6)
+
+
+def test_harden_reports_the_schedule_and_shrinks_it_under_a_tight_limit(tmp_path):
+    proto = tiny_cnn(seed=3, classes=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    free = mmexport.harden(proto, (x, y), unlearn="off", **FAST)
+    assert free.report.schedule["scale"] == 1.0 and free.report.schedule["changed"] == {}
+    tight = mmexport.harden(proto, (x, y), unlearn="off", time_limit=1e-6, **FAST)
+    sched = tight.report.schedule
+    assert sched["scale"] < 1.0 and sched["planned_seconds"] <= sched["default_seconds"]
+    assert tight.report.settings["restarts"] == 2 == sched["changed"]["restarts"][1]
+    # Replaying the knobs as run with no limit gives the same bounds: the report is enough.
+    knobs = {k: tight.report.settings[k] for k in ("restarts", "warmup_steps", "steps", "max_epochs",
+                                                   "probe_steps", "fit_rows", "floor_rows")}
+    again = mmexport.harden(proto, (x, y), unlearn="off", time_limit=0,
+                            **(FAST | knobs))
+    for name, v in tight.bounds.items():
+        assert (again.bounds[name] == v).all()
+
+
+def test_engine_channels_last_gives_the_same_logits(setup):
+    engine, x, _, _ = setup
+    fast = Engine(engine.model, memory_format="auto")
+    assert fast._channels_last and not engine._channels_last
+    assert torch.allclose(engine(x), fast(x), atol=1e-5)
+    with pytest.raises(ValueError, match="memory_format"):
+        Engine(engine.model, memory_format="nhwc")
+
+
+def test_time_limit_and_memory_are_checked():
+    with pytest.raises(mmexport.ParameterError, match="time_limit"):
+        replace(MmacConfig(), time_limit=-1)
