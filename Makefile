@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 SAMPLE ?= sample_models/digits-cnn-badnet
 DEMO_OUT ?= build/demo
 
-.PHONY: install test demo samples bench eval-defence lint clean
+.PHONY: install test demo samples zoo-real bench eval-defence lint clean
 
 install: $(STAMP)
 
@@ -37,11 +37,21 @@ demo: install
 samples: install
 	$(PY) sample_models/build.py
 
+# The real-size tier (32x32x3: PreAct-ResNet-18, VGG, MobileNetV2, ConvNeXt) into the git-ignored
+# sample_models/real/; only missing models are built (about 10 min per ResNet-18 on a CPU).
+zoo-real: install
+	$(PY) sample_models/build_real.py
+
 # One report, bench-results/bench.md (+ .json): defences vs peers, harden time vs the paper's
-# schedule, latency of hardened and MMDF models; then the folded-bounds latency table.
+# schedule, latency of hardened and MMDF models; then the folded-bounds latency table; then
+# bench-results/real.md (+ .json): harden/detect/scan wall time and peak RSS on the real-size
+# tier against the targets (builds the missing models first, see zoo-real); then
+# bench-results/cost.md: harden's cost against parameters, input size and classes.
 bench: install
 	$(PY) benchmarks/bench_defences.py --out bench-results
 	$(PY) benchmarks/bench_latency.py --bounds bench-results/bounds
+	$(PY) benchmarks/bench_real.py --out bench-results
+	$(PY) benchmarks/bench_cost.py --out bench-results
 
 eval-defence: install
 	$(PY) benchmarks/evaluate.py --oracle --detect --report bench-results
