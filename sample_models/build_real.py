@@ -108,7 +108,8 @@ def load_images() -> tuple[np.ndarray, np.ndarray]:
 
 
 ZOO = dict(zoo=True, epochs=10, lr=0.05, batch_size=64, optimiser="sgd", schedule="onecycle")
-RESNET = dict(ZOO)
+# 10 epochs of 64 (170 steps) left the ResNet-18 at 62% clean accuracy and 24% ASR (BadNets).
+RESNET = dict(ZOO, epochs=20, batch_size=32)
 SPECS: list[ModelSpec] = [
     # BackdoorBench's CIFAR triggers at 10% poisoning, scaled to this data.
     ModelSpec("real-resnet18-badnet", "preact-resnet18", 64, patch_trigger("bottom-right", size=3), 0, 0.10,

@@ -167,6 +167,8 @@ def test_harden_reports_the_schedule_and_shrinks_it_under_a_tight_limit(tmp_path
     x, y = labelled_set(proto, 8, seed=1)
     free = mmexport.harden(proto, (x, y), unlearn="off", **FAST)
     assert free.report.schedule["scale"] == 1.0 and free.report.schedule["changed"] == {}
+    spent = free.report.schedule["stage_seconds"]
+    assert list(spent) == ["planning", "max-margin search", "margin check"] and all(v >= 0 for v in spent.values())
     tight = mmexport.harden(proto, (x, y), unlearn="off", time_limit=1e-6, **FAST)
     sched = tight.report.schedule
     assert sched["scale"] < 1.0 and sched["planned_seconds"] <= sched["default_seconds"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -165,8 +166,15 @@ def harden(
         find_classifier(m)  # fail before the search if there is no last layer to refit
     dev = resolve_device(device)
 
-    def stage(what: str) -> None:
-        if progress is not None:
+    timings: dict[str, float] = {}  # seconds per stage, for the report: where a run's time went
+    clock = [time.perf_counter(), None]
+
+    def stage(what: str | None) -> None:
+        now = time.perf_counter()
+        if clock[1] is not None:
+            timings[clock[1]] = round(timings.get(clock[1], 0.0) + now - clock[0], 2)
+        clock[:] = [now, what]
+        if progress is not None and what is not None:
             progress({"stage": what})
 
     with use_threads(threads), reproducible(dev):
@@ -212,6 +220,7 @@ def harden(
             engine = Engine(from_proto(source, input_name=m.input_name, output_name=m.output_name), device=dev,
                             memory_format="auto")
         mm_after = max_margins(engine, box, k, bounds=zb, **probe)
+        stage(None)
 
     hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
     settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None,
@@ -226,7 +235,8 @@ def harden(
         max_margins_before=[float(v) for v in mm_before.cpu()],
         max_margins_after=[float(v) for v in mm_after.cpu()],
         epochs=result.epochs, seconds=result.seconds, form=form, site_forms=forms.to_json(),
-        history=result.history, cross_validation=cv, refit=refit_table, schedule=plan.to_json(),
+        history=result.history, cross_validation=cv, refit=refit_table,
+        schedule=plan.to_json() | {"stage_seconds": timings},
     )
     result.bounds.meta = {"method": name, "seed": cfg.seed, "model_sha256": report.model_sha256,
                           "data_sha256": report.data_sha256}
