@@ -184,9 +184,15 @@ def test_harden_reports_the_schedule_and_shrinks_it_under_a_tight_limit(tmp_path
 
 def test_engine_channels_last_gives_the_same_logits(setup):
     engine, x, _, _ = setup
-    fast = Engine(engine.model, memory_format="auto")
+    fast = Engine(engine.model, memory_format="channels_last")
     assert fast._channels_last and not engine._channels_last
     assert torch.allclose(engine(x), fast(x), atol=1e-5)
+    # "auto": channels last for conv nets on 32x32 images and up, not the small samples.
+    assert not Engine(engine.model, memory_format="auto")._channels_last
+    big = tiny_cnn(seed=3, classes=3)
+    big.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 32
+    big.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 32
+    assert Engine(from_proto(big), memory_format="auto")._channels_last
     with pytest.raises(ValueError, match="memory_format"):
         Engine(engine.model, memory_format="nhwc")
 
