@@ -1,6 +1,7 @@
 """The real-size tier's architectures, written out by hand (no torchvision here).
 
-All take (N, 3, 32, 32) images and return 10 logits; `width` scales the channels where the
+All take (N, 3, 32, 32) images and return 10 logits (the ConvNeXt did not train on the digit
+scenes in 12 epochs, SGD or Adam one-cycle, and is kept for the cost table only); `width` scales the channels where the
 family allows (the PreAct-ResNet-18 keeps BackdoorBench's full width: 64-128-256-512).
 """
 
@@ -77,23 +78,38 @@ def vgg(width: int) -> nn.Module:
     )
 
 
-class InvertedResidual(nn.Module):
-    """MobileNetV2's block: 1x1 expand-BN-ReLU6, 3x3 depthwise-BN-ReLU6, 1x1 project-BN,
-    with the identity added when the shape is kept."""
+class SqueezeExcite(nn.Module):
+    """EfficientNet's channel gate: pool, 1x1 conv down-SiLU-1x1 conv up-sigmoid, scale."""
 
-    def __init__(self, c_in: int, c_out: int, stride: int, expand: int):
+    def __init__(self, c: int, squeeze: int):
+        super().__init__()
+        self.down = nn.Conv2d(c, squeeze, 1)
+        self.up = nn.Conv2d(squeeze, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.up(F.silu(self.down(F.adaptive_avg_pool2d(x, 1)))))
+        return x * g
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand-BN-act, 3x3 depthwise-BN-act, 1x1 project-BN, with the
+    identity added when the shape is kept; act ReLU6, or SiLU with a squeeze-excite gate after
+    the depthwise conv (EfficientNet's MBConv)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int, act=nn.ReLU6, se: bool = False):
         super().__init__()
         hidden = c_in * expand
         layers: list[nn.Module] = []
         if expand != 1:
-            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+            layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act()]
         layers += [
             nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
             nn.BatchNorm2d(hidden),
-            nn.ReLU6(),
-            nn.Conv2d(hidden, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out),
+            act(),
         ]
+        if se:
+            layers.append(SqueezeExcite(hidden, max(1, c_in // 4)))
+        layers += [nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out)]
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and c_in == c_out
 
@@ -102,23 +118,23 @@ class InvertedResidual(nn.Module):
         return x + out if self.residual else out
 
 
-def mobilenet_v2(width: int) -> nn.Module:
+def mobilenet_v2(width: int, act=nn.ReLU6, se: bool = False) -> nn.Module:
     """MobileNetV2-style for 32x32 (CIFAR stride plan): stem conv3x3(3 -> w)-BN-ReLU6, inverted
     residuals (expansion t, channels c, repeats n, first stride s) (1,w,1,1) (6,1.5w,2,1)
     (6,2w,2,2) (6,4w,2,2) (6,6w,1,1) (6,10w,1,2), 1x1 conv to 40w-BN-ReLU6, pool, fc."""
     plan = [(1, width, 1, 1), (6, 3 * width // 2, 2, 1), (6, 2 * width, 2, 2), (6, 4 * width, 2, 2),
             (6, 6 * width, 1, 1), (6, 10 * width, 1, 2)]  # fmt: skip
     layers: list[nn.Module] = [
-        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU6()
+        nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), act()
     ]
     c_in = width
     for t, c, n, s in plan:
         for i in range(n):
-            layers.append(InvertedResidual(c_in, c, s if i == 0 else 1, t))
+            layers.append(InvertedResidual(c_in, c, s if i == 0 else 1, t, act, se))
             c_in = c
     head = 40 * width
     layers += [
-        nn.Conv2d(c_in, head, 1, bias=False), nn.BatchNorm2d(head), nn.ReLU6(),
+        nn.Conv2d(c_in, head, 1, bias=False), nn.BatchNorm2d(head), act(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(head, NUM_CLASSES),
     ]  # fmt: skip
     return nn.Sequential(*layers)
@@ -175,6 +191,12 @@ class ConvNeXt(nn.Module):
         return self.head(self.norm(x.mean(dim=(2, 3))))
 
 
+def efficientnet(width: int) -> nn.Module:
+    """EfficientNet-style: the MobileNetV2 plan with SiLU and a squeeze-excite gate in every
+    block (EfficientNet-B0's MBConv, without its compound scaling)."""
+    return mobilenet_v2(width, act=nn.SiLU, se=True)
+
+
 def convnext(width: int) -> nn.Module:
     """A small ConvNeXt (GELU, LayerNorm, depthwise 7x7), three stages of two blocks."""
     return ConvNeXt(width)
@@ -184,5 +206,6 @@ ARCHITECTURES = {
     "preact-resnet18": preact_resnet18,
     "vgg-bn": vgg,
     "mobilenetv2": mobilenet_v2,
+    "efficientnet": efficientnet,
     "convnext": convnext,
 }
