@@ -200,3 +200,25 @@ def test_engine_channels_last_gives_the_same_logits(setup):
 def test_time_limit_and_memory_are_checked():
     with pytest.raises(mmexport.ParameterError, match="time_limit"):
         replace(MmacConfig(), time_limit=-1)
+
+
+def test_plan_prints_the_schedule_and_writes_nothing(tmp_path):
+    import json
+
+    import numpy as np
+    import onnx
+    from builders import run_cli
+
+    proto = tiny_cnn(seed=3, classes=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    onnx.save(proto, tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    result = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--plan", "--json",
+                     "--time-limit", "0.000001", "--restarts", 4)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    assert plan["changed"]["restarts"] == [4, 2] and plan["settings"]["restarts"] == 2
+    assert plan["backward_ms_per_row"] > 0 and plan["chunk_rows"] >= 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
+    text = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--plan")
+    assert text.exit_code == 0 and "predicted search time" in text.output
