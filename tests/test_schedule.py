@@ -222,3 +222,20 @@ def test_plan_prints_the_schedule_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
     text = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--plan")
     assert text.exit_code == 0 and "predicted search time" in text.output
+
+
+def test_the_second_stage_is_fitted_to_the_time_left_and_moves_only_its_knobs():
+    from mmexport.defences.common.schedule import merge, second_stage
+
+    cfg = with_rows(MmacConfig(), 200)
+    cost = RowCost(backward_seconds=0.05, forward_seconds=0.015, saved_bytes=30 << 20)
+    first = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, 200, 10), cost, time_limit=600)
+    unlearn = second_stage(first.config, "unlearn", 200, 10, cost, 150.0, None)
+    assert unlearn.planned_seconds <= 150 < unlearn.default_seconds
+    assert set(unlearn.changed) <= {"unlearn_epochs", "fit_rows", "floor_rows", "probe_steps", "restarts"}
+    search = second_stage(first.config, "search", 200, 10, cost, 120.0, None)
+    assert "max_epochs" in search.changed and "unlearn_epochs" not in search.changed
+    both = merge(first, search)
+    assert both.config == search.config
+    for field, (was, now) in both.changed.items():  # counted from the defaults
+        assert was == getattr(cfg, field) and now == getattr(search.config, field)

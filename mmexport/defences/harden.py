@@ -31,7 +31,17 @@ from .common.checks import check_clean_set, check_original, with_site_shapes
 from .common.cost import chunk_rows, measure, memory_budget
 from .common.device import reproducible, resolve_device
 from .common.margins import input_box, max_margins
-from .common.schedule import MMAC_KNOBS, SEARCH_KNOBS, Schedule, fit_schedule, mmac_work, mmom_work, with_rows
+from .common.schedule import (
+    MMAC_KNOBS,
+    SEARCH_KNOBS,
+    Schedule,
+    fit_schedule,
+    merge,
+    mmac_work,
+    mmom_work,
+    second_stage,
+    with_rows,
+)
 from .common.search import fit_bounds, initial_bounds
 from .mmac.config import MmacConfig
 from .mmac.unlearn import find_stamp, unlearn_bounds
@@ -167,13 +177,13 @@ def harden(
     dev = resolve_device(device)
 
     timings: dict[str, float] = {}  # seconds per stage, for the report: where a run's time went
-    clock = [time.perf_counter(), None]
+    clock = [time.perf_counter(), None, time.perf_counter()]  # stage start, stage, search start
 
     def stage(what: str | None) -> None:
         now = time.perf_counter()
         if clock[1] is not None:
             timings[clock[1]] = round(timings.get(clock[1], 0.0) + now - clock[0], 2)
-        clock[:] = [now, what]
+        clock[:2] = [now, what]
         if progress is not None and what is not None:
             progress({"stage": what})
 
@@ -198,7 +208,15 @@ def harden(
                 stamp = find_stamp(engine, x, y, box, k, cfg, chunk=chunk)
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
-            if stamp is not None and stamp.found:
+            found = stamp is not None and stamp.found
+            if cfg.time_limit > 0:  # the stage that runs, fitted to the time left
+                left = cfg.time_limit - (time.perf_counter() - clock[2])
+                plan = merge(plan, second_stage(cfg, "unlearn" if found else "search", x.shape[0], k,
+                                                plan.cost, left, chunk))
+                cfg = plan.config
+                if progress is not None and plan.changed:
+                    progress({"schedule": plan.to_json()})
+            if found:
                 stage("unlearning")
                 result = unlearn_bounds(engine, x, y, stamp, cfg, progress=progress,
                                         channel_axis=box.channel_axis, chunk=chunk)
@@ -209,7 +227,7 @@ def harden(
         # Fresh, equal-seeded estimates before and after: the search's own maximisers have
         # adapted to the clipped model, a new search is the fair comparison.
         stage("margin check")
-        probe = dict(restarts=cfg.restarts, steps=max(cfg.warmup_steps, cfg.probe_steps), seed=cfg.seed + 1,
+        probe = dict(restarts=cfg.restarts, steps=cfg.probe_steps, seed=cfg.seed + 1,
                      clean_x=x, chunk=chunk)
         zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
         mm_before = max_margins(engine, box, k, **probe)

@@ -60,8 +60,7 @@ class SearchConfig:
                              "epoch (0: all of D).", cli=False)
     floor_rows: int = param(0, "Rows of D and its shifts the accuracy floor is checked on, drawn once (0: all).",
                             cli=False)
-    probe_steps: int = param(100, "Ascent steps of the report's before/after max-margin estimates (at least "
-                                  "warmup_steps).", cli=False)
+    probe_steps: int = param(100, "Ascent steps of the report's before/after max-margin estimates.", cli=False)
 
     def __post_init__(self):
         check_choices(self)

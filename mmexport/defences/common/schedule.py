@@ -73,6 +73,18 @@ class Schedule:
         }
 
 
+def merge(first: Schedule, second: Schedule) -> Schedule:
+    """The schedule as run when a later stage was fitted again: `second`'s config and plan,
+    every knob's move counted from the defaults, `first`'s default time and factor."""
+    changed = dict(first.changed)
+    for field, (_, now) in second.changed.items():
+        was = first.changed.get(field, (now, now))[0] if field in first.changed else getattr(first.config, field)
+        changed[field] = (was, now)
+    changed = {f: v for f, v in changed.items() if v[0] != v[1]}
+    return replace(first, config=second.config, scale=min(first.scale, second.scale),
+                   planned_seconds=first.planned_seconds, changed=changed)
+
+
 def scaled(config, knobs: list[Knob], f: float):
     """The config with every knob at value x f^exponent (rounded, floored, never raised)."""
     values = {}
@@ -143,20 +155,45 @@ def search_work(c, n: int, k: int, *, fit_n: float | None = None) -> Work:
 def probe_work(c, k: int) -> Work:
     """The report's before/after max-margin estimates."""
     rows = k * c.restarts
-    return Work(passes=2 * rows * max(c.warmup_steps, c.probe_steps), forwards=2 * rows)
+    return Work(passes=2 * rows * c.probe_steps, forwards=2 * rows)
+
+
+def stamp_work(c, n: int, k: int) -> Work:
+    """MMAC's stamp search: one masked maximiser per class, then each judged on D."""
+    return Work(passes=k * c.restarts * (c.warmup_steps + c.steps), forwards=k * c.restarts + n * (k - 1))
+
+
+def unlearn_work(c, n: int, k: int) -> Work:
+    """Unlearning a found stamp: D's logit rows and the stamped rows each epoch, the checks."""
+    purge = c.fit_rows * (k - 1) / (2 * k)
+    return Work(passes=c.unlearn_epochs * (c.fit_rows + purge),
+                forwards=c.unlearn_epochs / c.check_every * (c.floor_rows + n / 2))
 
 
 def mmac_work(c, n: int, k: int) -> Work:
-    """Stamp search, then the larger of unlearning and the max-margin search, then the probe."""
+    """Before the stamp search: the stamp search, the cheaper of the two stages that may follow
+    (unlearning, almost always), the probe. Pricing the dearer one instead over-predicted the
+    16x16 samples' runs 2-4x and shrank them on a busy machine; where the dearer stage runs,
+    `second_stage` fits it to the time left."""
     search = search_work(c, n, k)
     if c.unlearn == "off":
         return search + probe_work(c, k)
-    stamp = Work(passes=k * c.restarts * (c.warmup_steps + c.steps), forwards=k * c.restarts + n * (k - 1))
-    purge = c.fit_rows * (k - 1) / (2 * k)
-    unlearn = Work(passes=c.unlearn_epochs * (c.fit_rows + purge),
-                   forwards=c.unlearn_epochs / c.check_every * (c.floor_rows + n / 2))
-    longer = Work(max(search.passes, unlearn.passes), max(search.forwards, unlearn.forwards))
-    return stamp + longer + probe_work(c, k)
+    unlearn = unlearn_work(c, n, k)
+    cheaper = unlearn if unlearn.passes <= search.passes else search
+    return stamp_work(c, n, k) + cheaper + probe_work(c, k)
+
+
+def second_stage(config, stage: str, n: int, k: int, cost: RowCost, time_left: float, chunk: int | None) -> Schedule:
+    """After the stamp search: the stage that runs (`unlearn` or `search`) and the probe, fitted
+    to the time left; only that stage's knobs move (the probe's restarts and steps with it)."""
+    if stage == "unlearn":
+        knobs = [k_ for k_ in MMAC_KNOBS
+                 if k_.field in ("unlearn_epochs", "fit_rows", "floor_rows", "probe_steps", "restarts")]
+        work = lambda c: unlearn_work(c, n, k) + probe_work(c, k)  # noqa: E731
+    else:
+        knobs = [k_ for k_ in SEARCH_KNOBS]
+        work = lambda c: search_work(c, n, k) + probe_work(c, k)  # noqa: E731
+    return fit_schedule(config, knobs, work, cost, time_left if time_left > 0 else 1e-9, chunk)
 
 
 def mmom_work(c, n: int, k: int, fits: int) -> Work:
