@@ -29,6 +29,7 @@ from .options import (
     provider_option,
     set_only,
     threads_option,
+    time_limit,
 )
 from .progress import Progress
 
@@ -94,7 +95,7 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
               help="mmac: keep D's logits (backdoors); mmom: cross-entropy on D (imbalance, over-training); "
                    "mmom-refit: MMOM, then the last linear layer re-fitted on D (long-tailed models).")
 @click.option("--form", type=click.Choice(FORMS), default="auto", show_default=True, help=FORM_HELP)
-@config_options(MmacConfig, MmomConfig)
+@config_options(MmacConfig, MmomConfig, callbacks={"time_limit": time_limit}, metavars={"time_limit": "SECONDS|auto"})
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the margin search [default: per-channel min/max of D].")
 @device_option()
@@ -281,7 +282,8 @@ def _check_plot_available() -> None:
 @path_option("--hardened", help="Use the bounds of this model, hardened by mmexport from MODEL.")
 @config_options(MmdfConfig, callbacks={"avoid": avoid_class}, aliases={"law": ["--null"]},
                 metavars={"avoid": "scan|none|CLASS"})
-@config_options(MmacConfig, exclude=("seed", "granularity"))
+@config_options(MmacConfig, exclude=("seed", "granularity"), callbacks={"time_limit": time_limit},
+                metavars={"time_limit": "SECONDS|auto"})
 @device_option("Torch device of the scan and the mmac search.")
 @provider_option("onnxruntime provider that computes d for the calibration.")
 @threads_option

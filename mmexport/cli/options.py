@@ -39,7 +39,7 @@ def config_options(*classes, exclude=(), callbacks=None, aliases=None, metavars=
             default = f.default if f.default is not MISSING else None
             others = [f"{cls.__name__.removesuffix('Config').lower()}: {_show(g.default)}"
                       for cls, g in defs[1:] if g.default != default]
-            shown = "; ".join([_show(default)] + others)
+            shown = "; ".join([_show(default) if default is not None or name != "time_limit" else "auto"] + others)
             help_text = f"{f.metadata['help']} [default: {shown}]"
             names = [flag(name)] + list(aliases.get(name, ()))
             if isinstance(default, bool):
@@ -59,6 +59,19 @@ def config_options(*classes, exclude=(), callbacks=None, aliases=None, metavars=
 def set_only(**values) -> dict:
     """The options the user gave: those still None keep the config's default."""
     return {k: v for k, v in values.items() if v is not None}
+
+
+def time_limit(_ctx, _param, value):
+    """--time-limit SECONDS or auto (None: the config's default, auto)."""
+    if value is None or str(value).strip().lower() == "auto":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected seconds (a number >= 0) or auto") from None
+    if not seconds >= 0:
+        raise click.BadParameter(f"{value!r}: expected seconds (a number >= 0) or auto")
+    return seconds
 
 
 def input_range(_ctx, _param, value):

@@ -28,6 +28,7 @@ from ..engine.executor import Engine
 from ..engine.threads import use_threads
 from ..graph.rewrite import FORMS, apply_bounds
 from .common.checks import check_clean_set, check_original, with_site_shapes
+from .common.config import auto_time_limit
 from .common.cost import chunk_rows, measure, memory_budget
 from .common.device import reproducible, resolve_device
 from .common.margins import input_box, max_margins
@@ -209,8 +210,8 @@ def harden(
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
             found = stamp is not None and stamp.found
-            if cfg.time_limit > 0:  # the stage that runs, fitted to the time left
-                left = cfg.time_limit - (time.perf_counter() - clock[2])
+            if plan.time_limit > 0:  # the stage that runs, fitted to the time left
+                left = plan.time_limit - (time.perf_counter() - clock[2])
                 plan = merge(plan, second_stage(cfg, "unlearn" if found else "search", x.shape[0], k,
                                                 plan.cost, left, chunk))
                 cfg = plan.config
@@ -297,10 +298,13 @@ def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> 
     chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
     n = x.shape[0]
     cfg = with_rows(cfg, n)
+    limit = cfg.time_limit
+    if limit is None:
+        limit = auto_time_limit(sum(v.numel() for v in engine.constants().values()))
     if isinstance(cfg, MmomConfig):
         fits = len(LAMBDA_GRID) * 2
-        return fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, cfg.time_limit, chunk)
-    return fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, cfg.time_limit, chunk)
+        return fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, limit, chunk)
+    return fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, limit, chunk)
 
 
 def provenance(report: HardenReport, cfg) -> dict[str, str]:
