@@ -239,3 +239,16 @@ def test_the_second_stage_is_fitted_to_the_time_left_and_moves_only_its_knobs():
     assert both.config == search.config
     for field, (was, now) in both.changed.items():  # counted from the defaults
         assert was == getattr(cfg, field) and now == getattr(search.config, field)
+
+
+def test_the_auto_time_limit_grows_with_the_parameters_and_the_flag_takes_seconds_or_auto(tmp_path):
+    from builders import run_cli
+
+    from mmexport.defences.common.config import auto_time_limit
+
+    assert auto_time_limit(0) == 240 and auto_time_limit(5_000_000) == 360 and auto_time_limit(11_200_000) == 480
+    assert MmacConfig().time_limit is None
+    with pytest.raises(mmexport.ParameterError, match="time_limit"):
+        MmacConfig(time_limit=-1.0)
+    bad = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--time-limit", "soon")
+    assert bad.exit_code == 2 and "expected seconds (a number >= 0) or auto" in bad.output
