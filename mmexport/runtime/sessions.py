@@ -171,6 +171,9 @@ def predict(
     return y.astype(np.float32, copy=False)
 
 
+SUMMARY_BYTES = 256 * 2**20  # of requested tensors per chunk in `tensor_summaries`
+
+
 def tensor_summaries(
     proto: onnx.ModelProto,
     names: list[str],
@@ -182,13 +185,19 @@ def tensor_summaries(
     batch_size: int = 256,
 ) -> dict[str, np.ndarray]:
     """{name: summarise(name, tensor) over x}, any tensors of the graph (made outputs for the
-    run), in chunks of `batch_size` so only summaries of the whole of x are kept."""
+    run), in chunks of `batch_size` so only summaries of the whole of x are kept; smaller chunks
+    where a chunk's tensors would pass SUMMARY_BYTES (a MobileNetV2's expanded channels at 32x32
+    are ~4 MB a row: 256 rows took detect to 5 GB)."""
     probe = onnx.ModelProto()
     probe.CopyFrom(proto)
     listed = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in listed)
     sess, _ = session(probe, provider=provider)
     parts: dict[str, list] = {n: [] for n in names}
+    if len(x) > 1:
+        first = run_batches(sess, x[:1], names, input_name=input_name, batch_size=1)
+        per_row = max(1, sum(a.nbytes for a in first))
+        batch_size = max(1, min(batch_size, SUMMARY_BYTES // per_row))
     for start in range(0, len(x), batch_size):
         outs = run_batches(sess, x[start : start + batch_size], names, input_name=input_name,
                            batch_size=batch_size)
