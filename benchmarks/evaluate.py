@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,10 @@ def evaluate(
     attack = load_npz(folder / "attack.npz", attack=True) if (folder / "attack.npz").exists() else None
     before = validate(folder / "model.onnx", test, attack=attack, provider="cpu")
     t0 = time.perf_counter()
+    threads = int(os.environ["THREADS"]) if os.environ.get("THREADS") else None
     res = harden(
-        folder / "model.onnx", folder / "clean.npz", method=method, granularity=granularity, device=device, **overrides
+        folder / "model.onnx", folder / "clean.npz", method=method, granularity=granularity, device=device,
+        threads=threads, **overrides,
     )
     seconds = time.perf_counter() - t0
     after = validate(res.model, test, attack=attack, provider="cpu")
@@ -48,7 +51,7 @@ def evaluate(
         from mmexport.defences.mmdf.detector import detect
 
         t1 = time.perf_counter()
-        det = detect(folder / "model.onnx", folder / "clean.npz", device="cpu")
+        det = detect(folder / "model.onnx", folder / "clean.npz", device="cpu", threads=threads)
         rep = validate(det.model, test, attack=attack, provider="cpu")
         mmdf = {
             "mmdf_acc": rep.accuracy,
@@ -97,8 +100,6 @@ def fmt(v, pct=True):
 
 
 def main() -> None:
-    import os
-
     import torch
 
     if os.environ.get("THREADS"):
