@@ -160,7 +160,8 @@ def probe_work(c, k: int) -> Work:
 
 def stamp_work(c, n: int, k: int) -> Work:
     """MMAC's stamp search: one masked maximiser per class, then each judged on D."""
-    return Work(passes=k * c.restarts * (c.warmup_steps + c.steps), forwards=k * c.restarts + n * (k - 1))
+    judged = min(n * (k - 1) / k, 400)  # mmac.unlearn.JUDGE_ROWS per class
+    return Work(passes=k * c.restarts * (c.warmup_steps + c.steps), forwards=k * c.restarts + k * judged)
 
 
 def unlearn_work(c, n: int, k: int) -> Work:
