@@ -212,10 +212,9 @@ def harden(
             found = stamp is not None and stamp.found
             if plan.time_limit > 0:  # the stage that runs, fitted to the time left
                 left = plan.time_limit - (time.perf_counter() - clock[2])
-                plan = merge(plan, second_stage(cfg, "unlearn" if found else "search", x.shape[0], k,
-                                                plan.cost, left, chunk))
-                cfg = plan.config
-                if progress is not None and plan.changed:
+                again = second_stage(cfg, "unlearn" if found else "search", x.shape[0], k, plan.cost, left, chunk)
+                plan, cfg = merge(plan, again), again.config
+                if progress is not None and again.changed:
                     progress({"schedule": plan.to_json()})
             if found:
                 stage("unlearning")
