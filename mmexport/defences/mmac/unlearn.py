@@ -35,7 +35,6 @@ from ..common.search import (
     subset,
 )
 
-
 JUDGE_ROWS = 400  # images of the other classes each class's stamp is judged on, at most
 
 
