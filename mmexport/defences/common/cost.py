@@ -25,6 +25,10 @@ class RowCost:
     forward_seconds: float  # forward without autograd
     saved_bytes: int  # what autograd keeps per row for the backward
 
+    def slower(self, factor: float) -> RowCost:
+        """The costs scaled by what a stage actually took over what they predicted for it."""
+        return RowCost(self.backward_seconds * factor, self.forward_seconds * factor, self.saved_bytes)
+
     def to_json(self) -> dict:
         return {
             "backward_ms_per_row": round(1e3 * self.backward_seconds, 3),
