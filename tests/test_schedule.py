@@ -252,3 +252,15 @@ def test_the_auto_time_limit_grows_with_the_parameters_and_the_flag_takes_second
         MmacConfig(time_limit=-1.0)
     bad = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--time-limit", "soon")
     assert bad.exit_code == 2 and "expected seconds (a number >= 0) or auto" in bad.output
+
+
+def test_a_slow_stamp_search_makes_the_second_stage_smaller():
+    from mmexport.defences.common.schedule import after_stamp, stamp_work
+
+    cfg = with_rows(MmacConfig(), 200)
+    cost = RowCost(backward_seconds=0.05, forward_seconds=0.015, saved_bytes=30 << 20)
+    first = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, 200, 10), cost, time_limit=600)
+    predicted = stamp_work(first.config, 200, 10).seconds(cost)
+    as_planned, _ = after_stamp(first, "unlearn", 200, 10, 500.0, predicted)
+    slower, again = after_stamp(first, "unlearn", 200, 10, 500.0, 3 * predicted)
+    assert slower.config.unlearn_epochs < as_planned.config.unlearn_epochs and again.changed

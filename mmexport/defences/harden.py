@@ -36,12 +36,10 @@ from .common.schedule import (
     MMAC_KNOBS,
     SEARCH_KNOBS,
     Schedule,
+    after_stamp,
     fit_schedule,
-    merge,
     mmac_work,
     mmom_work,
-    second_stage,
-    stamp_work,
     with_rows,
 )
 from .common.search import fit_bounds, initial_bounds
@@ -212,16 +210,11 @@ def harden(
                     progress({"stamp": stamp.to_json()})
             found = stamp is not None and stamp.found
             if plan.time_limit > 0:  # the stage that runs, fitted to the time left
-                left = plan.time_limit - (time.perf_counter() - clock[2])
-                # The stamp search's own time says how fast rows run now (the machine's load
-                # moves: a ResNet-18's unlearning ran 1.5x its plan when two jobs started).
-                factor = 1.0
-                if stamp is not None:
-                    took = time.perf_counter() - clock[0]
-                    factor = min(4.0, max(0.5, took / max(stamp_work(cfg, x.shape[0], k).seconds(plan.cost), 1e-9)))
-                again = second_stage(cfg, "unlearn" if found else "search", x.shape[0], k,
-                                     plan.cost.slower(factor), left, chunk)
-                plan, cfg = merge(plan, again), again.config
+                now = time.perf_counter()
+                plan, again = after_stamp(plan, "unlearn" if found else "search", x.shape[0], k,
+                                          plan.time_limit - (now - clock[2]),
+                                          now - clock[0] if stamp is not None else None)
+                cfg = plan.config
                 if progress is not None and again.changed:
                     progress({"schedule": plan.to_json()})
             if found:

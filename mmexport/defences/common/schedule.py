@@ -184,6 +184,21 @@ def mmac_work(c, n: int, k: int) -> Work:
     return stamp_work(c, n, k) + cheaper + probe_work(c, k)
 
 
+def after_stamp(first: Schedule, stage: str, n: int, k: int, time_left: float,
+                stamp_seconds: float | None) -> tuple[Schedule, Schedule]:
+    """(the schedule as it will run, the second stage's own fit) once the stamp search is done.
+
+    The stamp search's own time says how fast rows run now, which the costs measured before it
+    may not (the machine's load moves: a ResNet-18's unlearning ran 1.5x its plan when two jobs
+    started), so the costs are scaled by its measured over its predicted seconds (0.5-4x)."""
+    factor = 1.0
+    if stamp_seconds is not None:
+        predicted = max(stamp_work(first.config, n, k).seconds(first.cost), 1e-9)
+        factor = min(4.0, max(0.5, stamp_seconds / predicted))
+    again = second_stage(first.config, stage, n, k, first.cost.slower(factor), time_left, first.chunk)
+    return merge(first, again), again
+
+
 def second_stage(config, stage: str, n: int, k: int, cost: RowCost, time_left: float, chunk: int | None) -> Schedule:
     """After the stamp search: the stage that runs (`unlearn` or `search`) and the probe, fitted
     to the time left; only that stage's knobs move (the probe's restarts and steps with it)."""
