@@ -181,6 +181,30 @@ def identity_classifier(classes=3, *, batch="N") -> onnx.ModelProto:
 # --- small classifiers and labelled sets ------------------------------------------------------
 
 
+def tiny_cnn_nodes(image: str) -> list[onnx.NodeProto]:
+    """tiny_cnn's nodes from an NCHW tensor `image`: Conv -> Relu -> GlobalAveragePool -> Flatten
+    -> Gemm -> Relu -> Gemm, weights w1, b1, w2, b2, w3, b3, output `logits`."""
+    return [
+        helper.make_node("Conv", [image, "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["p1"], name="gap"),
+        helper.make_node("Flatten", ["p1"], ["f1"], name="flat"),
+        helper.make_node("Gemm", ["f1", "w2", "b2"], ["g2"], transB=1, name="fc1"),
+        helper.make_node("Relu", ["g2"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], transB=1, name="fc2"),
+    ]
+
+
+def write_tiny(folder, *, per_class: int = 8, model: str = "tiny.onnx"):
+    """tiny_cnn(seed=3) saved as folder/`model` and its labelled set as folder/clean.npz:
+    (proto, model path, data path, x, y)."""
+    proto = tiny_cnn(seed=3)
+    onnx.save(proto, folder / model)
+    x, y = labelled_set(proto, per_class, seed=1)
+    np.savez(folder / "clean.npz", x=x, y=y)
+    return proto, folder / model, folder / "clean.npz", x, y
+
+
 def tiny_cnn(seed: int = 0, *, opset: int = 13, ir_version: int = 8, classes: int = 3) -> onnx.ModelProto:
     """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm -> Relu -> Gemm, input [N,1,6,6]."""
     rng = np.random.default_rng(seed)
@@ -192,17 +216,8 @@ def tiny_cnn(seed: int = 0, *, opset: int = 13, ir_version: int = 8, classes: in
         numpy_helper.from_array(rng.normal(0, 0.5, (classes, 8)).astype(np.float32), "w3"),
         numpy_helper.from_array(np.zeros(classes, np.float32), "b3"),
     ]
-    nodes = [
-        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("GlobalAveragePool", ["r1"], ["p1"], name="gap"),
-        helper.make_node("Flatten", ["p1"], ["f1"], name="flat"),
-        helper.make_node("Gemm", ["f1", "w2", "b2"], ["g2"], transB=1, name="fc1"),
-        helper.make_node("Relu", ["g2"], ["r2"], name="relu2"),
-        helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], transB=1, name="fc2"),
-    ]
     graph = helper.make_graph(
-        nodes,
+        tiny_cnn_nodes("input"),
         "tiny_cnn",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 6, 6])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],

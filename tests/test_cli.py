@@ -5,18 +5,13 @@ import json
 import numpy as np
 import onnx
 import pytest
-from builders import assert_one_line_error, labelled_set, tiny_cnn, two_input_model, unsupported_model
+from builders import assert_one_line_error, two_input_model, unsupported_model, write_tiny
 from builders import run_cli as run
 
 
 @pytest.fixture
 def tiny(tmp_path):
-    proto = tiny_cnn(seed=3)
-    path = tmp_path / "tiny.onnx"
-    onnx.save(proto, path)
-    x, y = labelled_set(proto, 8, seed=1)
-    data = tmp_path / "clean.npz"
-    np.savez(data, x=x, y=y)
+    _, path, data, _, _ = write_tiny(tmp_path)
     return path, data
 
 

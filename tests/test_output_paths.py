@@ -8,10 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import onnx
 import pytest
-from builders import assert_one_line_error, labelled_set, tiny_cnn
+from builders import assert_one_line_error, write_tiny
 from builders import run_cli as run
 
 from mmexport.core.errors import MmexportError, OutputExistsError
@@ -20,10 +18,7 @@ from mmexport.core.provenance import check_output_path, check_output_paths
 
 @pytest.fixture
 def files(tmp_path):
-    proto = tiny_cnn(seed=3)
-    onnx.save(proto, tmp_path / "model.onnx")
-    x, y = labelled_set(proto, 8, seed=1)
-    np.savez(tmp_path / "clean.npz", x=x, y=y)
+    write_tiny(tmp_path, model="model.onnx")
     (tmp_path / "b.json").write_text("{}")
     (tmp_path / "a_file").write_text("not a folder")
     return tmp_path

@@ -4,11 +4,9 @@ on D and the time left."""
 
 from __future__ import annotations
 
-import numpy as np
-import onnx
 import pytest
-from builders import labelled_set, tiny_cnn
 from builders import run_cli as run
+from builders import write_tiny
 
 from mmexport.cli.progress import EVERY_SECONDS, Progress, duration
 
@@ -16,10 +14,7 @@ from mmexport.cli.progress import EVERY_SECONDS, Progress, duration
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("progress")
-    proto = tiny_cnn(seed=3)
-    onnx.save(proto, tmp / "tiny.onnx")
-    x, y = labelled_set(proto, 8, seed=1)
-    np.savez(tmp / "clean.npz", x=x, y=y)
+    write_tiny(tmp)
     return tmp
 
 

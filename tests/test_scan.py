@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import assert_one_line_error, labelled_set, tiny_cnn
+from builders import assert_one_line_error, labelled_set, tiny_cnn, write_tiny
 from builders import run_cli as run
 
 import mmexport
@@ -26,12 +26,7 @@ FAST_CLI = ["--restarts", "2", "--ascent-steps", "10", "--device", "cpu", "-q"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("scan")
-    proto = tiny_cnn(seed=3)
-    path = tmp / "tiny.onnx"
-    onnx.save(proto, path)
-    x, y = labelled_set(proto, 6, seed=1)
-    data = tmp / "clean.npz"
-    np.savez(data, x=x, y=y)
+    _, path, data, _, _ = write_tiny(tmp, per_class=6)
     return path, data, tmp
 
 

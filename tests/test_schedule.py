@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from builders import labelled_set, tiny_cnn
+from builders import labelled_set, tiny_cnn, write_tiny
 
 import mmexport
 from mmexport.core.model import from_proto
@@ -205,22 +205,17 @@ def test_time_limit_and_memory_are_checked():
 def test_plan_prints_the_schedule_and_writes_nothing(tmp_path):
     import json
 
-    import numpy as np
-    import onnx
     from builders import run_cli
 
-    proto = tiny_cnn(seed=3, classes=3)
-    x, y = labelled_set(proto, 8, seed=1)
-    onnx.save(proto, tmp_path / "m.onnx")
-    np.savez(tmp_path / "d.npz", x=x, y=y)
-    result = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--plan", "--json",
+    _, model, data, _, _ = write_tiny(tmp_path)
+    result = run_cli("harden", model, "--data", data, "--plan", "--json",
                      "--time-limit", "0.000001", "--restarts", 4)
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
     assert plan["changed"]["restarts"] == [4, 2] and plan["settings"]["restarts"] == 2
     assert plan["backward_ms_per_row"] > 0 and plan["chunk_rows"] >= 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.npz", "m.onnx"]
-    text = run_cli("harden", tmp_path / "m.onnx", "--data", tmp_path / "d.npz", "--plan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.npz", "tiny.onnx"]
+    text = run_cli("harden", model, "--data", data, "--plan")
     assert text.exit_code == 0 and "predicted search time" in text.output
 
 

@@ -7,11 +7,10 @@ import json
 import os
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from builders import labelled_set, tiny_cnn
 from builders import run_cli as run
+from builders import write_tiny
 
 import mmexport
 from mmexport.core.errors import ParameterError
@@ -25,10 +24,7 @@ pytestmark = pytest.mark.own_threads  # these tests set and read the thread coun
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("threads")
-    proto = tiny_cnn(seed=3)
-    onnx.save(proto, tmp / "tiny.onnx")
-    x, y = labelled_set(proto, 8, seed=1)
-    np.savez(tmp / "clean.npz", x=x, y=y)
+    proto, _, _, x, y = write_tiny(tmp)
     return proto, (x, y), tmp
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from builders import tiny_cnn_nodes
 from onnx import helper, numpy_helper
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -70,13 +71,7 @@ def tiny_nhwc_cnn(seed: int = 0, classes: int = 3) -> onnx.ModelProto:
     }
     nodes = [
         helper.make_node("Transpose", ["input"], ["nchw"], perm=[0, 3, 1, 2], name="to_nchw"),
-        helper.make_node("Conv", ["nchw", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("GlobalAveragePool", ["r1"], ["p1"], name="gap"),
-        helper.make_node("Flatten", ["p1"], ["f1"], name="flat"),
-        helper.make_node("Gemm", ["f1", "w2", "b2"], ["g2"], transB=1, name="fc1"),
-        helper.make_node("Relu", ["g2"], ["r2"], name="relu2"),
-        helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], transB=1, name="fc2"),
+        *tiny_cnn_nodes("nchw"),
     ]
     graph = helper.make_graph(
         nodes, "tiny_nhwc",
