@@ -206,15 +206,21 @@ def objective_value(engine, sets, bounds, how: str, chunk: int | None) -> float:
     return total
 
 
-def objective_backward(engine, sets, bounds_fn, how: str, *, weight: float, chunk: int | None) -> float:
+def objective_backward(engine, sets, bounds_fn, how: str, *, weight: float, chunk: int | None,
+                       known: list | None = None) -> float:
     """Back-propagate `weight` x the margin objective, in two passes: the margins of every row
     without autograd give each class's weight in the reduction (one class for "max"), then
-    only rows of classes with a weight run forward and backward, `chunk` at a time."""
+    only rows of classes with a weight run forward and backward, `chunk` at a time.
+
+    `known[i]`: set i's margins at the current bounds where the caller has them (the ascent
+    that just ran returns them), so the first pass is not run twice."""
     total = 0.0
     with torch.no_grad():
         bounds = {k: v.detach() for k, v in bounds_fn().items()}
-    for ms in sets:
-        m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk)
+    for i, ms in enumerate(sets):
+        m = known[i] if known is not None and known[i] is not None else None
+        if m is None:
+            m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk)
         per_class = ms.per_class(m, "mean").detach().requires_grad_(True)
         value = reduce_margins(per_class, how)
         (w,) = torch.autograd.grad(value, per_class)
@@ -373,11 +379,14 @@ def fit_bounds(
     for epoch in range(1, config.max_epochs + 1):
         with torch.no_grad():
             bounds_now = {k: v.detach() for k, v in current().items()}
+        known = []  # each set's margins at these bounds, where its ascent just gave them
         for ms in sets:
             if isinstance(ms, (UniversalMaximisers, MaskedMaximisers)):
                 ms.resample()
+            fresh = None
             if config.refresh_every == 1 or (epoch > 1 and (epoch - 1) % config.refresh_every == 0):
-                ms.ascend(engine, bounds_now, config.steps)
+                fresh = ms.ascend(engine, bounds_now, config.steps)
+            known.append(fresh)
 
         opt.zero_grad()
         xs, ys, refs = subset(gen, config.fit_rows, x, y, ref)
@@ -390,7 +399,8 @@ def fit_bounds(
                                weight=float(1 / scale), chunk=chunk) / float(scale)
         else:
             fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk) / float(scale)
-        objective_backward(engine, sets, current, config.reduction, weight=lam / float(scale.sqrt()), chunk=chunk)
+        objective_backward(engine, sets, current, config.reduction, weight=lam / float(scale.sqrt()), chunk=chunk,
+                           known=known)
         descend(opt, None, rel)
 
         if epoch % config.check_every == 0 or epoch == config.max_epochs:
