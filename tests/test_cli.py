@@ -202,3 +202,33 @@ def test_attack_set_without_y_true_is_an_error(tiny, tmp_path):
     d = np.load(data)
     np.savez(attack, x=d["x"], y=d["y"])
     assert_one_line_error(run("validate", path, "--data", data, "--attack", attack), "y_true")
+
+
+# --- --settings: a run's settings from a JSON object (a report replays its run) ----------------
+
+
+def test_a_reports_settings_replay_its_harden(tiny, tmp_path):
+    path, data = tiny
+    first = run("harden", path, "--data", data, "-o", tmp_path / "a.onnx", "--max-epochs", "4", "--restarts", "2",
+                "--time-limit", "0", "--report", tmp_path / "a.json", "--json", "-q")
+    assert first.exit_code == 0, first.output
+    again = run("harden", path, "--data", data, "-o", tmp_path / "b.onnx", "--settings", tmp_path / "a.json",
+                "--json", "-q")
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "a.onnx.bounds.json").read_text() == (tmp_path / "b.onnx.bounds.json").read_text()
+    assert json.loads(again.output)["settings"]["max_epochs"] == 4
+    wins = run("harden", path, "--data", data, "-o", tmp_path / "c.onnx", "--settings", tmp_path / "a.json",
+               "--max-epochs", "2", "--plan", "--json")
+    assert json.loads(wins.output)["settings"]["max_epochs"] == 2  # the command line wins
+
+
+@pytest.mark.parametrize("text,names", [("{\"bogus\": 1}", "bogus"), ("[1, 2]", "JSON object"),
+                                        ("{not json", "not JSON"), ("{\"method\": \"mmom\"}", "--method mmom"),
+                                        (None, "cannot read")])
+def test_bad_settings_files_are_one_line_errors(tiny, tmp_path, text, names):
+    path, data = tiny
+    if text is not None:
+        (tmp_path / "s.json").write_text(text)
+    res = run("harden", path, "--data", data, "-o", tmp_path / "x.onnx", "--settings", tmp_path / "s.json")
+    assert_one_line_error(res, names)
+    assert not (tmp_path / "x.onnx").exists()

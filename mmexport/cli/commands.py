@@ -9,6 +9,7 @@ import click
 
 from .. import __version__
 from ..core.errors import MmexportError
+from ..core.launch import leader
 from ..defences.mmac.config import MmacConfig
 from ..defences.mmbd.scan import ScanConfig
 from ..defences.mmdf.config import MmdfConfig
@@ -28,6 +29,7 @@ from .options import (
     path_option,
     provider_option,
     set_only,
+    settings_option,
     threads_option,
     time_limit,
 )
@@ -96,6 +98,7 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
                    "mmom-refit: MMOM, then the last linear layer re-fitted on D (long-tailed models).")
 @click.option("--form", type=click.Choice(FORMS), default="auto", show_default=True, help=FORM_HELP)
 @config_options(MmacConfig, MmomConfig, callbacks={"time_limit": time_limit}, metavars={"time_limit": "SECONDS|auto"})
+@settings_option
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the margin search [default: per-channel min/max of D].")
 @device_option()
@@ -107,8 +110,8 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
-def harden(model, data, preprocess, out, method, form, input_range, layout, device, threads, report_path,
-           plan_only, no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
+def harden(model, data, preprocess, out, method, form, settings_from, input_range, layout, device, threads,
+           report_path, plan_only, no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
     """Search bounds on a clean set and write a hardened ONNX model.
 
     The model keeps its input/output names, opset and IR version: a drop-in replacement.
@@ -116,16 +119,20 @@ def harden(model, data, preprocess, out, method, form, input_range, layout, devi
     <out>.bounds.json (keyed by site tensor name). Options left unset take the method's
     defaults (MmacConfig, MmomConfig).
     """
+    from ..core.errors import ParameterError
     from ..core.provenance import check_output_paths, default_output
     from ..defences.harden import harden as run_harden
 
+    family = settings_from.pop("method", None)  # --method picks the method; the file must be for it
+    if family is not None and family != method.split("-")[0]:
+        raise ParameterError("settings_from", f"the settings are {family.upper()}'s; run with --method {family}")
     if plan_only:
         from ..defences.harden import plan
 
         clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name,
                                 output_name=output_name)
         schedule = plan(model, clean, method=method, device=device, threads=threads, input_name=input_name,
-                        output_name=output_name, **set_only(**settings))
+                        output_name=output_name, **(settings_from | set_only(**settings)))
         show(schedule.to_json() | {"settings": schedule.config.to_json()}, as_json, "print_plan")
         return
     out = out or default_output(model, method)
@@ -135,7 +142,9 @@ def harden(model, data, preprocess, out, method, form, input_range, layout, devi
     with Progress(quiet, method.upper()) as progress:
         result = run_harden(model, clean, method=method, form=form, input_range=input_range, layout=layout,
                             device=device, threads=threads, input_name=input_name, output_name=output_name,
-                            progress=progress, **set_only(**settings))
+                            progress=progress, **(settings_from | set_only(**settings)))
+    if not leader():  # under torchrun rank 0 writes
+        return
     summary = write_outputs(result, out, bounds_path, report_path, force=force, inputs=(model, data))
     show(summary, as_json, "print_harden")
 
@@ -320,6 +329,8 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
         result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, layout=layout, device=device,
                             provider=provider, threads=threads, input_name=input_name, output_name=output_name,
                             progress=progress, **overrides)
+    if not leader():
+        return
     summary = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)
     show(summary, as_json, "print_detect")
 
@@ -331,6 +342,7 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
                        "present.")
 @preprocess_options
 @config_options(ScanConfig)
+@settings_option
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the searches [default: per-channel min/max of D].")
 @device_option("Torch device of the searches.")
@@ -338,8 +350,8 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
 @path_option("--report", "report_path", help="Also write the full result as JSON.")
 @output_flags
 @model_io
-def scan(model, data, preprocess, input_range, layout, device, threads, report_path, force, as_json, quiet,
-         input_name, output_name, **settings):
+def scan(model, data, preprocess, settings_from, input_range, layout, device, threads, report_path, force, as_json,
+         quiet, input_name, output_name, **settings):
     """Detect a backdoor without its trigger (MM-BD) from a small clean set.
 
     Estimates every class's maximum margin, and the margin a small shared perturbation
@@ -356,8 +368,10 @@ def scan(model, data, preprocess, input_range, layout, device, threads, report_p
     with Progress(quiet, "scan") as progress:
         result = run_scan(model, clean, input_range=input_range, layout=layout, device=device, threads=threads,
                           input_name=input_name, output_name=output_name, progress=progress,
-                          **set_only(**settings))
+                          **(settings_from | set_only(**settings)))
     out = result.to_json()
+    if not leader():
+        return
     if report_path is not None:
         atomic_write_bytes(report_path, json.dumps(out, indent=1).encode())
     if as_json:

@@ -10,6 +10,8 @@ import click
 
 from .. import __version__
 from ..core.errors import MmexportError, OutputExistsError, ParameterError
+from ..core.launch import leader
+from .launch import process_group
 from .options import flag
 
 
@@ -20,23 +22,30 @@ def console():
 
 
 class Group(click.Group):
-    """Turns MmexportError into one line on stderr and exit 1; a ParameterError names the flag."""
+    """Turns MmexportError into one line on stderr and exit 1; a ParameterError names the flag.
+
+    Under torchrun each command runs in one process group (`launch.process_group`); every rank
+    meets the same user error, which rank 0 alone prints."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except ParameterError as exc:
-            sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
-            opts = {p.name: p.opts[0] for p in (sub.params if sub else []) if isinstance(p, click.Option)}
-            shown = opts.get(exc.param, flag(exc.param) if exc.param in opts else exc.param)
-            click.echo(f"error: {shown}: {exc.detail}", err=True)
-            sys.exit(1)
-        except OutputExistsError as exc:
-            click.echo(f"error: {exc}; use --force to overwrite", err=True)
-            sys.exit(1)
-        except MmexportError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+        with process_group():
+            try:
+                return super().invoke(ctx)
+            except ParameterError as exc:
+                sub = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+                opts = {p.name: p.opts[0] for p in (sub.params if sub else []) if isinstance(p, click.Option)}
+                shown = opts.get(exc.param, flag(exc.param) if exc.param in opts else exc.param)
+                fail(f"error: {shown}: {exc.detail}")
+            except OutputExistsError as exc:
+                fail(f"error: {exc}; use --force to overwrite")
+            except MmexportError as exc:
+                fail(f"error: {exc}")
+
+
+def fail(line: str) -> None:
+    if leader():
+        click.echo(line, err=True)
+    sys.exit(1)
 
 
 def print_json(obj) -> None:

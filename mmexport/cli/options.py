@@ -61,6 +61,39 @@ def set_only(**values) -> dict:
     return {k: v for k, v in values.items() if v is not None}
 
 
+REPORT_ONLY = ("input_range", "layout")  # what a report's `settings` holds beside the config's fields
+
+
+def settings_file(_ctx, _param, value) -> dict:
+    """--settings FILE: a JSON object of config fields (a report's `settings` will do)."""
+    if value is None:
+        return {}
+    import json
+
+    from ..core.errors import MmexportError
+
+    try:
+        obj = json.loads(Path(value).read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MmexportError(f"{value}: cannot read the settings ({exc.__class__.__name__})") from None
+    except json.JSONDecodeError as exc:
+        raise MmexportError(f"{value}: not JSON ({exc.msg}, line {exc.lineno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("settings"), dict):
+        obj = obj["settings"]  # a whole report
+    if not isinstance(obj, dict):
+        raise MmexportError(f"{value}: expected a JSON object of settings, got {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if k not in REPORT_ONLY}
+
+
+def settings_option(f):
+    return click.option(
+        "--settings", "settings_from", type=click.Path(dir_okay=False, path_type=Path), callback=settings_file,
+        metavar="FILE",
+        help="Start from the settings in a JSON object (field: value), e.g. a report written with --report "
+             "(its `settings`, the schedule as run): replays a run, time limit 0 and all. Options given on "
+             "the command line win; an unknown field is an error naming it.")(f)
+
+
 def time_limit(_ctx, _param, value):
     """--time-limit SECONDS or auto (None: the config's default, auto)."""
     if value is None or str(value).strip().lower() == "auto":

@@ -18,6 +18,7 @@ import time
 
 import click
 
+from ..core.launch import leader
 from .main import console
 
 EVERY_EPOCHS = 10
@@ -78,7 +79,7 @@ class Progress:
     `progress` is None with -q. Call it with a row dict or as `progress(step, done, total)`."""
 
     def __init__(self, quiet: bool, title: str, *, interactive: bool | None = None, clock=time.monotonic):
-        self.quiet = quiet
+        self.quiet = quiet or not leader()  # under torchrun, rank 0 shows the progress
         self.title = title
         self.interactive = interactive
         self.clock = clock

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .errors import ParameterError
+from .launch import local_ranks
 
 _in_use: int | None = None
 
@@ -28,8 +29,9 @@ def available_cores() -> int:
 
 
 def threads_in_use() -> int:
-    """The thread count of the enclosing call, else the cores this process may use."""
-    return _in_use if _in_use is not None else available_cores()
+    """The thread count of the enclosing call, else the cores this process may use (its share
+    where torchrun started several ranks on this machine)."""
+    return _in_use if _in_use is not None else max(1, available_cores() // local_ranks())
 
 
 def check_threads(threads) -> int | None:

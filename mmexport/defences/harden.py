@@ -27,6 +27,7 @@ from ..core.threads import check_threads
 from ..engine.executor import Engine
 from ..engine.threads import use_threads
 from ..graph.rewrite import FORMS, apply_bounds
+from .common import ranks
 from .common.checks import check_clean_set, check_original, with_site_shapes
 from .common.config import auto_time_limit
 from .common.cost import chunk_rows, measure, memory_budget
@@ -79,6 +80,7 @@ class HardenReport:
     cross_validation: list[dict] | None = None
     refit: dict | None = None
     schedule: dict | None = None  # the time limit, measured costs, and what shrank to fit it
+    distributed: dict | None = None  # under torchrun: world size and the rows each rank ran
     mmexport_version: str = __version__
     torch: str = torch.__version__
     python: str = field(default_factory=platform.python_version)
@@ -188,6 +190,7 @@ def harden(
             progress({"stage": what})
 
     with use_threads(threads), reproducible(dev):
+        ranks.rows_run.clear()
         engine = Engine(m, device=dev, memory_format="auto")
         x = torch.from_numpy(clean.x).to(dev)
         y = torch.from_numpy(clean.y).to(dev)
@@ -211,9 +214,9 @@ def harden(
             found = stamp is not None and stamp.found
             if plan.time_limit > 0:  # the stage that runs, fitted to the time left
                 now = time.perf_counter()
-                plan, again = after_stamp(plan, "unlearn" if found else "search", x.shape[0], k,
-                                          plan.time_limit - (now - clock[2]),
-                                          now - clock[0] if stamp is not None else None)
+                plan, again = ranks.broadcast(after_stamp(plan, "unlearn" if found else "search", x.shape[0], k,
+                                                          plan.time_limit - (now - clock[2]),
+                                                          now - clock[0] if stamp is not None else None))
                 cfg = plan.config
                 if progress is not None and again.changed:
                     progress({"schedule": plan.to_json()})
@@ -240,6 +243,7 @@ def harden(
                             memory_format="auto")
         mm_after = max_margins(engine, box, k, bounds=zb, **probe)
         stage(None)
+        share = ranks.share()
 
     hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
     settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None,
@@ -255,7 +259,7 @@ def harden(
         max_margins_after=[float(v) for v in mm_after.cpu()],
         epochs=result.epochs, seconds=result.seconds, form=form, site_forms=forms.to_json(),
         history=result.history, cross_validation=cv, refit=refit_table,
-        schedule=plan.to_json() | {"stage_seconds": timings},
+        schedule=plan.to_json() | {"stage_seconds": timings}, distributed=share,
     )
     result.bounds.meta = {"method": name, "seed": cfg.seed, "model_sha256": report.model_sha256,
                           "data_sha256": report.data_sha256}
@@ -295,6 +299,7 @@ def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> 
     to `time_limit` where needed, and the rows per chunk that `max_memory` allows."""
     z = initial_bounds(engine, x[: min(8, x.shape[0])], cfg.granularity)
     cost = measure(engine, x[: min(128, x.shape[0])], {name: v.requires_grad_(True) for name, v in z.items()})
+    cost = cost.slower(1 / ranks.size())  # each rank runs its share of the rows
     chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
     n = x.shape[0]
     cfg = with_rows(cfg, n)
@@ -303,8 +308,10 @@ def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> 
         limit = auto_time_limit(sum(v.numel() for v in engine.constants().values()))
     if isinstance(cfg, MmomConfig):
         fits = len(LAMBDA_GRID) * 2
-        return fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, limit, chunk)
-    return fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, limit, chunk)
+        plan_ = fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, limit, chunk)
+    else:
+        plan_ = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, limit, chunk)
+    return ranks.broadcast(plan_)  # rank 0's measurement decides: every rank runs the same schedule
 
 
 def provenance(report: HardenReport, cfg) -> dict[str, str]:

@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ranks
+from .ranks import row_slices  # noqa: F401  (the searches' helpers take it from here)
+
 
 def margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """m_c for each row's class c: its logit minus the largest other logit."""
@@ -20,16 +23,13 @@ def margins(logits: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return own - others.max(dim=1).values
 
 
-def row_slices(n: int, chunk: int | None) -> list[slice]:
-    """Consecutive slices of n rows, `chunk` at a time (None: one slice)."""
-    step = n if not chunk else chunk
-    return [slice(i, min(n, i + step)) for i in range(0, n, max(step, 1))]
-
-
-def chunked_margins(engine, rows, n: int, classes: torch.Tensor, bounds, chunk: int | None) -> torch.Tensor:
-    """Margins of n rows without autograd, `rows(slice)` building each chunk's inputs."""
+def chunked_margins(engine, rows, n: int, classes: torch.Tensor, bounds, chunk: int | None,
+                    unit: int | None = None) -> torch.Tensor:
+    """Margins of n class-major rows (`unit` per class) without autograd, `rows(slice)` building
+    each chunk's inputs; in a distributed run each rank runs its classes' and all are gathered."""
     with torch.no_grad():
-        return torch.cat([margins(engine(rows(sl), bounds), classes[sl]) for sl in row_slices(n, chunk)])
+        return ranks.gather_rows([margins(engine(rows(sl), bounds), classes[sl])
+                                  for _, sl in ranks.runs(n, chunk, unit, "margins")])
 
 
 @dataclass
@@ -114,16 +114,20 @@ class Maximisers:
         return self.x[sl]
 
     def ascend(self, engine, bounds, steps: int) -> torch.Tensor:
-        """Projected signed-gradient ascent on each point's own-class margin; returns margins."""
+        """Projected signed-gradient ascent on each point's own-class margin; returns margins.
+
+        Each row moves on its own, so a rank ascends only its classes' rows."""
         for _ in range(steps):
             grads = []
-            for sl in row_slices(len(self.x), self.chunk):
+            for _, sl in ranks.runs(len(self.x), self.chunk, self.restarts, "ascent"):
                 xs = self.x[sl].detach().requires_grad_(True)
                 (g,) = torch.autograd.grad(margins(engine(xs, bounds), self.classes[sl]).sum(), xs)
-                grads.append(g)
-            grad = grads[0] if len(grads) == 1 else torch.cat(grads)
-            self.x = self.box.clamp(self.x.detach() + self.step * grad.sign())
-        return chunked_margins(engine, self.rows, len(self.x), self.classes, bounds, self.chunk)
+                grads.append((sl, g))
+            x = self.x.detach().clone()
+            for sl, g in grads:
+                x[sl] = self.box.clamp(x[sl] + self.step * g.sign())
+            self.x = x
+        return chunked_margins(engine, self.rows, len(self.x), self.classes, bounds, self.chunk, self.restarts)
 
     def per_class(self, m: torch.Tensor, how: str = "max") -> torch.Tensor:
         """Reduce point margins [K*J] to one estimate per class [K]."""
@@ -215,10 +219,10 @@ class _OnCleanImages:
     def _ascent_grads(self, engine, bounds, params: tuple[torch.Tensor, ...], rows) -> tuple:
         """Gradients of the summed margins w.r.t. the per-class params, chunk by chunk."""
         n = len(self.classes)
-        slices = row_slices(n, self.chunk)
-        if len(slices) == 1:
+        slices = [sl for _, sl in ranks.runs(n, self.chunk, self.batch, "ascent")]
+        if len(slices) == 1 and not ranks.active():
             slices = [slice(None)]
-        total = None
+        total = tuple(torch.zeros_like(p) for p in params) if not slices else None  # a rank with no class
         for sl in slices:
             m = margins(engine(rows(sl, *params), bounds), self.classes[sl])
             grads = torch.autograd.grad(m.sum(), params)
@@ -274,7 +278,7 @@ class UniversalMaximisers(_OnCleanImages):
             g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
             delta = self._project(delta.detach() + self.step * g.view_as(delta))
         self.delta = delta.detach()
-        return chunked_margins(engine, self.rows, len(self.classes), self.classes, bounds, self.chunk)
+        return chunked_margins(engine, self.rows, len(self.classes), self.classes, bounds, self.chunk, self.batch)
 
     @property
     def x(self) -> torch.Tensor:
@@ -339,7 +343,7 @@ class MaskedMaximisers(_OnCleanImages):
             mask = project_capped_simplex(mask.detach() + step, self.area)
             pattern = self.box.clamp(pattern.detach() + self.pattern_step * gp.sign())
         self.mask, self.pattern = mask.detach(), pattern.detach()
-        return chunked_margins(engine, self.rows, len(self.classes), self.classes, bounds, self.chunk)
+        return chunked_margins(engine, self.rows, len(self.classes), self.classes, bounds, self.chunk, self.batch)
 
     @property
     def x(self) -> torch.Tensor:

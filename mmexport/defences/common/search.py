@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ...core.bounds import Bounds
+from . import ranks
 from .config import REDUCTIONS, SearchConfig
 from .margins import Box, MaskedMaximisers, Maximisers, UniversalMaximisers, chunked_margins, margins, row_slices
 
@@ -154,11 +155,15 @@ def floor_set(engine, x: torch.Tensor, y: torch.Tensor, *, shifted: bool = True,
     return xc, yc, correct
 
 
-def predict(engine, x: torch.Tensor, bounds=None, chunk: int | None = None) -> torch.Tensor:
-    """Logits of x without autograd, `chunk` rows at a time."""
+def predict(engine, x: torch.Tensor, bounds=None, chunk: int | None = None, *, shared: bool = True) -> torch.Tensor:
+    """Logits of x without autograd, `chunk` rows at a time. `shared`: in a distributed run
+    the rows are split among the ranks (every rank calls; each gets all logits); False: this
+    rank computes them all (inside a loop over its own classes)."""
     with torch.no_grad():
-        parts = [engine(x[sl], bounds) for sl in row_slices(x.shape[0], chunk)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if not shared:
+            parts = [engine(x[sl], bounds) for sl in row_slices(x.shape[0], chunk)]
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return ranks.gather_rows([engine(x[sl], bounds) for _, sl in ranks.runs(x.shape[0], chunk, None, "forward")])
 
 
 def kept_correct(engine, xc: torch.Tensor, yc: torch.Tensor, correct: torch.Tensor, bounds,
@@ -182,18 +187,30 @@ def descend(opt, loss: torch.Tensor | None, rel: dict) -> None:
 
 
 def fit_backward(engine, x: torch.Tensor, ref: torch.Tensor | None, bounds_fn, *, weight: float,
-                 chunk: int | None, labels: torch.Tensor | None = None) -> float:
+                 chunk: int | None, labels: torch.Tensor | None = None, grads: ranks.Gradients | None = None,
+                 key: int = 0) -> float:
     """The logit term (squared distance to `ref`, or cross-entropy on `labels`), its mean over
-    the rows, back-propagated `chunk` rows at a time with `weight`; returns the term's value."""
-    n, total = x.shape[0], 0.0
-    for sl in row_slices(n, chunk):
+    the rows, back-propagated `chunk` rows at a time with `weight`; returns the term's value.
+
+    `grads` (needed in a distributed run) collects each block's gradient under (`key`, block)."""
+    n, total, terms = x.shape[0], 0.0, {}
+    for block, sl in ranks.runs(n, chunk, None, "fit"):
         out = engine(x[sl], bounds_fn())
         if labels is None:
             term = ((out - ref[sl]) ** 2).sum()
         else:
             term = torch.nn.functional.cross_entropy(out, labels[sl], reduction="sum")
-        (term * (weight / n)).backward()
+        loss = term * (weight / n)
+        if grads is None:
+            loss.backward()
+        else:
+            grads.backward(loss, (key, block))
         total += float(term.detach())
+        terms[block] = terms.get(block, 0.0) + float(term.detach())
+    if ranks.active():  # every block's term, added in global order: the same value on any world size
+        total = 0.0
+        for _, v in sorted(ranks.gather_objects(list(terms.items()))):
+            total += v
     return total / n
 
 
@@ -201,48 +218,40 @@ def objective_value(engine, sets, bounds, how: str, chunk: int | None) -> float:
     """The margin objective: each set's per-class mean margins, reduced by `how`, summed."""
     total = 0.0
     for ms in sets:
-        m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk)
+        m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk, ms.restarts)
         total += float(reduce_margins(ms.per_class(m, "mean"), how))
     return total
 
 
 def objective_backward(engine, sets, bounds_fn, how: str, *, weight: float, chunk: int | None,
-                       known: list | None = None) -> float:
+                       known: list | None = None, grads: ranks.Gradients | None = None, key: int = 1) -> float:
     """Back-propagate `weight` x the margin objective, in two passes: the margins of every row
     without autograd give each class's weight in the reduction (one class for "max"), then
     only rows of classes with a weight run forward and backward, `chunk` at a time.
 
     `known[i]`: set i's margins at the current bounds where the caller has them (the ascent
-    that just ran returns them), so the first pass is not run twice."""
+    that just ran returns them), so the first pass is not run twice. `grads`: as in
+    `fit_backward` (blocks keyed (`key` + i, block))."""
     total = 0.0
     with torch.no_grad():
         bounds = {k: v.detach() for k, v in bounds_fn().items()}
     for i, ms in enumerate(sets):
         m = known[i] if known is not None and known[i] is not None else None
         if m is None:
-            m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk)
+            m = chunked_margins(engine, ms.rows, len(ms.classes), ms.classes, bounds, chunk, ms.restarts)
         per_class = ms.per_class(m, "mean").detach().requires_grad_(True)
         value = reduce_margins(per_class, how)
         (w,) = torch.autograd.grad(value, per_class)
         total += float(value.detach())
         row_w = w[ms.classes] / ms.restarts  # d(mean over a class's rows) / d(row)
-        for sl in _weighted_runs(row_w, chunk):
+        for block, sl in ranks.runs(len(row_w), chunk, ms.restarts, "objective", where=row_w != 0):
             out = engine(ms.rows(sl), bounds_fn())
-            (weight * (row_w[sl] * margins(out, ms.classes[sl])).sum()).backward()
+            loss = weight * (row_w[sl] * margins(out, ms.classes[sl])).sum()
+            if grads is None:
+                loss.backward()
+            else:
+                grads.backward(loss, (key + i, block))
     return total
-
-
-def _weighted_runs(row_w: torch.Tensor, chunk: int | None) -> list[slice]:
-    """Slices over the runs of rows with a non-zero weight, each at most `chunk` rows."""
-    nz = (row_w != 0).tolist()
-    runs, start = [], None
-    for i, on in enumerate([*nz, False]):
-        if on and start is None:
-            start = i
-        elif not on and start is not None:
-            runs += [slice(start + s.start, start + s.stop) for s in row_slices(i - start, chunk)]
-            start = None
-    return runs
 
 
 def restore(rel: dict, saved: dict) -> None:
@@ -329,6 +338,7 @@ def fit_bounds(
         return torch.optim.Adam(list(rel.values()), lr=config.lr)
 
     opt = new_optimiser()
+    grads = ranks.Gradients(list(rel.values()))
 
     def current() -> dict:
         return {k: z0[k] * rel[k] for k in names}
@@ -391,16 +401,18 @@ def fit_bounds(
         opt.zero_grad()
         xs, ys, refs = subset(gen, config.fit_rows, x, y, ref)
         if config.method == "mmom":
-            fit = fit_backward(engine, xs, None, current, weight=1.0, chunk=chunk, labels=ys)
+            fit = fit_backward(engine, xs, None, current, weight=1.0, chunk=chunk, labels=ys, grads=grads)
         elif config.augment:
             xa = augment(xs, gen, box.channel_axis)
             ref_a = predict(engine, xa, None, chunk)
             fit = fit_backward(engine, torch.cat([xs, xa]), torch.cat([refs, ref_a]), current,
-                               weight=float(1 / scale), chunk=chunk) / float(scale)
+                               weight=float(1 / scale), chunk=chunk, grads=grads) / float(scale)
         else:
-            fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk) / float(scale)
+            fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk,
+                               grads=grads) / float(scale)
         objective_backward(engine, sets, current, config.reduction, weight=lam / float(scale.sqrt()), chunk=chunk,
-                           known=known)
+                           known=known, grads=grads)
+        grads.reduce()
         descend(opt, None, rel)
 
         if epoch % config.check_every == 0 or epoch == config.max_epochs:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..common import ranks
 from ..common.config import SearchConfig
 from ..common.margins import Box, MaskedMaximisers, margins, stamped
 from ..common.search import (
@@ -90,27 +91,33 @@ def find_stamp(
     # batch of `restarts`: measured on the samples over three seeds, the batch's mean margins
     # put the signal CNN's outlier at 2.9-9.4 and the wide blend's at 3.5-8.9, all of D at
     # 5.0-7.0 and 13.3-22.7, with the clean models at <= 1.2 either way.
-    per_class, fooled = [], []
+    judged = []  # (margin, fooled) of this rank's classes (all of them in a single process)
+    mine = set(ranks.owned(num_classes, 1))
     pick = torch.Generator().manual_seed(config.seed + 3)
     with torch.no_grad():
         for c in range(num_classes):
             others = x[y != c]
             if len(others) > JUDGE_ROWS:  # K x |D| rows in all: 5M forwards at 1,000 classes
                 others = others[torch.randperm(len(others), generator=pick)[:JUDGE_ROWS].to(x.device)]
-            out = predict(engine, stamped(others, ms.mask[c], ms.pattern[c]), None, chunk)
-            per_class.append(float(margins(out, torch.full((len(others),), c, device=x.device)).mean()))
-            fooled.append(float((out.argmax(1) == c).float().mean()))
-    per_class = torch.tensor(per_class)
+            if c not in mine:  # another rank's class (its draw above keeps the generator in step)
+                continue
+            out = predict(engine, stamped(others, ms.mask[c], ms.pattern[c]), None, chunk, shared=False)
+            judged.append((float(margins(out, torch.full((len(others),), c, device=x.device)).mean()),
+                           float((out.argmax(1) == c).float().mean())))
+    judged = ranks.gather_objects(judged)
+    per_class = torch.tensor([m for m, _ in judged])
     target = int(per_class.argmax())
     score = outlier_score(per_class)
+    mask, pattern = ranks.from_owner((ms.mask[target].detach().cpu(), ms.pattern[target].detach().cpu()),
+                                     target, num_classes)
     return Stamp(
         target=target,
         margins=[float(v) for v in per_class],
-        fooled=fooled,
+        fooled=[f for _, f in judged],
         outlier=score,
         found=score >= config.unlearn_gate,
-        mask=ms.mask[target].detach(),
-        pattern=ms.pattern[target].detach(),
+        mask=mask.to(x.device),
+        pattern=pattern.to(x.device),
     )
 
 
@@ -164,6 +171,7 @@ def unlearn_bounds(
         return torch.optim.Adam(list(rel.values()), lr=config.lr)
 
     opt = new_optimiser()
+    grads = ranks.Gradients(list(rel.values()))
     weight, up = config.unlearn_weight0, config.lambda_up
     last_ok = {k: v.detach().clone() for k, v in rel.items()}
     best = None  # (held-out fooled, epoch, bounds, accuracy, weight)
@@ -172,9 +180,11 @@ def unlearn_bounds(
     for epoch in range(1, epochs + 1):
         opt.zero_grad()
         xs, refs = subset(gen, config.fit_rows, x, ref)
-        fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk) / float(scale)
+        fit = fit_backward(engine, xs, refs, current, weight=float(1 / scale), chunk=chunk, grads=grads,
+                           key=0) / float(scale)
         px, py = subset(gen, round(share * len(fit_y)), fit_x, fit_y)
-        fit_backward(engine, px, None, current, weight=weight, chunk=chunk, labels=py)
+        fit_backward(engine, px, None, current, weight=weight, chunk=chunk, labels=py, grads=grads, key=1)
+        grads.reduce()
         descend(opt, None, rel)
 
         if epoch % config.check_every == 0 or epoch == epochs:

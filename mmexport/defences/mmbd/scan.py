@@ -98,6 +98,7 @@ class ScanResult:
     model: str | None = None
     data: str | None = None
     schedule: dict | None = None  # the time limit, measured costs, and what shrank to fit it
+    distributed: dict | None = None  # under torchrun: world size and the rows each rank ran
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -131,7 +132,8 @@ def universal_gain(
     """
     import torch
 
-    from ..common.margins import margins, row_slices
+    from ..common import ranks
+    from ..common.margins import margins
 
     span = box.hi - box.lo
     shape = (num_classes, *box.lo.shape)
@@ -151,8 +153,8 @@ def universal_gain(
             [p[torch.randint(0, len(p), (batch,), generator=generator).to(p.device)] for p in pools]
         )
         delta = delta.detach().requires_grad_(True)
-        slices = row_slices(len(classes), chunk)
-        if len(slices) == 1:
+        slices = [sl for _, sl in ranks.runs(len(classes), chunk, batch, "ascent")]  # this rank's classes
+        if len(slices) == 1 and not ranks.active():
             m = margins(engine(box.clamp(x[pick] + delta.repeat_interleave(batch, dim=0))), classes)
             (grad,) = torch.autograd.grad(m.sum(), delta)
         else:
@@ -175,14 +177,14 @@ def universal_gain(
         progress(steps % 10)
     out = []
     with torch.no_grad():
-        for c in range(num_classes):
+        for c in ranks.owned(num_classes, 1):
             xs = x[pools[c]]
             cls = torch.full((len(xs),), c, device=x.device)
             before = margins(engine(xs), cls)
             after = margins(engine(box.clamp(xs + delta[c])), cls)
             spread = float(before.std()) if len(xs) > 1 else 0.0
             out.append(float((after - before).mean()) / max(spread, 1e-6))
-    return out
+    return ranks.gather_objects(out)
 
 
 def scan_engine(
@@ -256,13 +258,16 @@ def scan_work(c: ScanConfig, n: int, k: int):
 
 def schedule_scan(engine, x, k: int, cfg: ScanConfig, dev):
     """The scan's config as it will run: priced on this model, shrunk to its time limit."""
+    from ..common import ranks
     from ..common.cost import chunk_rows, measure, memory_budget
     from ..common.schedule import Knob, fit_schedule
 
     cost = measure(engine, x[: min(128, x.shape[0])], None)
     chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
     knobs = [Knob(name, floor) for name, floor in SCAN_KNOBS]
-    return fit_schedule(cfg, knobs, lambda c: scan_work(c, x.shape[0], k), cost, cfg.time_limit, chunk)
+    # rank 0's measurement decides for every rank, which each run a share of the work
+    return ranks.broadcast(fit_schedule(cfg, knobs, lambda c: scan_work(c, x.shape[0], k),
+                                        cost.slower(1 / ranks.size()), cfg.time_limit, chunk))
 
 
 def scan(
@@ -296,6 +301,7 @@ def scan(
     from ...core.threads import check_threads
     from ...engine.executor import Engine
     from ...engine.threads import use_threads
+    from ..common import ranks
     from ..common.device import reproducible, resolve_device
     from ..common.margins import input_box
 
@@ -316,6 +322,7 @@ def scan(
     axis = input_layout(m, layout).channel_axis
     dev = resolve_device(device)
     with use_threads(threads), reproducible(dev):
+        ranks.rows_run.clear()
         engine = Engine(m, device=dev, memory_format="auto")
         x = torch.from_numpy(clean.x).to(dev)
         y = torch.from_numpy(clean.y).to(dev)
@@ -323,6 +330,7 @@ def scan(
         plan = schedule_scan(engine, x, k, cfg, dev)
         cfg = plan.config
         tests = scan_engine(engine, x, y, k, box, cfg, progress=progress, chunk=plan.chunk)
+        share = ranks.share()
     verdict, target, p, name = decide(tests, cfg.alpha)
     return ScanResult(
         verdict=verdict,
@@ -336,6 +344,7 @@ def scan(
         settings=cfg.to_json() | {"input_range": list(input_range) if input_range else None,
                                   "layout": input_layout(m, layout).name},
         schedule=plan.to_json(),
+        distributed=share,
         seconds=time.perf_counter() - start,
         device=str(dev),
         model=str(m.path) if m.path else None,
