@@ -146,3 +146,29 @@ def test_two_classes_are_too_few_for_a_null(tmp_path):
     data = tmp_path / "clean.npz"
     np.savez(data, x=x, y=y)
     assert_one_line_error(run("scan", path, "--data", data, *FAST_CLI), "at least 3")
+
+
+def test_each_class_is_judged_on_at_most_judge_rows_images():
+    """K x |D| forwards would be 4M at 1,000 classes and 2,000 images: the gain is judged on a
+    seeded draw of at most JUDGE_ROWS other-class images per class."""
+    import torch
+
+    from mmexport.core.model import from_proto
+    from mmexport.defences.common import ranks
+    from mmexport.defences.common.config import JUDGE_ROWS
+    from mmexport.defences.common.margins import input_box
+    from mmexport.defences.mmbd.scan import universal_gain
+    from mmexport.engine.executor import Engine
+
+    engine = Engine(from_proto(tiny_cnn(seed=3)))
+    x = torch.rand(900, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(3).repeat(300)
+
+    def gains():
+        ranks.rows_run.clear()
+        return universal_gain(engine, input_box(x), x, y, 3, norm="linf", budget=0.05, steps=2, batch=4,
+                              generator=torch.Generator().manual_seed(0), chunk=64)
+
+    first = gains()
+    assert ranks.rows_run["forward"] == 3 * 2 * JUDGE_ROWS and len(first) == 3
+    assert gains() == first  # the draw is seeded

@@ -9,6 +9,9 @@ from ...core.errors import ParameterError
 
 REDUCTIONS = ("mean", "max", "excess", "softmax")
 MAXIMISERS = ("universal", "points", "both", "masked", "universal+masked")
+# Images of the other classes a per-class statistic is judged on, at most (a stamp, a shared
+# perturbation): all of D's would be K x |D| forwards, 5M at 1,000 classes.
+JUDGE_ROWS = 400
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import ranks
-from ..common.config import SearchConfig
+from ..common.config import JUDGE_ROWS, SearchConfig
 from ..common.margins import Box, MaskedMaximisers, margins, stamped
 from ..common.search import (
     MIN_GROWTH,
@@ -35,8 +35,6 @@ from ..common.search import (
     restore,
     subset,
 )
-
-JUDGE_ROWS = 400  # images of the other classes each class's stamp is judged on, at most
 
 
 @dataclass
@@ -97,7 +95,7 @@ def find_stamp(
     with torch.no_grad():
         for c in range(num_classes):
             others = x[y != c]
-            if len(others) > JUDGE_ROWS:  # K x |D| rows in all: 5M forwards at 1,000 classes
+            if len(others) > JUDGE_ROWS:
                 others = others[torch.randperm(len(others), generator=pick)[:JUDGE_ROWS].to(x.device)]
             if c not in mine:  # another rank's class (its draw above keeps the generator in step)
                 continue

@@ -122,8 +122,9 @@ def universal_gain(
     progress: Callable[[int], None] | None = None,
     chunk: int | None = None,
 ) -> list[float]:
-    """Per class c: the mean margin gain toward c of D's other-class images under one shared
-    perturbation, over its std on D (how many clean spreads a small shared change buys).
+    """Per class c: the mean margin gain toward c of D's other-class images (at most JUDGE_ROWS
+    of them) under one shared perturbation, over its std on D (how many clean spreads a small
+    shared change buys).
 
     The perturbation is bounded in `norm`: "l2" (radius `budget` x the norm of the box) or
     "linf" (`budget` x the box's range, per element); it is found by normalised (l2) or
@@ -133,7 +134,8 @@ def universal_gain(
     import torch
 
     from ..common import ranks
-    from ..common.margins import margins
+    from ..common.config import JUDGE_ROWS
+    from ..common.margins import margins, row_slices
 
     span = box.hi - box.lo
     shape = (num_classes, *box.lo.shape)
@@ -175,13 +177,20 @@ def universal_gain(
             progress(10)
     if progress is not None and steps % 10:
         progress(steps % 10)
-    out = []
+    out, mine = [], set(ranks.owned(num_classes, 1))
     with torch.no_grad():
-        for c in ranks.owned(num_classes, 1):
-            xs = x[pools[c]]
+        for c in range(num_classes):
+            pool = pools[c]
+            if len(pool) > JUDGE_ROWS:  # every rank draws for every class: the generator stays in step
+                pool = pool[torch.randperm(len(pool), generator=generator)[:JUDGE_ROWS].to(pool.device)]
+            if c not in mine:
+                continue
+            xs = x[pool]
             cls = torch.full((len(xs),), c, device=x.device)
-            before = margins(engine(xs), cls)
-            after = margins(engine(box.clamp(xs + delta[c])), cls)
+            slices = row_slices(len(xs), chunk)
+            before = torch.cat([margins(engine(xs[sl]), cls[sl]) for sl in slices])
+            after = torch.cat([margins(engine(box.clamp(xs[sl] + delta[c])), cls[sl]) for sl in slices])
+            ranks.rows_run["forward"] += 2 * len(xs)
             spread = float(before.std()) if len(xs) > 1 else 0.0
             out.append(float((after - before).mean()) / max(spread, 1e-6))
     return ranks.gather_objects(out)
@@ -250,10 +259,12 @@ SCAN_KNOBS = (("restarts", 2), ("ascent_steps", 20), ("universal_steps", 10), ("
 
 def scan_work(c: ScanConfig, n: int, k: int):
     """Row passes and forwards of `scan_engine` on n clean rows and k classes."""
+    from ..common.config import JUDGE_ROWS
     from ..common.schedule import Work
 
+    judged = min(n * (k - 1) / k, JUDGE_ROWS)  # other-class images per class, before and after
     return Work(passes=k * c.restarts * c.ascent_steps + c.universal_steps * k * c.universal_batch,
-                forwards=k * c.restarts * (1 + -(-c.ascent_steps // 20)) + 2 * n * (k - 1))
+                forwards=k * c.restarts * (1 + -(-c.ascent_steps // 20)) + 2 * k * judged)
 
 
 def schedule_scan(engine, x, k: int, cfg: ScanConfig, dev):
