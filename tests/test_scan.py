@@ -150,12 +150,12 @@ def test_two_classes_are_too_few_for_a_null(tmp_path):
 
 def test_each_class_is_judged_on_at_most_judge_rows_images():
     """K x |D| forwards would be 4M at 1,000 classes and 2,000 images: the gain is judged on a
-    seeded draw of at most JUDGE_ROWS other-class images per class."""
+    seeded draw of at most JUDGE_ROWS other-class images per class, fewer where classes are many."""
     import torch
 
     from mmexport.core.model import from_proto
     from mmexport.defences.common import ranks
-    from mmexport.defences.common.config import JUDGE_ROWS
+    from mmexport.defences.common.config import JUDGE_ROWS, judge_rows
     from mmexport.defences.common.margins import input_box
     from mmexport.defences.mmbd.scan import universal_gain
     from mmexport.engine.executor import Engine
@@ -172,3 +172,4 @@ def test_each_class_is_judged_on_at_most_judge_rows_images():
     first = gains()
     assert ranks.rows_run["forward"] == 3 * 2 * JUDGE_ROWS and len(first) == 3
     assert gains() == first  # the draw is seeded
+    assert [judge_rows(k) for k in (10, 50, 100, 1000)] == [400, 400, 200, 50]

@@ -9,9 +9,16 @@ from ...core.errors import ParameterError
 
 REDUCTIONS = ("mean", "max", "excess", "softmax")
 MAXIMISERS = ("universal", "points", "both", "masked", "universal+masked")
-# Images of the other classes a per-class statistic is judged on, at most (a stamp, a shared
-# perturbation): all of D's would be K x |D| forwards, 5M at 1,000 classes.
-JUDGE_ROWS = 400
+# Images of the other classes a per-class statistic is judged on (a stamp, a shared
+# perturbation): all of D's would be K x |D| forwards, 5M at 1,000 classes. At most JUDGE_ROWS
+# per class and JUDGE_TOTAL over all classes, never fewer than JUDGE_MIN per class.
+JUDGE_ROWS, JUDGE_TOTAL, JUDGE_MIN = 400, 20_000, 50
+
+
+def judge_rows(classes: int) -> int:
+    """Per-class cap on the images a class's statistic is judged on: 400 up to 50 classes, 200
+    at 100, 50 at 400 and more."""
+    return max(JUDGE_MIN, min(JUDGE_ROWS, JUDGE_TOTAL // max(classes, 1)))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from .config import JUDGE_ROWS
+from .config import judge_rows
 from .cost import RowCost
 
 
@@ -161,7 +161,7 @@ def probe_work(c, k: int) -> Work:
 
 def stamp_work(c, n: int, k: int) -> Work:
     """MMAC's stamp search: one masked maximiser per class, then each judged on D."""
-    judged = min(n * (k - 1) / k, JUDGE_ROWS)
+    judged = min(n * (k - 1) / k, judge_rows(k))
     return Work(passes=k * c.restarts * (c.warmup_steps + c.steps), forwards=k * c.restarts + k * judged)
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import ranks
-from ..common.config import JUDGE_ROWS, SearchConfig
+from ..common.config import SearchConfig, judge_rows
 from ..common.margins import Box, MaskedMaximisers, margins, stamped
 from ..common.search import (
     MIN_GROWTH,
@@ -92,11 +92,12 @@ def find_stamp(
     judged = []  # (margin, fooled) of this rank's classes (all of them in a single process)
     mine = set(ranks.owned(num_classes, 1))
     pick = torch.Generator().manual_seed(config.seed + 3)
+    cap = judge_rows(num_classes)
     with torch.no_grad():
         for c in range(num_classes):
             others = x[y != c]
-            if len(others) > JUDGE_ROWS:
-                others = others[torch.randperm(len(others), generator=pick)[:JUDGE_ROWS].to(x.device)]
+            if len(others) > cap:
+                others = others[torch.randperm(len(others), generator=pick)[:cap].to(x.device)]
             if c not in mine:  # another rank's class (its draw above keeps the generator in step)
                 continue
             out = predict(engine, stamped(others, ms.mask[c], ms.pattern[c]), None, chunk, shared=False)

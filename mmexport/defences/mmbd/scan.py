@@ -46,6 +46,9 @@ class ScanConfig:
     step_size: float = param(0.02, "Signed-gradient ascent step, as a fraction of the input range.", cli=False)
     universal_steps: int = param(100, "Ascent steps on the shared perturbations.", cli=False)
     universal_batch: int = param(20, "Other-class images per class per step.", cli=False)
+    judge_rows: int = param(0, "Other-class images of D each class's perturbation is judged on, at most (a "
+                               "seeded draw where D has more); 0: 400, fewer where the classes are many "
+                               "(20,000 in all, at least 50 a class).", cli=False)
     norm: str = param("linf", "The shared perturbation's norm.", choices=("linf", "l2"), cli=False)
     budget: float = param(0.05, "The shared perturbation's radius: a fraction of the box's range (linf) or "
                                 "of its norm (l2).", cli=False)
@@ -66,7 +69,7 @@ class ScanConfig:
         for name in ("restarts", "universal_batch"):
             if getattr(self, name) < 1:
                 raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("ascent_steps", "universal_steps"):
+        for name in ("ascent_steps", "universal_steps", "judge_rows"):
             if getattr(self, name) < 0:
                 raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.budget > 0:
@@ -121,10 +124,11 @@ def universal_gain(
     generator,
     progress: Callable[[int], None] | None = None,
     chunk: int | None = None,
+    judge_rows: int | None = None,
 ) -> list[float]:
-    """Per class c: the mean margin gain toward c of D's other-class images (at most JUDGE_ROWS
-    of them) under one shared perturbation, over its std on D (how many clean spreads a small
-    shared change buys).
+    """Per class c: the mean margin gain toward c of D's other-class images (at most
+    `judge_rows` of them; None or 0: `common.config.judge_rows(num_classes)`) under one shared
+    perturbation, over its std on D (how many clean spreads a small shared change buys).
 
     The perturbation is bounded in `norm`: "l2" (radius `budget` x the norm of the box) or
     "linf" (`budget` x the box's range, per element); it is found by normalised (l2) or
@@ -134,7 +138,7 @@ def universal_gain(
     import torch
 
     from ..common import ranks
-    from ..common.config import JUDGE_ROWS
+    from ..common.config import judge_rows as default_judge_rows
     from ..common.margins import margins, row_slices
 
     span = box.hi - box.lo
@@ -178,11 +182,12 @@ def universal_gain(
     if progress is not None and steps % 10:
         progress(steps % 10)
     out, mine = [], set(ranks.owned(num_classes, 1))
+    cap = judge_rows or default_judge_rows(num_classes)
     with torch.no_grad():
         for c in range(num_classes):
             pool = pools[c]
-            if len(pool) > JUDGE_ROWS:  # every rank draws for every class: the generator stays in step
-                pool = pool[torch.randperm(len(pool), generator=generator)[:JUDGE_ROWS].to(pool.device)]
+            if len(pool) > cap:  # every rank draws for every class: the generator stays in step
+                pool = pool[torch.randperm(len(pool), generator=generator)[:cap].to(pool.device)]
             if c not in mine:
                 continue
             xs = x[pool]
@@ -250,6 +255,7 @@ def scan_engine(
         generator=gen_u,
         progress=lambda n: tick("universal perturbations", n),
         chunk=chunk,
+        judge_rows=config.judge_rows,
     )
     return {"max_margin": mmbd_test(mm), "universal_gain": mmbd_test(ug)}
 
@@ -259,10 +265,10 @@ SCAN_KNOBS = (("restarts", 2), ("ascent_steps", 20), ("universal_steps", 10), ("
 
 def scan_work(c: ScanConfig, n: int, k: int):
     """Row passes and forwards of `scan_engine` on n clean rows and k classes."""
-    from ..common.config import JUDGE_ROWS
+    from ..common.config import judge_rows
     from ..common.schedule import Work
 
-    judged = min(n * (k - 1) / k, JUDGE_ROWS)  # other-class images per class, before and after
+    judged = min(n * (k - 1) / k, c.judge_rows or judge_rows(k))  # other-class images per class, before and after
     return Work(passes=k * c.restarts * c.ascent_steps + c.universal_steps * k * c.universal_batch,
                 forwards=k * c.restarts * (1 + -(-c.ascent_steps // 20)) + 2 * k * judged)
 
