@@ -90,7 +90,7 @@ def test_block_gradients_sum_to_the_plain_backward(tmp_path):
             grads.backward((x[sl] @ w).square().sum(), (0, block))
         assert len(grads.blocks) == 3  # blocks of ROWS = 32 rows, whatever the chunk
         grads.reduce()
-        got = ranks.gather_rows([x[sl].sum(1) for _, sl in ranks.runs(70, 10, None, "test")])
+        got = ranks.gather_rows([x[sl].sum(1) for _, sl in ranks.runs(70, 10, None, "test")], x.device)
     finally:
         torch.distributed.destroy_process_group()
     assert torch.allclose(w.grad, expected, rtol=1e-5) and torch.equal(got, x.sum(1))

@@ -29,7 +29,7 @@ def chunked_margins(engine, rows, n: int, classes: torch.Tensor, bounds, chunk: 
     each chunk's inputs; in a distributed run each rank runs its classes' and all are gathered."""
     with torch.no_grad():
         return ranks.gather_rows([margins(engine(rows(sl), bounds), classes[sl])
-                                  for _, sl in ranks.runs(n, chunk, unit, "margins")])
+                                  for _, sl in ranks.runs(n, chunk, unit, "margins")], classes.device)
 
 
 @dataclass

@@ -102,20 +102,12 @@ def gather_objects(mine: list) -> list:
     return [v for p in parts for v in p]
 
 
-def gather_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Rows computed in `runs` order, every rank's, concatenated in global order."""
+def gather_rows(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Rows computed in `runs` order, every rank's, concatenated in global order, on `device`
+    (a rank that ran no rows has no tensor to take it from)."""
     if not active():
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-    device = parts[0].device if parts else None
-    allp = gather_objects([p.detach().cpu() for p in parts])
-    out = torch.cat(allp)
-    return out.to(device) if device is not None else out.to(_device())
-
-
-def _device() -> torch.device:
-    # a rank that owned no rows still needs a device for the gathered result
-    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else (
-        torch.device("cpu"))
+    return torch.cat(gather_objects([p.detach().cpu() for p in parts])).to(device)
 
 
 def broadcast(obj):

@@ -163,7 +163,8 @@ def predict(engine, x: torch.Tensor, bounds=None, chunk: int | None = None, *, s
         if not shared:
             parts = [engine(x[sl], bounds) for sl in row_slices(x.shape[0], chunk)]
             return parts[0] if len(parts) == 1 else torch.cat(parts)
-        return ranks.gather_rows([engine(x[sl], bounds) for _, sl in ranks.runs(x.shape[0], chunk, None, "forward")])
+        return ranks.gather_rows([engine(x[sl], bounds) for _, sl in ranks.runs(x.shape[0], chunk, None, "forward")],
+                                 x.device)
 
 
 def kept_correct(engine, xc: torch.Tensor, yc: torch.Tensor, correct: torch.Tensor, bounds,
