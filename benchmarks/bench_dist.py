@@ -70,6 +70,7 @@ def torchrun(n: int, argv: list[str], log: Path) -> tuple[dict, float]:
     """`torchrun -m mmexport *argv --json` on n ranks; its JSON and wall seconds."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo on the loopback, whatever the hostname resolves to
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m",
            "mmexport", *argv, "--json", "-q"]
     t0 = time.perf_counter()

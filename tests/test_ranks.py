@@ -102,6 +102,7 @@ def test_block_gradients_sum_to_the_plain_backward(tmp_path):
 def torchrun(n: int, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: gloo on the loopback, whatever the hostname resolves to
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                            str(n), "-m", "mmexport", *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=600)
