@@ -174,3 +174,19 @@ def test_a_user_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):
     assert len(errors) == 1 and "missing.npz" in errors[0]
     assert "mmexport/" not in res.stderr  # no traceback of ours (torchrun's agent reports the exit its way)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_more_ranks_than_classes_give_the_same_bounds(tmp_path):
+    """Four ranks on a three-class model: one rank owns no class and only rows of D."""
+    from builders import write_tiny
+
+    _, model, data, _, _ = write_tiny(tmp_path)
+    out = {}
+    for n in (1, 4):
+        res = torchrun(n, "harden", str(model), "--data", str(data), "-o", str(tmp_path / f"t{n}.onnx"),
+                       "--max-epochs", "4", "--restarts", "2", "--time-limit", "0", "--threads", "1", "--json", "-q",
+                       cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[n] = json.loads(res.stdout)["distributed"]["rows_per_rank"]
+    assert (tmp_path / "t1.onnx.bounds.json").read_bytes() == (tmp_path / "t4.onnx.bounds.json").read_bytes()
+    assert len(out[4]) == 4 and sum(out[4]) == sum(out[1])
