@@ -125,6 +125,8 @@ def runs_on(tmp_path_factory):
                 if command == "scan":
                     (where / "small.json").write_text(json.dumps(SMALL_SCAN))
                     args += ["--settings", str(where / "small.json"), "--threads", "1"]
+                if command == "detect":
+                    args += ["-o", str(where / "mmdf.onnx"), "--threads", "1"]
                 if command == "harden":
                     (where / "small.json").write_text(json.dumps(SMALL))
                     args += ["-o", str(where / "hard.onnx"), "--settings", str(where / "small.json"), "--threads", "1"]
@@ -163,6 +165,14 @@ def test_the_scan_gives_the_same_statistics_on_two_ranks(runs_on):
     assert r1["tests"] == r2["tests"] and r1["p_value"] == r2["p_value"]
     assert r2["distributed"]["rows_per_rank"][0] == r2["distributed"]["rows_per_rank"][1]
     assert json.loads(res.stdout)["verdict"] == "backdoor"
+
+
+def test_detect_writes_the_same_mmdf_model_on_two_ranks(runs_on):
+    """The scan it runs and its cross-fitted folds are shared; the model is byte for byte the same."""
+    out = runs_on("detect", "digits-cnn-badnet")
+    (one, _), (two, res) = out[1], out[2]
+    assert (one / "mmdf.onnx").read_bytes() == (two / "mmdf.onnx").read_bytes()
+    assert json.loads(res.stdout)["avoid"]["scan"]["target_class"] == 0
 
 
 def test_a_user_error_under_torchrun_is_one_line_from_rank_zero(tmp_path):

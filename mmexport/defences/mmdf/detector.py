@@ -119,13 +119,29 @@ def _cross_fitted_scores(m: Model, maxima: dict, x: np.ndarray, y: np.ndarray, c
     """
     fold = np.tile(fold_ids(y, folds, seed), copies)
     d = np.empty(len(x), dtype=np.float64)
-    for k in range(folds):
+    shared = _ranks()  # under torchrun each rank scores its share of the folds
+    scored = []
+    for k in (shared.owned(folds, 1) if shared else range(folds)):
         rows = np.flatnonzero(fold == k)
         if len(rows) == 0:
             continue
         bounds = clean_max_bounds(maxima, np.flatnonzero(fold != k))
-        d[rows] = _scores(_probe(m, bounds), x[rows], m, provider)
+        scored.append((rows, _scores(_probe(m, bounds), x[rows], m, provider)))
+    for rows, v in shared.gather_objects(scored) if shared else scored:
+        d[rows] = v
     return d
+
+
+def _ranks():
+    """`common.ranks` where this process is one rank of a torch.distributed group, else None
+    (without importing torch: a group needs torch imported already)."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return None
+    from ..common import ranks
+
+    return ranks if ranks.active() else None
 
 
 def _class_to_avoid(avoid, m: Model, clean: Dataset, seed: int, device: str, progress,
