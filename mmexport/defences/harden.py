@@ -161,7 +161,9 @@ def harden(
     on the axis `layout` names: "nchw", "nhwc", or None to recognise it,
     `mmexport.core.conventions.input_layout`). `threads`: torch's and onnxruntime's thread
     count (default: the cores this process may use). `progress(row)` receives
-    {"stage": name} as each stage starts, then that stage's rows.
+    {"stage": name} as each stage starts, then that stage's rows. Where torch.distributed's
+    default group is initialised (torchrun), every rank calls this alike and the ranks share
+    the per-class searches (`common.ranks`); each gets the same result.
     """
     cfg = resolve_config(config, method, overrides)
     if form not in FORMS:
