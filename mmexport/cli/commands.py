@@ -312,7 +312,9 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
     suppressed, and never the suspected backdoor target: --avoid), mmdf_detected (bool [N]),
     mmdf_score (d minus its threshold, float [N]) and, with the feature test,
     mmdf_feature_score (feature score minus its threshold; with --focus, every input is
-    scored against the focus class). The MMAC options apply with --method mmac.
+    scored against the focus class). With --gate (default) only inputs sent to the focus
+    class are tested, so clean traffic costs about the original model; the others' scores
+    are NaN. The MMAC options apply with --method mmac.
     """
     from ..core.provenance import check_output_paths, default_output
     from ..defences.mmdf.detector import detect as run_detect

@@ -102,11 +102,20 @@ def _apply_unfolded(proto: onnx.ModelProto, bounds: Bounds, sites):
 
 
 def _bound_nodes(proto: onnx.ModelProto):
+    """The nodes that write bounds, in subgraphs too (a gated MMDF graph holds them in an If)."""
     return [
         n
-        for n in proto.graph.node
+        for n in _all_nodes(proto.graph)
         if n.name.startswith(BOUND_PREFIX) and n.op_type in ("Min", "Clip", "HardSigmoid") and n.output
     ]
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _all_nodes(g)
 
 
 def _folded_forms(proto: onnx.ModelProto) -> tuple[dict, dict, dict]:

@@ -42,6 +42,10 @@ class MmdfConfig:
     focus: bool = param(True, "Where `avoid` names a class, test only inputs the model sends to it, thresholds "
                               "set on D's inputs sent to it so that the false-positive rate over all clean "
                               "inputs stays alpha.")
+    gate: bool = param(True, "Where a focus class is set, run the bounded branch and the feature test only on "
+                             "inputs the model sends to it (an If in the graph; the others keep the original "
+                             "logits, their scores are NaN): the graph costs about the original model on "
+                             "other inputs.")
     seed: int = param(0, "Seed of the folds, the scan and the mmac search.")
     search: MmacConfig | None = param(None, "MMAC's settings where method is mmac.", cli=False)
 

@@ -25,7 +25,7 @@ from ..mmac.config import MmacConfig
 from .bounds import clean_max_bounds, shifted, site_maxima
 from .config import MmdfConfig
 from .features import fit_features, site_feature_arrays
-from .graph import METHOD, SCORE, build_mmdf_graph
+from .graph import METHOD, SCORE, build_mmdf_graph, is_gated
 from .null import ROUNDING, NullFit, fit_null
 
 
@@ -277,7 +277,8 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
     out = build_mmdf_graph(m.proto, bounds, cal.null.threshold, output_name=m.output_name,
                            sites=m.sites, features=cal.features,
                            feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
-                           avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name)
+                           avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name,
+                           gate=cfg.gate)
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
@@ -299,7 +300,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
         harden=harden_report, avoid=avoid_report, focus=cal.plan,
         settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"},
     )
-    set_metadata(out, _provenance(report, cal, m.output_name))
+    set_metadata(out, _provenance(report, cal, m.output_name, is_gated(out)))
     return DetectResult(model=out, threshold=cal.null.threshold, report=report, bounds=bounds,
                         null=cal.null)
 
@@ -390,7 +391,7 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
     return Calibration(d, null, features, feature_null, plan, flagged, summary)
 
 
-def _provenance(report: DetectReport, cal: Calibration, output_name: str) -> dict[str, str]:
+def _provenance(report: DetectReport, cal: Calibration, output_name: str, gated: bool) -> dict[str, str]:
     """The metadata_props an MMDF model carries: its thresholds, null and where its bounds came from."""
     avoided = report.avoid["class"]
     return {
@@ -405,6 +406,7 @@ def _provenance(report: DetectReport, cal: Calibration, output_name: str) -> dic
         "mmexport.mmdf.bounds_source": report.bounds_source,
         "mmexport.mmdf.avoid": "" if avoided is None else str(avoided),
         "mmexport.mmdf.focus": "" if cal.plan["class"] is None else str(cal.plan["class"]),
+        "mmexport.mmdf.gated": str(gated).lower(),
         "mmexport.mmdf.output": output_name,
         "mmexport.seed": str(report.seed),
         "mmexport.source_sha256": report.model_sha256,

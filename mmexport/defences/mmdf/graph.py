@@ -29,6 +29,7 @@ from ...graph.edit import (
     write_site,
 )
 from .features import FeatureFit, write_feature_score
+from .gate import GATE_PREFIX, MIN_GATE_OPSET, gate_mmdf_graph
 
 DETECTED = "mmdf_detected"
 SCORE = "mmdf_score"
@@ -58,6 +59,7 @@ def build_mmdf_graph(
     avoid: int | None = None,
     focus: int | None = None,
     logits_name: str | None = None,
+    gate: bool = True,
 ) -> onnx.ModelProto:
     """The two-branch MMDF model; `proto` is left untouched.
 
@@ -68,7 +70,8 @@ def build_mmdf_graph(
     `features` (and `feature_threshold`) an input is also flagged when its feature score
     exceeds that threshold, output as `mmdf_feature_score` (score - threshold). `avoid`: a
     class a flagged input is never sent to (the suspected backdoor target). `focus`: only
-    inputs the original model assigns to this class can be flagged. Keeps the model's IR
+    inputs the original model assigns to this class can be flagged; with `gate` (and opset >=
+    11) only they run the tests (mmdf.gate), the others' scores are NaN. Keeps the model's IR
     version, opset, inputs and other outputs; needs opset >= 9.
     """
     opset = onnx_opset(proto)
@@ -171,7 +174,15 @@ def build_mmdf_graph(
         out.graph.output.append(
             helper.make_tensor_value_info(FEATURE_SCORE, onnx.TensorProto.FLOAT, [logits_shape[0]])
         )
+    if gate and focus is not None and opset >= MIN_GATE_OPSET:
+        ours = [DETECTED, SCORE] + ([FEATURE_SCORE] if features is not None else [])
+        out = gate_mmdf_graph(out, proto, logits_name=logits_name, focus=focus, outputs=ours)
     return out
+
+
+def is_gated(proto: onnx.ModelProto) -> bool:
+    """Whether an MMDF graph runs its tests inside the focus gate (mmdf.gate)."""
+    return any(n.op_type == "If" and n.name.startswith(GATE_PREFIX) for n in proto.graph.node)
 
 
 def _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype, fresh, opset):
