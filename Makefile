@@ -47,13 +47,15 @@ zoo-real: install
 # bench-results/real.md (+ .json): harden/detect/scan wall time and peak RSS on the real-size
 # tier against the targets (builds the missing models first, see zoo-real); then
 # bench-results/cost.md: harden's cost against parameters, input size and classes; then
-# bench-results/dist.md: harden and scan under torchrun on 1 and 2 ranks (ResNet-18, 100 and 1,000 classes).
+# bench-results/dist.md: harden and scan under torchrun on 1 and 2 ranks (ResNet-18, 100 and 1,000 classes);
+# then bench-results/mmdf.md: MMDF's ungated and focus-gated graphs against the original on clean traffic.
 bench: install
 	$(PY) benchmarks/bench_defences.py --out bench-results
 	$(PY) benchmarks/bench_latency.py --bounds bench-results/bounds
 	$(PY) benchmarks/bench_real.py --out bench-results
 	$(PY) benchmarks/bench_cost.py --out bench-results
 	$(PY) benchmarks/bench_dist.py --out bench-results
+	$(PY) benchmarks/bench_mmdf.py --real --out bench-results
 
 eval-defence: install
 	$(PY) benchmarks/evaluate.py --oracle --detect --report bench-results

@@ -1,0 +1,228 @@
+"""What MMDF costs on clean traffic: the ungated and the focus-gated graph against the original.
+
+For every sample model (`sample_models/*/`, and `sample_models/real/*/` where the real-size
+tier is built), MMDF is calibrated with the defaults (`detect`, seed 0, ungated), and the gated
+graph is written from it (`mmexport.defences.mmdf.gate`). Both are checked against each other
+on the model's test and attack sets (logits, flags and the tested rows' scores), then the
+original, ungated and gated graphs are timed in one process, interleaved (every round runs each
+once, the order rotating), at batch 1 and 64, each round on a different draw of clean test
+images, one intra-op thread. Reported: median ms of the original, the two ratios of medians, and
+detection / ASR / false positives of both graphs on the test and attack sets.
+
+A model whose scan names no target gets no focus class, so nothing to gate: its row says so.
+The ungated graphs are kept in `--cache` (default `bench-results/mmdf`) and used again while
+the model file is unchanged (its sha256 in their metadata), since the real tier's `detect`
+takes minutes.
+
+Writes `bench-results/mmdf.md` and `mmdf.json`. Usage:
+    python benchmarks/bench_mmdf.py [--models a,b] [--runs 300] [--runs-64 300] [--real] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mmexport.core.provenance import get_metadata  # noqa: E402
+from mmexport.defences.mmdf.detector import detect  # noqa: E402
+from mmexport.defences.mmdf.gate import gate_mmdf_graph  # noqa: E402
+from mmexport.defences.mmdf.graph import DETECTED, FEATURE_SCORE, SCORE, is_gated  # noqa: E402
+
+TARGETS = {1: 1.15, 64: 1.5}  # gated / original, at batch 1 and 64
+
+
+def session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ungated(folder: Path, cache: Path, log) -> onnx.ModelProto:
+    """The default MMDF graph of a sample, ungated: from the cache or from `detect`."""
+    kept = cache / f"{folder.name}.mmdf.onnx"
+    source_sha = sha256(folder / "model.onnx")
+    if kept.exists():
+        proto = onnx.load(kept)
+        if get_metadata(proto).get("mmexport.source_sha256") == source_sha and not is_gated(proto):
+            return proto
+    log(f"{folder.name}: detect (defaults, seed 0) ...")
+    start = time.perf_counter()
+    res = detect(folder / "model.onnx", folder / "clean.npz", gate=False, seed=0, provider="cpu")
+    log(f"{folder.name}: detect took {time.perf_counter() - start:.0f} s")
+    cache.mkdir(parents=True, exist_ok=True)
+    onnx.save(res.model, kept)
+    return res.model
+
+
+def outputs(sess: ort.InferenceSession, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
+    names = [o.name for o in sess.get_outputs()]
+    inp = sess.get_inputs()[0].name
+    parts = [sess.run(names, {inp: x[i:i + batch]}) for i in range(0, len(x), batch)]
+    return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+
+
+def efficacy(out: dict, y: np.ndarray, logits: str, target: int | None, attack: bool) -> dict:
+    """ACC (or ASR) and the flagged share, in %."""
+    pred = out[logits].argmax(1)
+    flagged = float(out[DETECTED].mean() * 100)
+    if attack:
+        return {"asr": float(np.mean(pred == target) * 100), "detection": flagged}
+    return {"acc": float(np.mean(pred == y) * 100), "fpr": flagged}
+
+
+def agree(full: dict, gated: dict, logits: str) -> float:
+    """Largest |logit| difference; flags and tested scores must match exactly / closely."""
+    assert (full[DETECTED] == gated[DETECTED]).all(), "flags differ"
+    for name in (SCORE, FEATURE_SCORE):
+        if name in full:
+            tested = ~np.isnan(gated[name])
+            np.testing.assert_allclose(gated[name][tested], full[name][tested], atol=1e-3, rtol=1e-3)
+    return float(np.abs(full[logits] - gated[logits]).max())
+
+
+def time_interleaved(sessions: dict, x: np.ndarray, batch: int, runs: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    names = list(sessions)
+    inp = sessions[names[0]].get_inputs()[0].name
+    times = {n: [] for n in names}
+    for i in range(runs + 5):
+        xb = x[rng.choice(len(x), batch, replace=False)]
+        shift = i % len(names)
+        for n in names[shift:] + names[:shift]:
+            start = time.perf_counter_ns()
+            sessions[n].run(None, {inp: xb})
+            if i >= 5:
+                times[n].append((time.perf_counter_ns() - start) / 1e6)
+    return {n: float(np.median(t)) for n, t in times.items()}
+
+
+def bench_model(folder: Path, args, log) -> dict:
+    source = onnx.load(folder / "model.onnx")
+    card = json.loads((folder / "card.json").read_text()) if (folder / "card.json").exists() else {}
+    full = ungated(folder, Path(args.cache), log)
+    meta = get_metadata(full)
+    focus = int(meta["mmexport.mmdf.focus"]) if meta.get("mmexport.mmdf.focus") else None
+    logits = meta.get("mmexport.mmdf.output") or full.graph.output[0].name
+    row = {"model": folder.name, "focus": focus, "params": int(sum(np.prod(i.dims) for i in source.graph.initializer))}
+    models = {"original": source, "ungated": full}
+    if focus is not None:
+        ours = [o.name for o in full.graph.output if o.name in (DETECTED, SCORE, FEATURE_SCORE)]
+        models["gated"] = gate_mmdf_graph(full, source, logits_name=logits, focus=focus, outputs=ours)
+    sessions = {n: session(p, args.threads) for n, p in models.items()}
+    test = np.load(folder / "test.npz")
+    x, y = test["x"].astype(np.float32), test["y"]
+    target = (card.get("attack") or {}).get("target")
+    for part, data, is_attack in (("test", (x, y), False), ("attack", None, True)):
+        if is_attack:
+            if target is None or not (folder / "attack.npz").exists():
+                continue
+            a = np.load(folder / "attack.npz")
+            data = (a["x"].astype(np.float32), a["y"])
+        got = {n: outputs(sessions[n], data[0]) for n in sessions if n != "original"}
+        for n, out in got.items():
+            row[f"{n}_{part}"] = efficacy(out, data[1], logits, target, is_attack)
+        if "gated" in got:
+            row[f"max_logit_diff_{part}"] = agree(got["ungated"], got["gated"], logits)
+    for batch, runs in ((1, args.runs), (64, args.runs_64)):
+        if batch > len(x):
+            continue
+        med = time_interleaved(sessions, x, batch, runs, seed=batch)
+        row[f"b{batch}"] = {"runs": runs, "original_ms": med["original"],
+                            **{n: med[n] / med["original"] for n in med if n != "original"}}
+        log(f"{folder.name} batch {batch}: original {med['original']:.3f} ms, "
+            + ", ".join(f"{n} {med[n] / med['original']:.3f}x" for n in med if n != "original"))
+    return row
+
+
+def markdown(rows: list[dict], args) -> str:
+    out = [
+        "# MMDF latency on clean traffic: ungated and focus-gated graphs",
+        "",
+        f"onnxruntime {ort.__version__}, CPU, {args.threads} intra-op thread(s), "
+        f"{platform.processor() or platform.machine()}; "
+        "median of interleaved rounds (original, ungated, gated), a different draw of clean test images each round. "
+        f"Targets for the gated graph: <= {TARGETS[1]}x at batch 1, <= {TARGETS[64]}x at batch 64.",
+        "",
+        "| model | focus | batch | rounds | original ms | ungated | gated | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        for b in (1, 64):
+            t = r.get(f"b{b}")
+            if t is None:
+                continue
+            gated = t.get("gated")
+            met = "-" if gated is None else ("yes" if gated <= TARGETS[b] else "no")
+            out.append(f"| {r['model']} | {r['focus'] if r['focus'] is not None else 'none (not gated)'} | {b} | "
+                       f"{t['runs']} | {t['original_ms']:.3f} | {t['ungated']:.2f}x | "
+                       f"{'-' if gated is None else f'{gated:.3f}x'} | {met} |")
+    out += ["", "Efficacy of both graphs (%), test set: ACC / false positives; attack set: ASR / detection; "
+                "max |logit difference| between the graphs:", "",
+            "| model | ungated test | gated test | ungated attack | gated attack | max diff |",
+            "|---|---|---|---|---|---|"]
+
+    def cell(r, key, a, b):
+        v = r.get(key)
+        return "-" if v is None else f"{v[a]:.1f} / {v[b]:.1f}"
+
+    for r in rows:
+        diffs = [r[k] for k in ("max_logit_diff_test", "max_logit_diff_attack") if k in r]
+        gated = (f"{cell(r, 'gated_test', 'acc', 'fpr')}", f"{cell(r, 'gated_attack', 'asr', 'detection')}",
+                 f"{max(diffs):.1e}") if diffs else ("-", "-", "-")
+        out.append(f"| {r['model']} | {cell(r, 'ungated_test', 'acc', 'fpr')} | {gated[0]} | "
+                   f"{cell(r, 'ungated_attack', 'asr', 'detection')} | {gated[1]} | {gated[2]} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="", help="comma-separated sample names (default: all)")
+    ap.add_argument("--real", action="store_true", help="also the real-size tier (sample_models/real)")
+    ap.add_argument("--runs", type=int, default=300, help="rounds at batch 1")
+    ap.add_argument("--runs-64", type=int, default=300, help="rounds at batch 64")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default="bench-results/mmdf")
+    ap.add_argument("--out", default="bench-results")
+    args = ap.parse_args(argv)
+    folders = sorted(p.parent for p in (ROOT / "sample_models").glob("*/model.onnx"))
+    if args.real:
+        folders += sorted(p.parent for p in (ROOT / "sample_models" / "real").glob("*/model.onnx"))
+    if args.models:
+        wanted = set(args.models.split(","))
+        folders = [f for f in folders if f.name in wanted]
+    rows = []
+
+    def log(msg):
+        print(msg, flush=True)
+
+    for folder in folders:
+        rows.append(bench_model(folder, args, log))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "mmdf.json").write_text(json.dumps(rows, indent=1))
+    (out / "mmdf.md").write_text(markdown(rows, args))
+    print(markdown(rows, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
