@@ -33,7 +33,7 @@ def sample(request):
     folder = SAMPLES / request.param
     target = _target(folder)
     res = detect(folder / "model.onnx", folder / "clean.npz", avoid=target, gate=False, provider="cpu")
-    assert not is_gated(res.model)
+    assert not is_gated(res.model) and not res.report.gated
     x = np.concatenate([np.load(folder / f)["x"][:160] for f in ("test.npz", "attack.npz")])
     return onnx.load(folder / "model.onnx"), res.model, target, x.astype(np.float32), res.bounds
 

@@ -153,6 +153,9 @@ def print_detect(summary: dict) -> None:
         _out.print(f"focus: only inputs predicted as class {focus['class']} are tested "
                    f"({focus['n']} of D's inputs, {_pct(focus['share'])}; alpha {alpha:.3g} each "
                    f"keeps {summary['alpha']:g} over all inputs)")
+        if summary.get("gated"):
+            _out.print("gate: the graph runs the tests on those inputs alone (others: original logits, "
+                       "NaN scores; --no-gate scores every input)")
     _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
     if feats:
         folds = cal.get("feature_folds") or cal["cross_fit_folds"]

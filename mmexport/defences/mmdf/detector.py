@@ -52,6 +52,7 @@ class DetectReport:
     avoid: dict
     focus: dict
     settings: dict = field(default_factory=dict)
+    gated: bool = False  # the tests run inside the focus gate (mmdf.gate)
     method: str = METHOD
     mmexport_version: str = __version__
 
@@ -298,9 +299,9 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
             "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
         },
         harden=harden_report, avoid=avoid_report, focus=cal.plan,
-        settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"},
+        settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"}, gated=is_gated(out),
     )
-    set_metadata(out, _provenance(report, cal, m.output_name, is_gated(out)))
+    set_metadata(out, _provenance(report, cal, m.output_name, report.gated))
     return DetectResult(model=out, threshold=cal.null.threshold, report=report, bounds=bounds,
                         null=cal.null)
 
