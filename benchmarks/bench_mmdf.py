@@ -35,21 +35,14 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_latency import session  # noqa: E402
+
 from mmexport.core.provenance import get_metadata  # noqa: E402
 from mmexport.defences.mmdf.detector import detect  # noqa: E402
 from mmexport.defences.mmdf.gate import gate_mmdf_graph  # noqa: E402
 from mmexport.defences.mmdf.graph import DETECTED, FEATURE_SCORE, SCORE, is_gated  # noqa: E402
 
 TARGETS = {1: 1.15, 64: 1.5}  # gated / original, at batch 1 and 64
-
-
-def session(proto: onnx.ModelProto, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 def sha256(path: Path) -> str:

@@ -26,7 +26,6 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ...core.model import dims
-from ...graph.edit import value_types
 
 GATE_PREFIX = "mmdf/gated/"
 # ScatterND (writing the tested rows back) exists from opset 11.
@@ -55,7 +54,6 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
     real_inputs = [i for i in g.input if i.name not in inits]
     batch = dims(real_inputs[0])[0] if real_inputs and dims(real_inputs[0]) else None
     gather = not isinstance(batch, int)
-    _, elem_types = value_types(full)
     input_names = {i.name for i in real_inputs}
     taken = {t for n in g.node for t in (*n.input, *n.output)} | inits | {i.name for i in g.input}
     taken |= {n.name for n in g.node}
@@ -153,7 +151,9 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
         else_out.append(node(else_nodes, "Where", [tested, nan, nan], outputs[1] + "/untested"))
         else_out += [node(else_nodes, "Identity", [else_out[2]], o + "/untested") for o in outputs[2:]]
 
-    logits_type = elem_types.get(original_logits, TensorProto.FLOAT)
+    # The logits' type is the model output's (a final Softmax keeps it); no shape inference.
+    out_types = {o.name: o.type.tensor_type.elem_type for o in g.output}
+    logits_type = out_types.get(logits_name) or g.output[0].type.tensor_type.elem_type or TensorProto.FLOAT
 
     def branch(name, nodes, outs):
         elems = [logits_type, TensorProto.BOOL] + [TensorProto.FLOAT] * (len(outs) - 2)
