@@ -95,3 +95,20 @@ def test_inspect_names_the_logits_and_verifies_them(pair, tmp_path):
     assert set(checked) == {"probabilities", "logits"} and checked["logits"]["logits_of"] == "probabilities"
     plain = " ".join(run("inspect", path).output.split())
     assert "probabilities is its Softmax): margins, bounds and MMDF use the logits" in plain
+
+
+def test_the_focus_gate_keeps_the_softmax_after_the_switch(pair):
+    _, probs, (x, y) = pair
+    from mmexport.defences.mmdf.graph import is_gated
+
+    gated = mmexport.detect(probs, (x, y), avoid=1, provider="cpu")
+    plain = mmexport.detect(probs, (x, y), avoid=1, gate=False, provider="cpu")
+    assert is_gated(gated.model) and not is_gated(plain.model)
+    names = ["probabilities", "mmdf_detected"]
+    got = ort.InferenceSession(gated.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        names, {"input": x})
+    want = ort.InferenceSession(plain.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        names, {"input": x})
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0].sum(1), 1.0, rtol=1e-5)
