@@ -1,5 +1,5 @@
 """ONNX graphs executed in PyTorch, with a bound hook at every clipping site."""
 
-from .executor import SUPPORTED_OPS, Engine, unsupported_ops
+from .executor import SUPPORTED_OPS, ChannelScale, Engine, unsupported_ops
 
-__all__ = ["Engine", "SUPPORTED_OPS", "unsupported_ops"]
+__all__ = ["ChannelScale", "Engine", "SUPPORTED_OPS", "unsupported_ops"]

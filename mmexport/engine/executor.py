@@ -5,7 +5,8 @@ are all static are folded into constants, and tensor names become slots of a lis
 is then one loop over the compiled nodes. At a site (the output of an activation unbounded
 above, `mmexport.core.sites`: a Relu, a ReLU6, a GELU's last Mul, ...) the loop applies
 `torch.minimum(act, z)` when the caller gives a bound `z`, so the gradient reaches both the
-input and the bounds: what the bound search differentiates.
+input and the bounds: what the bound search differentiates. A caller may give a callable
+instead, `f(act, axis) -> act'`: the peers' channel masks (`ChannelScale`) ride the same hook.
 """
 
 from __future__ import annotations
@@ -60,6 +61,23 @@ def _bound(a: torch.Tensor, z: torch.Tensor, axis: int = 1) -> torch.Tensor:
     if z.dim() == 1 and a.dim() > 2 and axis == 1:
         z = z.view(-1, *([1] * (a.dim() - 2)))
     return torch.minimum(a, z)
+
+
+class ChannelScale:
+    """A site transform act * s, s per channel [C] on the site's channel axis: a neuron mask.
+
+    Given in place of a bound (`engine(x, {site: ChannelScale(s)})`), it multiplies instead of
+    clipping; gradients reach `s`.
+    """
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale
+
+    def __call__(self, a: torch.Tensor, axis: int = 1) -> torch.Tensor:
+        s = self.scale.to(a.dtype)
+        if s.dim() == 1 and a.dim() > 2 and axis == 1:
+            s = s.view(-1, *([1] * (a.dim() - 2)))
+        return a * s
 
 
 class _Plan:
@@ -381,7 +399,9 @@ class Engine(torch.nn.Module):
             if len(outs) == 1:
                 if site is not None and bounds is not None:
                     z = bounds.get(site)
-                    if z is not None:
+                    if callable(z):
+                        value = z(value, self._site_axes[site])
+                    elif z is not None:
                         value = _bound(value, z, self._site_axes[site])
                 env[outs[0]] = value
             else:
