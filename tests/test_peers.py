@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import torch
 from builders import labelled_set, ort_run, tiny_cnn
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from mmexport.core.model import from_proto, replace_initializers
 from mmexport.defences.baselines import peers
-from mmexport.engine.executor import Engine
+from mmexport.engine.executor import ChannelScale, Engine
 from mmexport.graph.rewrite import extract_bounds
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -26,7 +26,7 @@ def inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def test_registry_names_every_peer():
-    assert set(peers.PEERS) == {"activation-clipping", "fine-pruning", "clp", "fine-tuning"}
+    assert set(peers.PEERS) == {"activation-clipping", "fine-pruning", "clp", "fine-tuning", "anp"}
 
 
 # --- CLP --------------------------------------------------------------------------------------
@@ -159,7 +159,105 @@ def test_peers_return_models_with_the_original_io():
     for name, fn in peers.PEERS.items():
         kwargs = {"max_epochs": 2} if name == "activation-clipping" else {}
         kwargs.update({"epochs": 1} if name in ("fine-pruning", "fine-tuning") else {})
+        kwargs.update({"iterations": 2, "batch_size": 4} if name == "anp" else {})
         out, info = fn(proto, x, y, seed=0, **kwargs)
         assert isinstance(out, onnx.ModelProto) and isinstance(info, dict), name
         assert [i.name for i in out.graph.input] == ["input"] and [o.name for o in out.graph.output] == ["logits"]
         assert ort_run(out, x)["logits"].shape == (len(x), 3), name
+
+
+# --- pruning and ANP --------------------------------------------------------------------------
+
+
+def silu_tiny() -> onnx.ModelProto:
+    """tiny_cnn with its first Relu as x * Sigmoid(x): a site that a bound 0 cannot zero."""
+    proto = tiny_cnn(0)
+    nodes = list(proto.graph.node)
+    i = next(k for k, n in enumerate(nodes) if n.name == "relu1")
+    silu = [
+        helper.make_node("Sigmoid", ["c1"], ["s1"], name="sig1"),
+        helper.make_node("Mul", ["c1", "s1"], ["r1"], name="silu1"),
+    ]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes[:i] + silu + nodes[i + 1 :])
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def test_largest_prefix_matches_the_one_at_a_time_scan_on_a_monotone_accuracy():
+    for n in (0, 1, 7, 100):
+        for cut in range(n + 2):
+            acc = lambda k, cut=cut: 1.0 if k < cut else 0.5  # noqa: E731
+            k, value = peers.largest_prefix(acc, n, 0.9)
+            assert k == min(cut - 1, n) if cut else k == 0
+            assert value == acc(k)
+
+
+def test_channel_scale_multiplies_a_site_per_channel_in_the_engine():
+    proto = tiny_cnn(0)
+    x, _ = labelled_set(proto, 4)
+    engine = Engine(from_proto(proto))
+    s = torch.tensor([1.0, 0.0, 0.5, 2.0])
+    _, plain = engine.run(torch.from_numpy(x), record=["r1"], outputs=["logits"])
+    _, scaled = engine.run(torch.from_numpy(x), {"r1": ChannelScale(s)}, record=["r1"], outputs=["logits"])
+    torch.testing.assert_close(scaled["r1"], plain["r1"] * s.view(1, 4, 1, 1))
+
+
+def test_prune_channels_zeroes_relu_and_silu_channels_exactly_in_onnxruntime():
+    x = np.random.default_rng(2).uniform(0, 1, (16, 1, 6, 6)).astype(np.float32)
+    for proto in (tiny_cnn(0), silu_tiny()):
+        model = from_proto(proto)
+        kind = next(s.kind for s in model.sites if s.name == "r1")
+        gone = np.array([False, True, False, True])
+        out, info = peers.prune_channels(proto, model, {"r1": gone})
+        onnx.checker.check_model(out)
+        assert info == {}, kind  # exact on both kinds
+        r1 = ort_run(out, x, ("r1",))["r1"]
+        assert not r1[:, [1, 3]].any(), kind
+        np.testing.assert_allclose(r1[:, [0, 2]], ort_run(proto, x, ("r1",))["r1"][:, [0, 2]], atol=1e-6)
+
+
+def test_anp_prunes_within_the_drop_runs_in_onnxruntime_and_repeats_given_the_seed():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 10)
+    out, info = peers.anp(proto, x, y, iterations=30, batch_size=16, eps=0.4, threshold=0.9, max_drop=0.1)
+    onnx.checker.check_model(out)
+    assert info["iterations"] == 30 and info["channels"] == 12  # r1: 4, r2: 8
+    assert info["pruned"] <= info["under_threshold"]
+    assert info["accuracy_D_after"] >= info["accuracy_D_before"] - 0.1 - 1e-9
+    assert abs(ort_accuracy(out, x, y) - info["accuracy_D_after"]) < 1e-9
+    again, info2 = peers.anp(proto, x, y, iterations=30, batch_size=16, eps=0.4, threshold=0.9, max_drop=0.1)
+    assert info2["pruned"] == info["pruned"] and info2["mask_mean"] == info["mask_mean"]
+    for name, value in inits(out).items():
+        np.testing.assert_array_equal(inits(again)[name], value)
+    none, _ = peers.anp(proto, x, y, iterations=5, batch_size=16, max_drop=0.0, threshold=0.9)
+    assert ort_accuracy(none, x, y) >= ort_accuracy(proto, x, y)
+
+
+def test_anp_stops_at_its_time_limit():
+    proto = tiny_cnn(0)
+    x, y = labelled_set(proto, 3)
+    _, info = peers.anp(proto, x, y, iterations=10_000, batch_size=4, max_seconds=0.0)
+    assert info["iterations"] == 1 and info["iterations_planned"] == 10_000
+
+
+def test_fine_tuning_trains_around_a_batchnorm_and_keeps_its_statistics():
+    proto = tiny_cnn(0)
+    nodes = list(proto.graph.node)
+    i = next(k for k, n in enumerate(nodes) if n.name == "relu1")
+    nodes[i - 1].output[0] = "c0"
+    bn = helper.make_node("BatchNormalization", ["c0", "g", "be", "mu", "var"], ["c1"], name="bn1")
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes[:i] + [bn] + nodes[i:])
+    rng = np.random.default_rng(4)
+    for name, value in (("g", rng.uniform(0.5, 1.5, 4)), ("be", rng.normal(0, 0.1, 4)),
+                        ("mu", rng.normal(0, 0.1, 4)), ("var", rng.uniform(0.5, 1.5, 4))):
+        proto.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+    onnx.checker.check_model(proto)
+    x, y = labelled_set(tiny_cnn(1), 5)
+    out, info = peers.fine_tuning(proto, x, y, epochs=2)
+    new, old = inits(out), inits(proto)
+    np.testing.assert_array_equal(new["mu"], old["mu"])
+    np.testing.assert_array_equal(new["var"], old["var"])
+    assert not np.array_equal(new["g"], old["g"])  # the BatchNorm's scale is a weight and trains
+    assert info["tensors"] == 8
