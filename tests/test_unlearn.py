@@ -16,7 +16,7 @@ from mmexport.core.model import load_model
 from mmexport.defences.common.margins import input_box
 from mmexport.defences.common.search import initial_bounds
 from mmexport.defences.mmac.config import MmacConfig
-from mmexport.defences.mmac.unlearn import find_stamp, halves, outlier_score, unlearn_bounds
+from mmexport.defences.mmac.unlearn import choose_check, find_stamp, halves, outlier_score, unlearn_bounds
 from mmexport.engine.executor import Engine
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -34,6 +34,19 @@ def test_outlier_score_is_the_lead_over_the_runner_up_in_units_of_spread():
     assert outlier_score(torch.tensor([10.0, *others])) == pytest.approx(8.0 / 1.0)
     # two classes sharing the lead: nothing stands out, however far both are from the rest
     assert outlier_score(torch.tensor([10.0, 10.0, *others])) == 0.0
+
+
+def test_the_check_returned_is_the_most_accurate_within_one_standard_error_of_the_best():
+    # (held-out fooled, epoch, bounds, accuracy, weight); 100 held-out images: SE at 0.10 is 0.03
+    checks = [(0.10, 2, "a", 0.971, 1.0), (0.12, 4, "b", 0.980, 1.0), (0.14, 6, "c", 0.990, 1.0),
+              (0.10, 8, "d", 0.975, 1.0)]
+    assert choose_check(checks, 100, 1.0)[2] == "b"  # 0.14 > 0.10 + 0.03: too far
+    assert choose_check(checks, 100, 2.0)[2] == "c"
+    assert choose_check(checks, 100, 0.0)[2] == "d"  # the lowest rate, the more accurate of the tie
+    assert choose_check(checks, 10_000, 1.0)[2] == "d"  # many images: 0.12 is told apart
+    zero = [(0.0, 2, "a", 0.97, 1.0), (0.01, 4, "b", 0.99, 1.0)]
+    assert choose_check(zero, 100, 1.0)[2] == "a"  # nothing is within 0 of a rate of 0
+    assert choose_check([], 100, 1.0) is None
 
 
 def test_halves_split_every_class_evenly_and_disjointly():

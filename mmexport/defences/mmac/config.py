@@ -29,8 +29,15 @@ class MmacConfig(SearchConfig):
     unlearn_floor: float = param(0.97, "Accuracy floor on D and its shifts while unlearning.", cli=False)
     unlearn_weight0: float = param(0.02, "Starting weight of the stamped cross-entropy.", cli=False)
     unlearn_epochs: int = param(200, "Epochs of the unlearning stage.", cli=False)
+    unlearn_tolerance: float = param(
+        0.0, "Which feasible check the unlearning stage returns: the most accurate on D among those whose "
+             "held-out stamped images go to the suspect class at most this many binomial standard errors "
+             "more often than the best check's (0: the best check; 1 measured no better on the samples, "
+             "docs/experiments.md#unlearn-one-se).", cli=False)
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 < self.unlearn_floor <= 1.0:
             raise ParameterError("unlearn_floor", f"must be in (0, 1], got {self.unlearn_floor}")
+        if not self.unlearn_tolerance >= 0.0:
+            raise ParameterError("unlearn_tolerance", f"must be >= 0, got {self.unlearn_tolerance}")
