@@ -261,3 +261,18 @@ def test_fine_tuning_trains_around_a_batchnorm_and_keeps_its_statistics():
     np.testing.assert_array_equal(new["var"], old["var"])
     assert not np.array_equal(new["g"], old["g"])  # the BatchNorm's scale is a weight and trains
     assert info["tensors"] == 8
+
+
+def test_fine_tuning_lowers_its_learning_rate_when_d_loss_ends_above_its_start(monkeypatch):
+    teacher, student = tiny_cnn(0), tiny_cnn(1)
+    x, y = labelled_set(teacher, 10)
+    _, plain = peers.fine_tuning(student, x, y, epochs=5)
+    assert plain["lr"] == 1e-3 and len(plain["lr_tried"]) == 1
+    monkeypatch.setattr(peers, "FT_LRS", (1e3, 1e-3))  # Adam at 1000: D's loss blows up
+    out, info = peers.fine_tuning(student, x, y, epochs=5)
+    assert [t["lr"] for t in info["lr_tried"]] == [1e3, 1e-3]
+    assert info["lr_tried"][0]["loss_D_after"] > info["loss_D_before"] > info["lr_tried"][1]["loss_D_after"]
+    monkeypatch.undo()
+    same, _ = peers.fine_tuning(student, x, y, epochs=5)
+    for name, value in inits(same).items():  # the retry starts from the original weights
+        np.testing.assert_array_equal(inits(out)[name], value)
