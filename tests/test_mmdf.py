@@ -482,6 +482,19 @@ def test_cli_detect_writes_the_model_and_its_bounds_and_prints_json(tiny_files):
     assert fpr == pytest.approx(rep["false_positive_rate_clean_set"])
 
 
+def test_cli_inspect_reads_an_mmdf_model_through_its_logits(tiny_files):
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "b.json", "-q", "--no-bounds-file")
+    assert r.exit_code == 0, r.output
+    r = run("inspect", tiny_files / "m.mmdf.onnx", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["output"] == "logits"
+    # The engine runs no ONNX If: the gated graph cannot be verified, and says so in one line.
+    r = run("inspect", tiny_files / "m.mmdf.onnx", "--verify")
+    assert r.exit_code == 1 and "unsupported ops" in r.output and "If (node 'mmdf/gated/if')" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("value, expected", [("none", None), ("2", 2)])
 def test_cli_detect_avoid(tiny_files, value, expected):
     r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",

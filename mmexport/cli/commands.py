@@ -64,11 +64,11 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
     --verify, exit 1 unless the engine matches onnxruntime within the tolerances (on every
     output, and on the logits behind a Softmax).
     """
-    from ..core.model import load_model
+    from ..core.model import as_model
     from ..inspection import describe
     from ..inspection import verify as run_verify
 
-    m = load_model(model, input_name=input_name, output_name=output_name)
+    m = as_model(model, input_name=input_name, output_name=output_name)  # an MMDF model: its logits
     info = describe(m, layout=layout)
     if verify:
         if info["unsupported_ops"]:
