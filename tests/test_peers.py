@@ -9,6 +9,7 @@ from builders import labelled_set, ort_run, tiny_cnn
 from onnx import helper, numpy_helper
 
 from mmexport.core.model import from_proto, replace_initializers
+from mmexport.defences.baselines import common as baseline_common
 from mmexport.defences.baselines import peers
 from mmexport.engine.executor import ChannelScale, Engine
 from mmexport.graph.rewrite import extract_bounds
@@ -268,7 +269,7 @@ def test_fine_tuning_lowers_its_learning_rate_when_d_loss_ends_above_its_start(m
     x, y = labelled_set(teacher, 10)
     _, plain = peers.fine_tuning(student, x, y, epochs=5)
     assert plain["lr"] == 1e-3 and len(plain["lr_tried"]) == 1
-    monkeypatch.setattr(peers, "FT_LRS", (1e3, 1e-3))  # Adam at 1000: D's loss blows up
+    monkeypatch.setattr(baseline_common, "FT_LRS", (1e3, 1e-3))  # Adam at 1000: D's loss blows up
     out, info = peers.fine_tuning(student, x, y, epochs=5)
     assert [t["lr"] for t in info["lr_tried"]] == [1e3, 1e-3]
     assert info["lr_tried"][0]["loss_D_after"] > info["loss_D_before"] > info["lr_tried"][1]["loss_D_after"]
