@@ -16,7 +16,7 @@ from ...graph.rewrite import apply_bounds
 # A bound that never clips a finite activation: how "not pruned" is written beside a pruned channel.
 NO_BOUND = float(np.finfo(np.float32).max)
 FT_EPOCHS = 20
-FT_LRS = (1e-3, 1e-4, 1e-5)  # Adam's learning rates, tried in turn (`_train`)
+FT_LRS = (1e-3, 1e-4, 1e-5)  # Adam's learning rates, tried in turn (`train`)
 FT_BATCH = 32
 
 
@@ -52,7 +52,7 @@ def train(
     weights see no gradient. Returns `proto` with the trained initializers written back.
 
     `lr` None tries FT_LRS in turn and keeps the first whose fine-tune ends with D's loss below
-    where it started: Adam at 1e-3 suits the 16x16 samples but sends a PreAct-ResNet-18 (BatchNorm
+    where it started (else the last): Adam at 1e-3 suits the 16x16 samples but sends a PreAct-ResNet-18 (BatchNorm
     in inference mode) to chance within an epoch, which D's own loss shows; a user would lower it.
     """
     inits = {init.name for init in proto.graph.initializer}
@@ -120,23 +120,23 @@ def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(np.asarray(x, np.float32)), torch.as_tensor(np.asarray(y, np.int64))
 
 
-def largest_prefix(accuracy, n: int, floor: float) -> tuple[int, float]:
-    """(k, accuracy(k)): the most of n ordered candidates to prune while accuracy(k) >= floor.
+def largest_prefix(accuracy_at, n: int, floor: float) -> tuple[int, float]:
+    """(k, accuracy_at(k)): the most of n ordered candidates to prune while accuracy_at(k) >= floor.
 
     Pruning one candidate at a time costs a pass over D per candidate (512 on a ResNet-18's
     last layer); accuracy falls with k all but monotonically, so bisection finds the same k
     in log2(n) passes where it does.
     """
     floor -= 1e-9
-    lo, acc_lo = 0, accuracy(0)
+    lo, acc_lo = 0, accuracy_at(0)
     hi = n
     if n:
-        acc_hi = accuracy(n)
+        acc_hi = accuracy_at(n)
         if acc_hi >= floor:
             return n, acc_hi
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        acc = accuracy(mid)
+        acc = accuracy_at(mid)
         if acc >= floor:
             lo, acc_lo = mid, acc
         else:
