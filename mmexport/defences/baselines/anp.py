@@ -9,6 +9,7 @@ import onnx
 import torch
 
 from ...engine.executor import ChannelScale
+from ..common.search import descend
 from .common import accuracy, engine_of, largest_prefix, prune_channels, tensors
 
 
@@ -74,12 +75,7 @@ def anp(
             loss_rob = torch.zeros(())
         loss_nat = ce(engine(xb, {k: ChannelScale(masks[k]) for k in sizes}), yb)
         loss = alpha * loss_nat + (1 - alpha) * loss_rob
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            for m in masks.values():
-                m.clamp_(0.0, 1.0)
+        descend(opt, loss, masks)  # one SGD step, masks kept in [0, 1]
         last_loss = float(loss.detach())
         if max_seconds is not None and time.perf_counter() - start > max_seconds:
             break

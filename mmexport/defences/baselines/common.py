@@ -161,6 +161,22 @@ def producer_rows(proto: onnx.ModelProto, site: Site) -> tuple[str, str | None, 
     return None
 
 
+def zero_rows(new: dict, inits: dict, w_name: str, b_name: str | None, channels, *, transposed=False) -> None:
+    """Zero output channels `channels` of a weight (rows, or columns when `transposed`, as a Gemm
+    without transB stores them) and its bias, into `new` (name -> array; read from `inits` the
+    first time a tensor is touched)."""
+    w = new.get(w_name, numpy_helper.to_array(inits[w_name])).copy()
+    if transposed:
+        w[:, channels] = 0
+    else:
+        w[channels] = 0
+    new[w_name] = w
+    if b_name is not None:
+        b = new.get(b_name, numpy_helper.to_array(inits[b_name])).copy()
+        b[channels] = 0
+        new[b_name] = b
+
+
 def prune_channels(proto: onnx.ModelProto, model: Model, pruned: dict[str, np.ndarray]) -> tuple[onnx.ModelProto, dict]:
     """Channels set to zero for good, as exactly as the graph allows; `pruned`: site -> a
     boolean per channel, True where the channel goes.
@@ -190,16 +206,7 @@ def prune_channels(proto: onnx.ModelProto, model: Model, pruned: dict[str, np.nd
             bounds[name] = z
             continue
         w_name, b_name, transposed = rows
-        w = weights.get(w_name, numpy_helper.to_array(inits[w_name])).copy()
-        if transposed:
-            w[:, channels] = 0
-        else:
-            w[channels] = 0
-        weights[w_name] = w
-        if b_name is not None:
-            b = weights.get(b_name, numpy_helper.to_array(inits[b_name])).copy()
-            b[channels] = 0
-            weights[b_name] = b
+        zero_rows(weights, inits, w_name, b_name, channels, transposed=transposed)
     out = replace_initializers(proto, weights) if weights else proto
     if bounds:
         out = apply_bounds(out, Bounds(bounds))

@@ -27,7 +27,7 @@ from ...engine.executor import ChannelScale
 from ...graph.rewrite import apply_bounds
 from ..common.search import descend, initial_bounds
 from .anp import anp
-from .common import FT_EPOCHS, accuracy, engine_of, largest_prefix, prune_channels, tensors, train
+from .common import FT_EPOCHS, accuracy, engine_of, largest_prefix, prune_channels, tensors, train, zero_rows
 
 # --- 1. activation clipping (no margin term) ----------------------------------------------------
 
@@ -217,19 +217,13 @@ def clp(
         if w_name not in inits or (b_name is not None and b_name not in inits):
             skipped.append(label)  # weights computed at run time: nothing to prune in place
             continue
-        w = new.get(w_name, numpy_helper.to_array(inits[w_name])).copy()
-        uclc = channel_lipschitz(w)
+        uclc = channel_lipschitz(new.get(w_name, numpy_helper.to_array(inits[w_name])))
         threshold = uclc.mean() + u * uclc.std()
         prune = np.flatnonzero(uclc > threshold)
         layers[label] = prune.tolist()
         if prune.size == 0:
             continue
-        w[prune] = 0
-        new[w_name] = w
-        if b_name is not None:
-            b = new.get(b_name, numpy_helper.to_array(inits[b_name])).copy()
-            b[prune] = 0
-            new[b_name] = b
+        zero_rows(new, inits, w_name, b_name, prune)
     out = replace_initializers(proto, new)
     info = {
         "u": u,
