@@ -259,3 +259,95 @@ def test_a_slow_stamp_search_makes_the_second_stage_smaller():
     as_planned, _ = after_stamp(first, "unlearn", 200, 10, 500.0, predicted)
     slower, again = after_stamp(first, "unlearn", 200, 10, 500.0, 3 * predicted)
     assert slower.config.unlearn_epochs < as_planned.config.unlearn_epochs and again.changed
+
+
+def _convs(groups: int):
+    """Input [N, 4, 6, 6] -> Conv 4->4 3x3 (`groups`) -> Relu -> GlobalAveragePool -> Flatten -> Gemm 4->3."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 4 // groups, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (3, 4)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], group=groups),
+             helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("GlobalAveragePool", ["r1"], ["p1"]),
+             helper.make_node("Flatten", ["p1"], ["f1"]), helper.make_node("Gemm", ["f1", "w2"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_reference_costs_count_flops_by_kind_and_read_no_clock(setup, monkeypatch):
+    import time
+
+    from mmexport.defences.common.cost import REFERENCE_RATES, count_work, reference_cost
+
+    engine, x, _, _ = setup
+    # tiny_cnn per row: Conv 2*4*1*9*36 + Gemm 2*8*4 + Gemm 2*3*8 FLOPs.
+    assert count_work(engine, x, None, backward=False).dense_flops == 2592 + 64 + 48
+    assert count_work(engine, x, None, backward=True).dense_flops > 2592 + 64 + 48
+    xs = torch.rand(3, 4, 6, 6)
+    dense = count_work(Engine(from_proto(_convs(1))), xs, None, backward=False)
+    depthwise = count_work(Engine(from_proto(_convs(4))), xs, None, backward=False)
+    assert (dense.dense_flops, dense.grouped_flops) == (2 * 4 * 4 * 9 * 36 + 2 * 4 * 3, 0)
+    assert (depthwise.dense_flops, depthwise.grouped_flops) == (2 * 4 * 3, 2 * 4 * 9 * 36)
+    assert depthwise.bytes_written == dense.bytes_written
+    # Priced at fixed rates: depthwise FLOPs dearer, and no clock is read.
+    assert REFERENCE_RATES["grouped"][0] > 10 * REFERENCE_RATES["dense"][0]
+    monkeypatch.setattr(time, "perf_counter", lambda: pytest.fail("the clock was read"))
+    cost = reference_cost(engine, x, None)
+    assert cost.kind == "reference" and cost.to_json()["costs"] == "reference"
+    assert cost == reference_cost(engine, x, None) and cost.backward_seconds > cost.forward_seconds > 0
+    assert cost.saved_bytes == saved_bytes_per_row(engine, x, None)
+
+
+class _Clock:
+    """A clock whose every reading is an hour after the last: a machine under any load."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 3600.0
+        return self.now
+
+
+def test_the_auto_schedule_is_the_same_whatever_the_clock_says(monkeypatch):
+    import mmexport.defences.harden as harden_module
+
+    proto = tiny_cnn(seed=3, classes=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    # A limit the tiny model's counted work exceeds, so the auto schedule shrinks and the
+    # second stage is refitted after the stamp search.
+    monkeypatch.setattr(harden_module, "auto_time_limit", lambda parameters: 1e-3)
+    monkeypatch.setattr(harden_module, "measure", lambda *a, **k: pytest.fail("auto timed the model"))
+    quiet = mmexport.harden(proto, (x, y), **FAST)
+    monkeypatch.setattr(harden_module, "time", _Clock())
+    busy = mmexport.harden(proto, (x, y), **FAST)
+    assert quiet.report.schedule["costs"] == "reference" and quiet.report.schedule["scale"] < 1.0
+    assert quiet.report.settings == busy.report.settings
+    for name, v in quiet.bounds.items():
+        assert (busy.bounds[name] == v).all()
+    # A limit in seconds is timed here and now: the busy clock leaves the second stage no time.
+    monkeypatch.undo()
+    timed = mmexport.harden(proto, (x, y), time_limit=30.0, **FAST)
+    monkeypatch.setattr(harden_module, "time", _Clock())
+    rushed = mmexport.harden(proto, (x, y), time_limit=30.0, **FAST)
+    assert timed.report.schedule["costs"] == rushed.report.schedule["costs"] == "measured"
+    assert timed.report.settings != rushed.report.settings
+
+
+def test_the_scan_prices_auto_at_reference_costs(monkeypatch):
+    from mmexport.defences.mmbd.scan import ScanConfig, schedule_scan
+
+    proto = tiny_cnn(seed=3, classes=3)
+    x, _ = labelled_set(proto, 8, seed=1)
+    engine = Engine(from_proto(proto))
+    x = torch.from_numpy(x)
+    assert ScanConfig().time_limit is None
+    auto = schedule_scan(engine, x, 3, ScanConfig(), torch.device("cpu"))
+    assert auto.cost.kind == "reference" and auto.time_limit == 150.0
+    assert schedule_scan(engine, x, 3, ScanConfig(time_limit=10.0), torch.device("cpu")).cost.kind == "measured"
+    with pytest.raises(mmexport.ParameterError, match="time_limit"):
+        ScanConfig(time_limit=-1.0)

@@ -105,7 +105,7 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
 @threads_option
 @path_option("--report", "report_path", help="Also write the full report (settings, history) as JSON.")
 @click.option("--plan", "plan_only", is_flag=True,
-              help="Measure the model's cost per row and print the schedule a run would use, with its predicted "
+              help="Price the model's cost per row and print the schedule a run would use, with its predicted "
                    "time and memory chunk, then stop: nothing is searched or written.")
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
@@ -343,7 +343,7 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
                   help="Clean labelled set D, an .npz (x, y) or an image folder DIR/<class>/*.png; every class "
                        "present.")
 @preprocess_options
-@config_options(ScanConfig)
+@config_options(ScanConfig, callbacks={"time_limit": time_limit}, metavars={"time_limit": "SECONDS|auto"})
 @settings_option
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Valid input range for the searches [default: per-channel min/max of D].")

@@ -67,11 +67,14 @@ def info_text(row: dict) -> str | None:
 def schedule_text(sc: dict) -> str:
     """The search's schedule: as configured, or what shrank to fit the time limit."""
     cost = f"{sc['backward_ms_per_row']:.3g} ms per row forward+backward"
+    if sc.get("costs") == "reference":
+        cost += " at reference rates"
     if not sc["changed"]:
         return f"schedule: as configured, about {duration(sc['planned_seconds'])} at most ({cost})"
     moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in sc["changed"].items())
     return (f"schedule: the configured one would take about {duration(sc['default_seconds'])} ({cost}); "
-            f"shrunk to fit --time-limit {sc['time_limit']:g} s: {moved}")
+            f"shrunk to fit --time-limit {sc['time_limit']:g} s{' (auto)' if sc.get('costs') == 'reference' else ''}: "
+            f"{moved}")
 
 
 class Progress:

@@ -30,7 +30,7 @@ from ..graph.rewrite import FORMS, apply_bounds
 from .common import ranks
 from .common.checks import check_clean_set, check_original, with_site_shapes
 from .common.config import auto_time_limit
-from .common.cost import chunk_rows, measure, memory_budget
+from .common.cost import chunk_rows, measure, memory_budget, reference_cost
 from .common.device import reproducible, resolve_device
 from .common.margins import input_box, max_margins
 from .common.schedule import (
@@ -41,6 +41,7 @@ from .common.schedule import (
     fit_schedule,
     mmac_work,
     mmom_work,
+    stamp_work,
     with_rows,
 )
 from .common.search import fit_bounds, initial_bounds
@@ -216,9 +217,11 @@ def harden(
             found = stamp is not None and stamp.found
             if plan.time_limit > 0:  # the stage that runs, fitted to the time left
                 now = time.perf_counter()
+                left, took = plan.time_limit - (now - clock[2]), now - clock[0] if stamp is not None else None
+                if plan.cost.kind == "reference":  # the time left as counted, not as the clock says
+                    left, took = plan.time_limit - stamp_work(plan.config, x.shape[0], k).seconds(plan.cost), None
                 plan, again = ranks.broadcast(after_stamp(plan, "unlearn" if found else "search", x.shape[0], k,
-                                                          plan.time_limit - (now - clock[2]),
-                                                          now - clock[0] if stamp is not None else None))
+                                                          left, took))
                 cfg = plan.config
                 if progress is not None and again.changed:
                     progress({"schedule": plan.to_json()})
@@ -300,14 +303,17 @@ def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> 
     """The config as it will run: its work priced on this model (`common.schedule`), shrunk
     to `time_limit` where needed, and the rows per chunk that `max_memory` allows."""
     z = initial_bounds(engine, x[: min(8, x.shape[0])], cfg.granularity)
-    cost = measure(engine, x[: min(128, x.shape[0])], {name: v.requires_grad_(True) for name, v in z.items()})
+    z = {name: v.requires_grad_(True) for name, v in z.items()}
+    limit = cfg.time_limit
+    if limit is None:  # auto: counted work at reference rates, the same schedule on any machine
+        limit = auto_time_limit(sum(v.numel() for v in engine.constants().values()))
+        cost = reference_cost(engine, x[: min(128, x.shape[0])], z)
+    else:
+        cost = measure(engine, x[: min(128, x.shape[0])], z)
     cost = cost.slower(1 / ranks.size())  # each rank runs its share of the rows
     chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
     n = x.shape[0]
     cfg = with_rows(cfg, n)
-    limit = cfg.time_limit
-    if limit is None:
-        limit = auto_time_limit(sum(v.numel() for v in engine.constants().values()))
     if isinstance(cfg, MmomConfig):
         fits = len(LAMBDA_GRID) * 2
         plan_ = fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, limit, chunk)

@@ -63,8 +63,10 @@ class SearchConfig:
     time_limit: float | None = param(None, "Seconds the search may take, predicted from the model's measured cost "
                                            "per row: where the schedule above would take longer, restarts, ascent "
                                            "steps and epochs shrink together until it fits (the report says how). "
-                                           "auto: 240 s plus 24 s per million parameters, at most 480 s; "
-                                           "0: no limit.")
+                                           "auto: 240 s plus 24 s per million parameters, at most 480 s, at "
+                                           "reference costs (the work counted and priced at fixed rates, so a "
+                                           "seed gives the same model on any machine at any load; a number is "
+                                           "timed here and now); 0: no limit.")
     max_memory: float = param(0.0, "GiB of activations held at once: passes run in chunks of rows that fit. "
                                    "0: a quarter of the available memory, at most 2 GiB (half the free GPU "
                                    "memory on CUDA).")

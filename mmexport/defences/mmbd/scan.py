@@ -53,15 +53,19 @@ class ScanConfig:
     budget: float = param(0.05, "The shared perturbation's radius: a fraction of the box's range (linf) or "
                                 "of its norm (l2).", cli=False)
     seed: int = param(0, "Seed of the searches: same seed, same result (on CPU).")
-    time_limit: float = param(150.0, "Seconds the scan may take, predicted from the model's measured cost per "
-                                     "row: where the steps above would take longer, restarts and steps shrink "
-                                     "together until it fits (the report says how). 0: no limit.")
+    time_limit: float | None = param(None, "Seconds the scan may take, predicted from the model's measured cost "
+                                           "per row: where the steps above would take longer, restarts and steps "
+                                           "shrink together until it fits (the report says how). auto: 150 s at "
+                                           "reference costs (counted work at fixed rates: the same scan on any "
+                                           "machine); 0: no limit.")
     max_memory: float = param(0.0, "GiB of activations held at once (0: a quarter of the available memory, at "
                                    "most 2 GiB).", cli=False)
 
     def __post_init__(self):
         check_choices(self)
-        for name in ("time_limit", "max_memory"):
+        if self.time_limit is not None and not self.time_limit >= 0:
+            raise ParameterError("time_limit", f"must be >= 0 or auto, got {self.time_limit}")
+        for name in ("max_memory",):
             if getattr(self, name) < 0:
                 raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
         if not 0.0 < self.alpha < 1.0:
@@ -260,6 +264,7 @@ def scan_engine(
     return {"max_margin": mmbd_test(mm), "universal_gain": mmbd_test(ug)}
 
 
+AUTO_SCAN_SECONDS = 150.0  # time_limit auto, at reference costs
 SCAN_KNOBS = (("restarts", 2), ("ascent_steps", 20), ("universal_steps", 10), ("universal_batch", 5))
 
 
@@ -276,15 +281,17 @@ def scan_work(c: ScanConfig, n: int, k: int):
 def schedule_scan(engine, x, k: int, cfg: ScanConfig, dev):
     """The scan's config as it will run: priced on this model, shrunk to its time limit."""
     from ..common import ranks
-    from ..common.cost import chunk_rows, measure, memory_budget
+    from ..common.cost import chunk_rows, measure, memory_budget, reference_cost
     from ..common.schedule import Knob, fit_schedule
 
-    cost = measure(engine, x[: min(128, x.shape[0])], None)
+    limit = AUTO_SCAN_SECONDS if cfg.time_limit is None else cfg.time_limit
+    price = reference_cost if cfg.time_limit is None else measure
+    cost = price(engine, x[: min(128, x.shape[0])], None)
     chunk = chunk_rows(cost, memory_budget(cfg.max_memory, dev))
     knobs = [Knob(name, floor) for name, floor in SCAN_KNOBS]
     # rank 0's measurement decides for every rank, which each run a share of the work
     return ranks.broadcast(fit_schedule(cfg, knobs, lambda c: scan_work(c, x.shape[0], k),
-                                        cost.slower(1 / ranks.size()), cfg.time_limit, chunk))
+                                        cost.slower(1 / ranks.size()), limit, chunk))
 
 
 def scan(
