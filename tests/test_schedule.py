@@ -273,8 +273,9 @@ def _convs(groups: int):
     nodes = [helper.make_node("Conv", ["input", "w1"], ["c1"], pads=[1, 1, 1, 1], group=groups),
              helper.make_node("Relu", ["c1"], ["r1"]), helper.make_node("GlobalAveragePool", ["r1"], ["p1"]),
              helper.make_node("Flatten", ["p1"], ["f1"]), helper.make_node("Gemm", ["f1", "w2"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "convs", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 6, 6])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])], inits)
+    io = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 6, 6]),
+          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])]
+    graph = helper.make_graph(nodes, "convs", io[:1], io[1:], inits)
     return onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
