@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 SAMPLE ?= sample_models/digits-cnn-badnet
 DEMO_OUT ?= build/demo
 
-.PHONY: install test demo samples zoo-real bench eval-defence lint clean
+.PHONY: install test demo samples zoo-real bench bench-seeds eval-defence lint clean
 
 install: $(STAMP)
 
@@ -58,6 +58,13 @@ bench: install
 	$(PY) benchmarks/bench_dist.py --out bench-results
 	$(PY) benchmarks/bench_mmdf.py --real --out bench-results
 	THREADS=1 $(PY) benchmarks/bench_peers.py --out bench-results
+
+# bench-results/seeds/seeds.md: harden and detect at their defaults on the real tier for seeds 0, 1
+# and 2 (about 3 h on two cores; models that are not built are built first).
+bench-seeds: install
+	for s in 0 1 2; do THREADS=1 $(PY) benchmarks/bench_peers.py --defences none,mmac,mmdf --seed $$s \
+		--out bench-results/seeds/seed$$s || exit 1; done
+	$(PY) benchmarks/seeds_table.py bench-results/seeds/seed0 bench-results/seeds/seed1 bench-results/seeds/seed2
 
 eval-defence: install
 	$(PY) benchmarks/evaluate.py --oracle --detect --report bench-results
