@@ -8,6 +8,7 @@ attack set (ASR: triggered images sent to the target; RA: sent to their true cla
 
 - none: the model as it is.
 - mmac: `harden` with its defaults (stamp unlearning, else the max-margin search).
+- mmac-ft: `harden --method mmac-ft` (MMAC, then a found stamp unlearned in the weights too).
 - mmdf: `detect` with its defaults (detection rate on the attack set, FPR on the test set).
 - fine-tuning, fine-pruning, clp: mmexport.defences.baselines.peers.
 - anp: adversarial neuron pruning with the paper's eps, alpha, lr and threshold, 32 rows per
@@ -50,7 +51,7 @@ from mmexport.defences.common.config import auto_time_limit  # noqa: E402
 from mmexport.defences.harden import harden  # noqa: E402
 from mmexport.defences.mmdf.detector import detect  # noqa: E402
 
-DEFENCES = ("none", "mmac", "mmdf", "fine-tuning", "fine-pruning", "clp", "anp")
+DEFENCES = ("none", "mmac", "mmac-ft", "mmdf", "fine-tuning", "fine-pruning", "clp", "anp")
 ANP_BATCH = 32
 
 
@@ -64,11 +65,12 @@ def run_defence(name: str, folder: Path, seed: int) -> tuple[onnx.ModelProto, di
     clean = load_npz(folder / "clean.npz")
     if name == "none":
         return original, {}
-    if name == "mmac":
-        res = harden(model, clean, seed=seed, threads=torch.get_num_threads())
+    if name in ("mmac", "mmac-ft"):
+        res = harden(model, clean, method=name, seed=seed, threads=torch.get_num_threads())
         stamp = res.report.stamp or {}
         keep = ("target", "found", "outlier")
-        return res.model, {"stage": res.report.stage, "stamp": {k: stamp.get(k) for k in keep}}
+        info = {"stage": res.report.stage, "stamp": {k: stamp.get(k) for k in keep}}
+        return res.model, info | ({"finetune": res.report.finetune} if res.report.finetune else {})
     if name == "mmdf":
         res = detect(model, clean, seed=seed, threads=torch.get_num_threads())
         return res.model, {"focus": res.report.focus, "gated": res.report.gated}

@@ -99,6 +99,14 @@ def print_harden(summary: dict) -> None:
                        f"{_pct(kept['balanced_accuracy'])} -> {_pct(top['balanced_accuracy'])}")
         else:
             _out.print(f"last layer kept: no re-fit beat it on held-out D ({_pct(kept['balanced_accuracy'])})")
+    ft = summary.get("finetune")
+    if ft:
+        (a0, a1), (f0, f1) = ft["accuracy_D"], ft["stamped_to_target"]
+        _out.print(f"weights fine-tuned ({ft['epochs']} epochs, lr {ft['lr']:g}, {ft['rows']} rows of D and its "
+                   f"stamped copy): stamped D sent to class {stamp['target']} {_pct(f0)} -> {_pct(f1)}, "
+                   f"accuracy on D {_pct(a0)} -> {_pct(a1)}")
+    elif summary["method"] == "mmac-ft":
+        _out.print("weights not fine-tuned: no stamp stood out (mmac-ft is MMAC here)")
     forms = summary.get("site_forms") or {}
     for site in forms.get("sites", []):
         why = f" ({site['reason']})" if site.get("reason") else ""

@@ -26,7 +26,7 @@ from ..core.provenance import data_sha256, model_sha256, set_metadata
 from ..core.threads import check_threads
 from ..engine.executor import Engine
 from ..engine.threads import use_threads
-from ..graph.rewrite import FORMS, apply_bounds
+from ..graph.rewrite import FORMS, apply_bounds, bound_tensors
 from .common import ranks
 from .common.checks import check_clean_set, check_original, with_site_shapes
 from .common.config import auto_time_limit
@@ -46,12 +46,13 @@ from .common.schedule import (
 )
 from .common.search import fit_bounds, initial_bounds
 from .mmac.config import MmacConfig
+from .mmac.finetune import unlearn_weights
 from .mmac.unlearn import find_stamp, unlearn_bounds
 from .mmom.config import MmomConfig
 from .mmom.refit import find_classifier, refit, write_classifier
 from .mmom.search import LAMBDA_GRID, fit_mmom
 
-METHODS = ("mmac", "mmom", "mmom-refit")
+METHODS = ("mmac", "mmac-ft", "mmom", "mmom-refit")
 
 
 @dataclass
@@ -80,6 +81,7 @@ class HardenReport:
     history: list[dict] = field(default_factory=list)
     cross_validation: list[dict] | None = None
     refit: dict | None = None
+    finetune: dict | None = None  # mmac-ft: the weights' fine-tune (None: not run)
     schedule: dict | None = None  # the time limit, measured costs, and what shrank to fit it
     distributed: dict | None = None  # under torchrun: world size and the rows each rank ran
     mmexport_version: str = __version__
@@ -104,11 +106,12 @@ class HardenResult:
 
 
 def method_config(method: str) -> MmacConfig | MmomConfig:
-    """The default config of a method name (`mmom-refit` is MMOM with `refit=True`)."""
+    """The default config of a method name (`mmom-refit` is MMOM with `refit=True`, `mmac-ft`
+    MMAC with `finetune=True`)."""
     if method not in METHODS:
         raise ParameterError("method", f"{method!r}: expected one of {', '.join(METHODS)}")
-    if method == "mmac":
-        return MmacConfig()
+    if method.startswith("mmac"):
+        return MmacConfig(finetune=method == "mmac-ft")
     return MmomConfig(refit=method == "mmom-refit")
 
 
@@ -126,7 +129,7 @@ def resolve_config(config, method: str | None, overrides: dict) -> MmacConfig | 
 
 def method_name(config: MmacConfig | MmomConfig) -> str:
     if isinstance(config, MmacConfig):
-        return "mmac"
+        return "mmac-ft" if config.finetune else "mmac"
     return "mmom-refit" if config.refit else "mmom"
 
 
@@ -149,10 +152,11 @@ def harden(
     """Search bounds on the clean set and return the bounded ONNX model.
 
     `config`: `MmacConfig` (default; backdoors) or `MmomConfig` (imbalance, over-training);
-    or name the method (`"mmac"`, `"mmom"`, `"mmom-refit"`). Keyword `overrides` replace the
+    or name the method (`"mmac"`, `"mmac-ft"`, `"mmom"`, `"mmom-refit"`). Keyword `overrides` replace the
     config's fields (`seed=1, max_epochs=40`). MMAC first looks for a stamped trigger on the
     original model: where one class's stamp stands out, the bounds unlearn it, otherwise the
-    max-margin search runs; `report.stage` says which ran.
+    max-margin search runs; `report.stage` says which ran. `mmac-ft` then fine-tunes the
+    weights to unlearn a found stamp (`report.finetune`; no stamp, no fine-tune).
 
     `form`: how per-channel bounds are written: "auto" folds them into the weights where
     that is exact (a unit clip, clip(x, 0, 1), that onnxruntime fuses) and uses Min
@@ -233,14 +237,23 @@ def harden(
                 stage("max-margin search")
                 result = fit_bounds(engine, x, y, box, k, cfg, progress=progress, chunk=chunk)
 
+        zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
+        source, refit_table, finetune, tuned = m.proto, None, None, None
+        if getattr(cfg, "finetune", False) and stamp is not None and stamp.found:
+            stage("fine-tune")  # the hardened graph as written (bounds folded), its bounds kept
+            written, forms = apply_bounds(m.proto, result.bounds, sites=m.sites, form=form, report=True)
+            tuned = Engine(from_proto(written, input_name=m.input_name, output_name=m.output_name), device=dev)
+            tuned_proto, finetune = unlearn_weights(tuned, written, x, y, stamp, None, cfg,
+                                                    frozen=bound_tensors(written), progress=progress)
+
         # Fresh, equal-seeded estimates before and after: the search's own maximisers have
         # adapted to the clipped model, a new search is the fair comparison.
         stage("margin check")
         probe = dict(restarts=cfg.restarts, steps=cfg.probe_steps, seed=cfg.seed + 1,
                      clean_x=x, chunk=chunk)
-        zb = {k_: torch.from_numpy(v).to(dev) for k_, v in result.bounds.items()}
         mm_before = max_margins(engine, box, k, **probe)
-        source, refit_table = m.proto, None
+        if tuned is not None:
+            engine, zb = tuned, None
         if name == "mmom-refit":
             w, b, refit_table = refit(engine, x, y, k, bounds=zb, seed=cfg.seed)
             source = write_classifier(m, w, b)
@@ -250,7 +263,10 @@ def harden(
         stage(None)
         share = ranks.share()
 
-    hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
+    if tuned is None:
+        hardened, forms = apply_bounds(source, result.bounds, sites=m.sites, form=form, report=True)
+    else:
+        hardened = tuned_proto
     settings = cfg.to_json() | {"input_range": list(input_range) if input_range else None,
                                 "layout": lay.name}
     stage = "unlearn" if stamp is not None and stamp.found else "max-margin"
@@ -263,7 +279,7 @@ def harden(
         max_margins_before=[float(v) for v in mm_before.cpu()],
         max_margins_after=[float(v) for v in mm_after.cpu()],
         epochs=result.epochs, seconds=result.seconds, form=form, site_forms=forms.to_json(),
-        history=result.history, cross_validation=cv, refit=refit_table,
+        history=result.history, cross_validation=cv, refit=refit_table, finetune=finetune,
         schedule=plan.to_json() | {"stage_seconds": timings}, distributed=share,
     )
     result.bounds.meta = {"method": name, "seed": cfg.seed, "model_sha256": report.model_sha256,
@@ -337,4 +353,5 @@ def provenance(report: HardenReport, cfg) -> dict[str, str]:
         "mmexport.max_margins_before": json.dumps(report.max_margins_before),
         "mmexport.max_margins_after": json.dumps(report.max_margins_after),
         "mmexport.granularity": cfg.granularity,
-    }
+    } | ({"mmexport.weights": "fine-tuned: " + json.dumps(report.finetune, sort_keys=True)}
+         if report.finetune is not None else {})

@@ -110,6 +110,13 @@ def _bound_nodes(proto: onnx.ModelProto):
     ]
 
 
+def bound_tensors(proto: onnx.ModelProto) -> set[str]:
+    """The initializers mmexport's bound nodes read (a Min's bound, a Clip's limits): what a
+    fine-tune of a hardened model leaves as it is."""
+    inits = {i.name for i in proto.graph.initializer}
+    return {name for n in _bound_nodes(proto) for name in n.input[1:] if name in inits}
+
+
 def _all_nodes(graph: onnx.GraphProto):
     for n in graph.node:
         yield n

@@ -12,6 +12,7 @@ from ...core.bounds import Bounds
 from ...core.model import Model, Site, from_proto, replace_initializers
 from ...engine.executor import Engine
 from ...graph.rewrite import apply_bounds
+from ..common.weights import epochs_of, trainable
 
 # A bound that never clips a finite activation: how "not pruned" is written beside a pruned channel.
 NO_BOUND = float(np.finfo(np.float32).max)
@@ -55,12 +56,10 @@ def train(
     where it started (else the last): Adam at 1e-3 suits the 16x16 samples but sends a PreAct-ResNet-18 (BatchNorm
     in inference mode) to chance within an epoch, which D's own loss shows; a user would lower it.
     """
-    inits = {init.name for init in proto.graph.initializer}
-    # A BatchNormalization's running mean and variance are statistics of the training data, not weights.
+    live = engine.constants()
+    params = trainable(engine, proto)
     stats = {n.input[i] for n in proto.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
              if len(n.input) > i}
-    live = engine.constants()
-    params = {name: t for name, t in live.items() if name in inits - stats}
     start = {name: t.detach().clone() for name, t in params.items()}
 
     def d_loss() -> float:
@@ -90,30 +89,6 @@ def train(
     if frozen:
         info["frozen"] = frozen
     return trained, info
-
-
-def epochs_of(engine, params: dict, x, y, *, seed: int, bounds, epochs: int, lr: float, batch_size: int) -> list:
-    """The fine-tune itself: mean loss per epoch, `params` trained in place."""
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    for t in params.values():
-        t.requires_grad_(True)
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
-    losses = []
-    for _ in range(epochs):
-        order = torch.randperm(x.shape[0], generator=gen)
-        total = 0.0
-        for i in range(0, x.shape[0], batch_size):
-            idx = order[i : i + batch_size]
-            loss = torch.nn.functional.cross_entropy(engine(x[idx], bounds), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(idx)
-        losses.append(total / x.shape[0])
-    for t in params.values():
-        t.requires_grad_(False)
-    return losses
 
 
 def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

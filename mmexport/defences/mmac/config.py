@@ -15,7 +15,8 @@ class MmacConfig(SearchConfig):
 
     `unlearn="auto"` first reverse-engineers one stamp per class on the original model; where
     one class's stamped margin on D stands out by `unlearn_gate` (its gap to the runner-up
-    over the others' MAD), the bounds unlearn that stamp instead (`mmac.unlearn`).
+    over the others' MAD), the bounds unlearn that stamp instead (`mmac.unlearn`). With
+    `finetune` (method `mmac-ft`) the weights then unlearn it too (`mmac.finetune`).
     """
 
     method: str = param("mmac", "Objective on D: keep its logits.", choices=("mmac",), cli=False)
@@ -35,8 +36,19 @@ class MmacConfig(SearchConfig):
              "more often than the best check's (0: the best check; 1 measured no better on the samples, "
              "docs/experiments.md#unlearn-one-se).", cli=False)
 
+    finetune: bool = param(False, "After the bounds, fine-tune the weights to unlearn the stamp found "
+                                  "(method mmac-ft).", cli=False)
+    ft_epochs: int = param(20, "mmac-ft: epochs of the weights' fine-tune on D and its stamped copy.")
+    ft_lr: float = param(1e-4, "mmac-ft: Adam's learning rate of the weights' fine-tune.")
+    ft_batch: int = param(32, "mmac-ft: rows per step of the weights' fine-tune.", cli=False)
+
     def __post_init__(self):
         super().__post_init__()
+        for name in ("ft_epochs", "ft_batch"):
+            if getattr(self, name) < 1:
+                raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
+        if not self.ft_lr > 0:
+            raise ParameterError("ft_lr", f"must be > 0, got {self.ft_lr}")
         if not 0.0 < self.unlearn_floor <= 1.0:
             raise ParameterError("unlearn_floor", f"must be in (0, 1], got {self.unlearn_floor}")
         if not self.unlearn_tolerance >= 0.0:
