@@ -1,6 +1,7 @@
 """mmac-ft: MMAC, then a found stamp unlearned in the hardened graph's weights."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -96,3 +97,14 @@ def test_the_cli_says_what_the_fine_tune_did(tmp_path):
                   "--ft-epochs", "2", "--threads", "1", "-o", out, "--settings", settings)
     assert res.exit_code == 0, res.output
     assert "weights fine-tuned (2 epochs" in res.output and out.exists()
+
+
+def test_the_plan_prices_the_fine_tune_beside_the_search():
+    from mmexport.defences.harden import plan
+
+    ft = plan(SAMPLE / "model.onnx", SAMPLE / "clean.npz", method="mmac-ft", threads=1)
+    plain = plan(SAMPLE / "model.onnx", SAMPLE / "clean.npz", threads=1)
+    assert plain.finetune_seconds is None and "finetune_seconds" not in plain.to_json()
+    # 20 epochs of 200 rows of D and 180 stamped, 1.5 passes each, at the counted cost per row.
+    assert ft.finetune_seconds == pytest.approx(1.5 * 20 * 380 * ft.cost.backward_seconds)
+    assert ft.config == replace(plain.config, finetune=True) and ft.planned_seconds == plain.planned_seconds

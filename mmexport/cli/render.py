@@ -119,11 +119,15 @@ def print_plan(plan: dict) -> None:
     from .progress import duration, schedule_text
 
     _out.print(schedule_text(plan))
-    _out.print(f"measured per row: {plan['backward_ms_per_row']:.3g} ms forward+backward, "
+    how = "counted at reference rates" if plan.get("costs") == "reference" else "measured"
+    _out.print(f"{how}, per row: {plan['backward_ms_per_row']:.3g} ms forward+backward, "
                f"{plan['forward_ms_per_row']:.3g} ms forward, {plan['saved_mib_per_row']:.3g} MiB saved for the "
                f"backward; {plan['chunk_rows']} rows per chunk")
     _out.print(f"predicted search time: {duration(plan['planned_seconds'])} (an upper bound: the search may stop "
                "early; loading and writing the model come on top)")
+    if plan.get("finetune_seconds") is not None:
+        _out.print(f"then, where a stamp is found, the weights' fine-tune: about {duration(plan['finetune_seconds'])} "
+                   "(mmac-ft; outside the time limit)")
 
 
 def print_validation(rep, *, title: str = "") -> None:

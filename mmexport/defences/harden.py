@@ -10,7 +10,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import onnx
 import torch
@@ -38,6 +38,7 @@ from .common.schedule import (
     SEARCH_KNOBS,
     Schedule,
     after_stamp,
+    finetune_work,
     fit_schedule,
     mmac_work,
     mmom_work,
@@ -335,6 +336,8 @@ def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> 
         plan_ = fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, limit, chunk)
     else:
         plan_ = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, limit, chunk)
+        if cfg.finetune:
+            plan_ = replace(plan_, finetune_seconds=finetune_work(cfg, n, k).seconds(cost))
     return ranks.broadcast(plan_)  # rank 0's measurement decides: every rank runs the same schedule
 
 

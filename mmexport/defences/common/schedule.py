@@ -61,6 +61,7 @@ class Schedule:
     cost: RowCost
     chunk: int | None  # rows per forward/backward (None: all at once)
     changed: dict  # field: (default, as run) for every knob that moved
+    finetune_seconds: float | None = None  # mmac-ft: the weights' fine-tune, outside the limit
 
     def to_json(self) -> dict:
         return {
@@ -71,7 +72,7 @@ class Schedule:
             "chunk_rows": self.chunk,
             "changed": {k: list(v) for k, v in self.changed.items()},
             **self.cost.to_json(),
-        }
+        } | ({"finetune_seconds": round(self.finetune_seconds, 1)} if self.finetune_seconds is not None else {})
 
 
 def merge(first: Schedule, second: Schedule) -> Schedule:
@@ -170,6 +171,13 @@ def unlearn_work(c, n: int, k: int) -> Work:
     purge = c.fit_rows * (k - 1) / (2 * k)
     return Work(passes=c.unlearn_epochs * (c.fit_rows + purge),
                 forwards=c.unlearn_epochs / c.check_every * (c.floor_rows + n / 2))
+
+
+def finetune_work(c, n: int, k: int) -> Work:
+    """mmac-ft's fine-tune of the weights: every epoch D and its other-class images stamped. A
+    pass that also takes the weights' gradients is priced at 1.5 row passes (a convolution's
+    weight gradient costs about what its input gradient does)."""
+    return Work(passes=1.5 * c.ft_epochs * (n + n * (k - 1) / k))
 
 
 def mmac_work(c, n: int, k: int) -> Work:
