@@ -77,12 +77,14 @@ def table(runs: dict[int, dict[str, dict]]) -> str:
     for d in defences:
         per_seed = {s: aggregates(runs[s], d) for s in seeds}
         done = {s: a for s, a in per_seed.items() if a is not None}
+        most = max((a["models"] for a in done.values()), default=0)
         for s, a in done.items():
             out.append(f"| {d} | {s} | {a['models']} | {pct(a['drop'])} | {pct(a['asr'])} | {pct(a['worst'])} | "
                        f"{a['met']} / {a['models']} | {', '.join(pct(v) for v in a['clean_drop']) or '-'} |")
-        if len(done) > 1:
-            mean = {key: float(np.mean([a[key] for a in done.values()])) for key in ("drop", "asr", "worst")}
-            out.append(f"| {d} | mean of {len(done)} | | {pct(mean['drop'])} | {pct(mean['asr'])} | "
+        full = [a for a in done.values() if a["models"] == most]  # a seed on fewer models is not averaged in
+        if len(full) > 1:
+            mean = {key: float(np.mean([a[key] for a in full])) for key in ("drop", "asr", "worst")}
+            out.append(f"| {d} | mean of {len(full)} | {most} | {pct(mean['drop'])} | {pct(mean['asr'])} | "
                        f"{pct(mean['worst'])} | | |")
     return "\n".join(out) + "\n"
 
