@@ -18,7 +18,7 @@ from mmexport.defences.common.stats import fold_ids
 from mmexport.defences.mmdf.bounds import clean_max_bounds
 from mmexport.defences.mmdf.detector import detect, focus_plan
 from mmexport.defences.mmdf.graph import DETECTED, SCORE, SUPPRESSED, build_mmdf_graph
-from mmexport.defences.mmdf.null import fit_null, margin_gap
+from mmexport.defences.mmdf.null import fit_image_null, fit_null, margin_gap
 from mmexport.graph.rewrite import apply_bounds
 from mmexport.runtime.sessions import session
 
@@ -89,6 +89,50 @@ def test_exponential_tail_extrapolates_past_the_largest_score():
     d = np.random.default_rng(1).exponential(1.0, 100)
     fit = fit_null(d, 0.005, law="exponential-tail")
     assert fit.threshold > d.max() * 0.8 and fit.params["beta"] > 0
+
+
+def test_image_null_ranks_images_not_their_shifted_copies():
+    # 100 images, 5 copies each; one copy of the first 3 images scores high. Ranked as 500 rows
+    # at alpha 0.01 (rank ceil(501 * 0.99) = 496) the threshold is the 5th largest row, 0.99;
+    # as 100 images it is the largest image score (rank ceil(101 * 0.99) = 100).
+    rows = np.zeros((5, 100))
+    rows[2, :3] = [5.0, 4.0, 3.0]
+    rows[0] = np.linspace(0.0, 1.0, 100)
+    tested = np.ones(500, bool)
+    assert fit_null(rows.reshape(-1), 0.01).threshold == pytest.approx(98 / 99)
+    fit = fit_image_null(rows.reshape(-1), 100, tested, 0.01)
+    assert fit.threshold == 5.0 and fit.n == 100
+    assert fit.params == {"unit": "image", "rank": 100, "guarantee": pytest.approx(0.01),
+                          "tested_images": 100}
+
+
+def test_image_null_holds_alpha_over_all_images_when_only_some_are_tested():
+    rng = np.random.default_rng(0)
+    rows = rng.exponential(size=(2, 400)).reshape(-1)
+    tested = np.tile(np.arange(400) < 40, 2)  # the focus: 40 of 400 images
+    fit = fit_image_null(rows, 400, tested, 0.05)
+    # rank ceil(401 * 0.95) = 381: 360 untested images sort first, then the 21st of the 40.
+    per_image = np.sort(rows.reshape(2, 400)[:, :40].max(0))
+    assert fit.threshold == pytest.approx(per_image[20], rel=1e-6)
+    assert fit.params["tested_images"] == 40
+    with pytest.raises(MmexportError, match="1 of D's images are tested"):
+        fit_image_null(rows, 400, np.tile(np.arange(400) < 1, 2), 0.05)
+
+
+def test_image_null_guarantee_holds_for_new_unshifted_images():
+    # Copies of an image share its level (a shifted copy is not a new image); the new image is
+    # one unshifted draw. Over many D's, the rate at which it exceeds the threshold stays <= alpha.
+    rng = np.random.default_rng(1)
+    n, alpha, trials = 99, 0.05, 4000
+    level = rng.normal(size=(trials, 1, n + 1))
+    rows = level + 0.5 * rng.normal(size=(trials, 3, n + 1))
+    exceed = [rows[t, 0, n] > fit_image_null(rows[t, :, :n].reshape(-1), n, np.ones(3 * n, bool), alpha).threshold
+              for t in range(trials)]
+    # Ranking the 3n rows instead lets the new image through about twice as often.
+    rowwise = [rows[t, 0, n] > fit_null(rows[t, :, :n].reshape(-1), alpha).threshold for t in range(trials)]
+    se = (alpha * (1 - alpha) / trials) ** 0.5
+    assert np.mean(exceed) <= alpha + 3 * se
+    assert np.mean(rowwise) > np.mean(exceed) + 3 * se
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, -1])
@@ -409,14 +453,17 @@ def test_detect_focus_calibrates_on_the_inputs_sent_to_the_avoided_class(tiny_se
     proto, x, y, bounds = tiny_set
     res = detect(proto, (x, y), bounds=bounds, avoid=1, statistic="margin")
     focus = res.report.focus
-    assert focus["class"] == 1 and res.report.null["n"] == focus["n"] < res.report.calibration["n"]
-    assert res.report.null["alpha"] == pytest.approx(0.005 / focus["share"])
+    assert focus["class"] == 1 and focus["n"] < res.report.calibration["n"]
+    # Ranked over every image of D at alpha: an image never sent to class 1 cannot be flagged.
+    null = res.report.null
+    assert null["n"] == res.report.calibration["images"] and null["alpha"] == pytest.approx(0.005)
+    assert 0 < null["params"]["tested_images"] < null["n"]
     assert get_metadata(res.model)["mmexport.mmdf.focus"] == "1"
     flagged = ort(res.model, x)[DETECTED]
     assert not flagged[ort(proto, x)["logits"].argmax(1) != 1].any()
     res = detect(proto, (x, y), bounds=bounds, avoid=1, statistic="margin", focus=False)
     assert res.report.focus["class"] is None
-    assert res.report.null["n"] == res.report.calibration["n"]
+    assert res.report.null["params"]["tested_images"] == res.report.null["n"]
     assert get_metadata(res.model)["mmexport.mmdf.focus"] == ""
 
 

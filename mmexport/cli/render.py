@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.console import Console
 from rich.table import Table
 
@@ -160,11 +162,12 @@ def print_detect(summary: dict) -> None:
                f"99% {gap['quantiles']['0.99']:.3g}, max {gap['max']:.3g}")
     feats = summary.get("features")
     focus = summary.get("focus") or {}
-    alpha = null["alpha"]  # each test's level: alpha, split between the tests, over the focus share
+    alpha = null["alpha"]  # each test's level: alpha, split between the tests (over the focus share)
+    by_image = null["params"].get("unit") == "image"
     if focus.get("class") is not None:
+        level = "" if by_image else f"; alpha {alpha:.3g} each keeps {summary['alpha']:g} over all inputs"
         _out.print(f"focus: only inputs predicted as class {focus['class']} are tested "
-                   f"({focus['n']} of D's inputs, {_pct(focus['share'])}; alpha {alpha:.3g} each "
-                   f"keeps {summary['alpha']:g} over all inputs)")
+                   f"({focus['n']} of D's inputs, {_pct(focus['share'])}{level})")
         if summary.get("gated"):
             _out.print("gate: the graph runs the tests on those inputs alone (others: original logits, "
                        "NaN scores; --no-gate scores every input)")
@@ -174,6 +177,15 @@ def print_detect(summary: dict) -> None:
         _out.print(f"feature test: {len(feats['sites'])} sites (channel mean, spread and skew; "
                    f"class-conditional Gaussian, {folds}-fold cross-fitted on D): "
                    f"threshold {feats['threshold']:.4g} at alpha {alpha:g}")
+    if by_image:
+        tests = 2 if feats else 1
+        held = summary.get("false_positive_guarantee", tests * null["params"]["guarantee"])
+        short = ""
+        if held > summary["alpha"] * (1 + 1e-9):
+            short = (f", not the {summary['alpha']:g} asked: D has {null['n']} images, "
+                     f"{math.ceil(tests / summary['alpha']) - 1} hold it")
+        _out.print(f"false positives: {'either test' if feats else 'the test'} flags a new clean image "
+                   f"with probability <= {held:.3g}{short}")
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
     avoid = summary.get("avoid") or {}
     scan = avoid.get("scan")

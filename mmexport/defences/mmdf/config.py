@@ -30,7 +30,9 @@ class MmdfConfig:
     statistic: str = param("margin+features", "margin+features: the margin gap and the feature test, alpha "
                                               "split between them; margin: the paper's test alone.",
                            choices=STATISTICS)
-    alpha: float = param(0.005, "False-positive rate the threshold is calibrated for (on clean inputs).")
+    alpha: float = param(0.005, "False-positive rate the thresholds are calibrated for (on new clean images; "
+                                "the conformal law holds it once D has 1 / alpha images per test, 2 / alpha "
+                                "for both, and says what it holds below that).")
     law: str = param("conformal", "Null law of the clean scores: conformal (distribution-free quantile), "
                                   "exponential-tail or gaussian (the paper's).", choices=LAWS)
     folds: int = param(FOLDS, "Cross-fitting folds of the calibration scores (clean-max margin gap and "

@@ -26,7 +26,7 @@ from .bounds import clean_max_bounds, shifted, site_maxima
 from .config import MmdfConfig
 from .features import fit_features, site_feature_arrays
 from .graph import METHOD, SCORE, build_mmdf_graph, is_gated
-from .null import ROUNDING, NullFit, fit_null
+from .null import ROUNDING, NullFit, fit_image_null, fit_null
 
 
 @dataclass
@@ -53,6 +53,9 @@ class DetectReport:
     focus: dict
     settings: dict = field(default_factory=dict)
     gated: bool = False  # the tests run inside the focus gate (mmdf.gate)
+    # The false-positive rate on new clean images the conformal thresholds hold (both tests
+    # together): alpha, or more where D has too few images for it; None for other laws.
+    false_positive_guarantee: float | None = None
     method: str = METHOD
     mmexport_version: str = __version__
 
@@ -178,7 +181,9 @@ def focus_plan(target: int | None, predicted: np.ndarray | None, alpha: float) -
     A trigger that works makes the model predict its target, so when the target is known
     only inputs sent to it need testing: the calibration keeps D's inputs predicted as the
     target (share p of D), tested at alpha / p, so that P(flagged) = p * alpha / p = alpha
-    over all clean inputs. Too few such inputs (< 10) and every input is tested.
+    over all clean inputs (for the "exponential-tail" and "gaussian" laws; the conformal one
+    ranks all of D's images, `fit_image_null`). Too few such inputs (< 10) and every input is
+    tested.
     """
     if target is None:
         return {"class": None, "reason": "no suspected target"}
@@ -300,6 +305,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
         },
         harden=harden_report, avoid=avoid_report, focus=cal.plan,
         settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"}, gated=is_gated(out),
+        false_positive_guarantee=_guarantee(cal),
     )
     set_metadata(out, _provenance(report, cal, m.output_name, report.gated))
     return DetectResult(model=out, threshold=cal.null.threshold, report=report, bounds=bounds,
@@ -378,10 +384,19 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
     alpha_each = cfg.alpha / 2 if use_features else cfg.alpha
     plan = focus_plan(target, predicted, alpha_each)
     tested = predicted == plan["class"] if plan["class"] is not None else np.ones(len(d), bool)
-    level = plan.get("alpha", alpha_each)
-    null = fit_null(d[tested], level, law=cfg.law,
-                    floor=ROUNDING * max(1.0, float(np.abs(d).max())))
-    feature_null = None if features is None else fit_null(features.null[tested], level, law=cfg.law)
+    floor = ROUNDING * max(1.0, float(np.abs(d).max()))
+    if cfg.law == "conformal":
+        # Ranked over D's images at alpha / 2 each: the focus needs no level of its own, an
+        # image never sent to the focus class scores -inf (`fit_image_null`).
+        null = fit_image_null(d, len(clean), tested, alpha_each, floor=floor)
+        feature_null = (None if features is None else
+                        fit_image_null(features.null, len(clean), tested, alpha_each))
+        if plan["class"] is not None:
+            plan = {**plan, "alpha": alpha_each}
+    else:
+        level = plan.get("alpha", alpha_each)
+        null = fit_null(d[tested], level, law=cfg.law, floor=floor)
+        feature_null = None if features is None else fit_null(features.null[tested], level, law=cfg.law)
     flagged = d > null.threshold
     if feature_null is not None:
         flagged = flagged | (features.null > feature_null.threshold)
@@ -392,9 +407,17 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
     return Calibration(d, null, features, feature_null, plan, flagged, summary)
 
 
+def _guarantee(cal: Calibration) -> float | None:
+    """What the image-ranked thresholds hold together (a union bound over the tests)."""
+    fits = [f for f in (cal.null, cal.feature_null) if f is not None]
+    if any(f.params.get("unit") != "image" for f in fits):
+        return None
+    return min(1.0, sum(f.params["guarantee"] for f in fits))
+
+
 def _provenance(report: DetectReport, cal: Calibration, output_name: str, gated: bool) -> dict[str, str]:
     """The metadata_props an MMDF model carries: its thresholds, null and where its bounds came from."""
-    avoided = report.avoid["class"]
+    avoided, guarantee = report.avoid["class"], report.false_positive_guarantee
     return {
         "mmexport.version": __version__,
         "mmexport.method": METHOD,
@@ -402,6 +425,7 @@ def _provenance(report: DetectReport, cal: Calibration, output_name: str, gated:
         "mmexport.mmdf.statistic": report.statistic,
         "mmexport.mmdf.feature_threshold": repr(cal.feature_null.threshold) if cal.feature_null else "",
         "mmexport.mmdf.alpha": repr(report.alpha),
+        "mmexport.mmdf.guarantee": "" if guarantee is None else repr(guarantee),
         "mmexport.mmdf.null": json.dumps(cal.null.to_json(), sort_keys=True),
         "mmexport.mmdf.calibration": json.dumps(cal.summary, sort_keys=True),
         "mmexport.mmdf.bounds_source": report.bounds_source,
