@@ -529,6 +529,24 @@ def test_cli_detect_writes_the_model_and_its_bounds_and_prints_json(tiny_files):
     assert fpr == pytest.approx(rep["false_positive_rate_clean_set"])
 
 
+def test_cli_detect_says_what_false_positive_rate_its_thresholds_hold(tiny_files):
+    # The tiny clean set has far fewer than 1 / alpha images: the conformal threshold is the
+    # largest image score, and the summary, the report and the metadata say what that holds.
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "b.json", "--statistic", "margin", "--alpha", "0.01")
+    assert r.exit_code == 0, r.output
+    n = len(np.load(tiny_files / "clean.npz")["y"])
+    text = " ".join(r.output.split())
+    assert f"flags a new clean image with probability <= {1 / (n + 1):.3g}, not the 0.01 asked" in text
+    assert f"D has {n} images; that takes 99" in text
+    meta = get_metadata(onnx.load(tiny_files / "m.mmdf.onnx"))
+    assert float(meta["mmexport.mmdf.guarantee"]) == pytest.approx(1 / (n + 1))
+    r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
+            tiny_files / "b.json", "--alpha", "0.2", "--law", "gaussian", "--json", "-q", "--force")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["false_positive_guarantee"] is None
+
+
 def test_cli_inspect_reads_an_mmdf_model_through_its_logits(tiny_files):
     r = run("detect", tiny_files / "m.onnx", "--data", tiny_files / "clean.npz", "--bounds",
             tiny_files / "b.json", "-q", "--no-bounds-file")

@@ -182,8 +182,8 @@ def print_detect(summary: dict) -> None:
         held = summary.get("false_positive_guarantee", tests * null["params"]["guarantee"])
         short = ""
         if held > summary["alpha"] * (1 + 1e-9):
-            short = (f", not the {summary['alpha']:g} asked: D has {null['n']} images, "
-                     f"{math.ceil(tests / summary['alpha']) - 1} hold it")
+            short = (f", not the {summary['alpha']:g} asked (D has {null['n']} images; that takes "
+                     f"{math.ceil(tests / summary['alpha']) - 1})")
         _out.print(f"false positives: {'either test' if feats else 'the test'} flags a new clean image "
                    f"with probability <= {held:.3g}{short}")
     _out.print(f"flags {_pct(summary['false_positive_rate_clean_set'])} of D")
