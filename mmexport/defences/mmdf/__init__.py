@@ -21,9 +21,10 @@ alpha false positives on new clean inputs).
 
 Null law. d on clean data is a point mass at 0 plus a short, skewed right tail: a fitted
 Gaussian (the paper's choice) puts the threshold far too low (1.6-2.6% false positives at
-alpha = 0.5% here, 5% on the prototype). The default is the conformal quantile, the
-ceil((n + 1)(1 - alpha))-th smallest null score, which a new clean score exceeds with
-probability <= alpha whatever the law (`fit_null`).
+alpha = 0.5% here, 5% on the prototype). The default is the conformal quantile over D's n
+images (each scored by its largest shifted copy), the ceil((n + 1)(1 - alpha))-th smallest,
+which a new clean image exceeds with probability <= alpha whatever the law; below 1 / alpha
+images it is the largest, and the report says what that holds (`fit_image_null`).
 
 The graph holds both branches. The bounded branch duplicates only the nodes that depend on
 a bounded site and reads the very same weight initializers, so the file grows by a few
@@ -41,9 +42,9 @@ nodes, not by a second copy of the weights. It outputs
 
 Focus. A trigger that works makes the model predict its target. Where the MM-BD scan on D
 (or the user) names the suspected target t, only inputs the original model sends to t can
-be flagged, and both thresholds are set on D's inputs sent to t at alpha / p (p: their
-share of D), so the false-positive rate over all clean inputs stays alpha while the tests
-spend it where triggered inputs are. On the sample zoo this removed the false positives on
+be flagged, and both thresholds are set on D's images sent to t, ranked among all of D's
+images (the others can never be flagged), so the false-positive rate over all clean inputs
+stays alpha while the tests spend it where triggered inputs are. On the sample zoo this removed the false positives on
 classes a trigger never produces (correctly classified "1"s of a signal-attack CNN, 2.0% ->
 0.2%); the price: a wrongly named target leaves the triggered inputs untested. The graph
 then stores the focus class's feature means only, and scores every input against them.
