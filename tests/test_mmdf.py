@@ -20,6 +20,7 @@ from mmexport.defences.mmdf.detector import detect, focus_plan
 from mmexport.defences.mmdf.graph import DETECTED, SCORE, SUPPRESSED, build_mmdf_graph
 from mmexport.defences.mmdf.null import fit_image_null, fit_null, margin_gap
 from mmexport.graph.rewrite import apply_bounds
+from mmexport.runtime.metrics import binomial_tail
 from mmexport.runtime.sessions import session
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -501,8 +502,31 @@ def test_validate_adds_detection_and_false_positive_rates_for_an_mmdf_model(tiny
     assert rep.detection_rate == pytest.approx(flagged[y != 0].mean())
     plain = mmexport.validate(proto, Dataset(x, y), provider="cpu")
     assert plain.detection_rate is None and plain.false_positive_rate is None
+    assert rep.false_positive_guarantee is None  # a graph built by hand promises nothing
 
 
+def test_binomial_tail_is_the_exact_upper_tail():
+    from math import comb
+
+    for k, n, r in [(0, 10, 0.1), (1, 10, 0.1), (3, 10, 0.1), (10, 10, 0.5), (5, 200, 0.00995), (11, 4, 0.3)]:
+        exact = sum(comb(n, j) * r**j * (1 - r) ** (n - j) for j in range(k, n + 1))
+        assert binomial_tail(k, n, r) == pytest.approx(exact, rel=1e-9, abs=1e-300)
+    assert binomial_tail(3, 100_000, 0.0) == 0.0 and binomial_tail(0, 5, 0.0) == 1.0
+
+
+def test_validate_weighs_an_mmdf_models_false_positives_against_what_it_holds():
+    # digits-cnn-clean (no focus: every input tested), D of 200 images: its thresholds hold
+    # 2 / 201. Its test set's flags are within that; noisy digits (not like D) are not.
+    folder = SAMPLES / "digits-cnn-clean"
+    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz")
+    held = res.report.false_positive_guarantee
+    assert held == pytest.approx(2 / 201) and res.report.focus["class"] is None
+    test = mmexport.load_npz(folder / "test.npz")
+    rep = mmexport.validate(res.model, test, provider="cpu")
+    assert rep.false_positive_guarantee == pytest.approx(held) and rep.false_positive_p_value > 0.05
+    noisy = test.x + np.random.default_rng(0).normal(0.0, 0.3, test.x.shape).astype(np.float32)
+    drift = mmexport.validate(res.model, Dataset(noisy, test.y), provider="cpu")
+    assert drift.false_positive_rate > 3 * held and drift.false_positive_p_value < 0.05
 
 
 @pytest.fixture

@@ -146,6 +146,14 @@ def print_validation(rep, *, title: str = "") -> None:
     if getattr(rep, "false_positive_rate", None) is not None:  # an MMDF model
         det = "" if rep.detection_rate is None else f"detection {_pct(rep.detection_rate)}  "
         _out.print(f"MMDF: {det}false positives {_pct(rep.false_positive_rate)} (clean inputs flagged)")
+        held = getattr(rep, "false_positive_guarantee", None)
+        if held is not None:
+            p = rep.false_positive_p_value
+            flagged = round(rep.false_positive_rate * rep.n)
+            verdict = ("[yellow]more than they hold: is this clean data like the set it was calibrated on?[/]"
+                       if p < 0.05 else "within what they hold")
+            _out.print(f"the thresholds hold <= {_pct(held)} on new clean images; {flagged} of {rep.n} flagged "
+                       f"(p = {p:.2g} at that rate): {verdict}")
 
 
 _VERDICT_STYLE = {"better": "green", "same": "", "worse": "red", "n/a": "dim"}

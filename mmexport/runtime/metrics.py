@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -10,6 +11,7 @@ import numpy as np
 from ..core.data import Dataset, as_dataset, check_for_model
 from ..core.errors import MmexportError
 from ..core.model import MMDF_OUTPUTS, Model, as_model
+from ..core.provenance import get_metadata
 from ..core.threads import check_threads, using_threads
 from .sessions import run_batches, session
 
@@ -34,6 +36,10 @@ class ValidationReport:
     provider: str = "cpu"
     detection_rate: float | None = None
     false_positive_rate: float | None = None
+    # What the MMDF model's thresholds hold on new clean images (its `mmexport.mmdf.guarantee`),
+    # and P(at least this many flags | that rate): small means this clean data is not like D.
+    false_positive_guarantee: float | None = None
+    false_positive_p_value: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -42,6 +48,23 @@ class ValidationReport:
     def from_json(cls, obj: dict) -> ValidationReport:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in obj.items() if k in known})
+
+
+def binomial_tail(k: int, n: int, rate: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, rate): how surprising k flags in n are at that rate."""
+    if k <= 0:
+        return 1.0
+    if k > n or rate <= 0.0:
+        return 0.0
+    if rate >= 1.0:
+        return 1.0
+    j = np.arange(k, n + 1, dtype=np.float64)
+    first = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+             + k * math.log(rate) + (n - k) * math.log1p(-rate))
+    # log pmf(j + 1) - log pmf(j) = log((n - j) / (j + 1)) + log(rate / (1 - rate))
+    steps = np.log((n - j[:-1]) / (j[:-1] + 1)) + math.log(rate) - math.log1p(-rate)
+    logs = first + np.concatenate([[0.0], np.cumsum(steps)])
+    return float(min(1.0, np.exp(np.logaddexp.reduce(logs))))
 
 
 def classification_metrics(pred: np.ndarray, y: np.ndarray, num_classes: int):
@@ -154,11 +177,16 @@ def _validate(model, data, attack, provider, batch_size, input_name, output_name
             raise MmexportError(
                 f"{name}: every sample's true label equals its target; no ASR to measure"
             )
-    detection_rate = false_positive_rate = None
+    detection_rate = false_positive_rate = guarantee = surprise = None
     if flags:
-        false_positive_rate = float(np.asarray(flags[0], bool).mean())
+        flagged = np.asarray(flags[0], bool)
+        false_positive_rate = float(flagged.mean())
         if attack is not None:
             detection_rate = detection_metric(attack_flags[0], attack.y, attack.y_true)
+        held = get_metadata(m.proto).get("mmexport.mmdf.guarantee", "")
+        if held:
+            guarantee = float(held)
+            surprise = binomial_tail(int(flagged.sum()), len(flagged), guarantee)
     return ValidationReport(
         n=len(data),
         accuracy=acc,
@@ -172,4 +200,6 @@ def _validate(model, data, attack, provider, batch_size, input_name, output_name
         provider=used,
         detection_rate=detection_rate,
         false_positive_rate=false_positive_rate,
+        false_positive_guarantee=guarantee,
+        false_positive_p_value=surprise,
     )
