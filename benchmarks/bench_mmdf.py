@@ -55,7 +55,9 @@ def ungated(folder: Path, cache: Path, log) -> onnx.ModelProto:
     source_sha = sha256(folder / "model.onnx")
     if kept.exists():
         proto = onnx.load(kept)
-        if get_metadata(proto).get("mmexport.source_sha256") == source_sha and not is_gated(proto):
+        meta = get_metadata(proto)  # made before the screen: made again
+        if (meta.get("mmexport.source_sha256") == source_sha and "mmexport.mmdf.screen" in meta
+                and not is_gated(proto)):
             return proto
     log(f"{folder.name}: detect (defaults, seed 0) ...")
     start = time.perf_counter()
@@ -114,10 +116,12 @@ def bench_model(folder: Path, args, log) -> dict:
     full = ungated(folder, Path(args.cache), log)
     meta = get_metadata(full)
     focus = int(meta["mmexport.mmdf.focus"]) if meta.get("mmexport.mmdf.focus") else None
+    screen = float(meta["mmexport.mmdf.screen"]) if meta.get("mmexport.mmdf.screen") else None
     logits = meta.get("mmexport.mmdf.output") or full.graph.output[0].name
-    row = {"model": folder.name, "focus": focus, "params": int(sum(np.prod(i.dims) for i in source.graph.initializer))}
+    row = {"model": folder.name, "focus": focus, "screen": screen,
+           "params": int(sum(np.prod(i.dims) for i in source.graph.initializer))}
     models = {"original": source, "ungated": full}
-    if focus is not None:
+    if focus is not None or screen is not None:
         ours = [o.name for o in full.graph.output if o.name in (DETECTED, SCORE, FEATURE_SCORE)]
         models["gated"] = gate_mmdf_graph(full, source, logits_name=logits, focus=focus, outputs=ours)
     sessions = {n: session(p, args.threads) for n, p in models.items()}
@@ -135,6 +139,11 @@ def bench_model(folder: Path, args, log) -> dict:
             row[f"{n}_{part}"] = efficacy(out, data[1], logits, target, is_attack)
         if "gated" in got:
             row[f"max_logit_diff_{part}"] = agree(got["ungated"], got["gated"], logits)
+        if screen is not None:  # what the margin test flags past the screen and without it
+            full_out = got["ungated"]
+            over = full_out[SCORE] > 0
+            far = full_out[FEATURE_SCORE] > 0 if FEATURE_SCORE in full_out else np.zeros_like(over)
+            row[f"unscreened_{part}"] = float(np.mean(over | far) * 100)
     for batch, runs in ((1, args.runs), (64, args.runs_64)):
         if batch > len(x):
             continue
@@ -165,13 +174,16 @@ def markdown(rows: list[dict], args) -> str:
                 continue
             gated = t.get("gated")
             met = "-" if gated is None else ("yes" if gated <= TARGETS[b] else "no")
-            out.append(f"| {r['model']} | {r['focus'] if r['focus'] is not None else 'none (not gated)'} | {b} | "
+            gate = (r["focus"] if r["focus"] is not None else
+                    "none: screened" if r.get("screen") is not None else "none (not gated)")
+            out.append(f"| {r['model']} | {gate} | {b} | "
                        f"{t['runs']} | {t['original_ms']:.3f} | {t['ungated']:.2f}x | "
                        f"{'-' if gated is None else f'{gated:.3f}x'} | {met} |")
     out += ["", "Efficacy of both graphs (%), test set: ACC / false positives; attack set: ASR / detection; "
-                "max |logit difference| between the graphs:", "",
-            "| model | ungated test | gated test | ungated attack | gated attack | max diff |",
-            "|---|---|---|---|---|---|"]
+                "max |logit difference| between the graphs; unscreened: false positives / detection were the margin "
+                "test run on every input (models without a focus class):", "",
+            "| model | ungated test | gated test | ungated attack | gated attack | max diff | unscreened |",
+            "|---|---|---|---|---|---|---|"]
 
     def cell(r, key, a, b):
         v = r.get(key)
@@ -181,8 +193,9 @@ def markdown(rows: list[dict], args) -> str:
         diffs = [r[k] for k in ("max_logit_diff_test", "max_logit_diff_attack") if k in r]
         gated = (f"{cell(r, 'gated_test', 'acc', 'fpr')}", f"{cell(r, 'gated_attack', 'asr', 'detection')}",
                  f"{max(diffs):.1e}") if diffs else ("-", "-", "-")
+        unscreened = " / ".join(f"{r[k]:.1f}" for k in ("unscreened_test", "unscreened_attack") if k in r) or "-"
         out.append(f"| {r['model']} | {cell(r, 'ungated_test', 'acc', 'fpr')} | {gated[0]} | "
-                   f"{cell(r, 'ungated_attack', 'asr', 'detection')} | {gated[1]} | {gated[2]} |")
+                   f"{cell(r, 'ungated_attack', 'asr', 'detection')} | {gated[1]} | {gated[2]} | {unscreened} |")
     return "\n".join(out) + "\n"
 
 

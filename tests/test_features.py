@@ -103,7 +103,8 @@ def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_
     proto, x, y = tiny_set
     res = detect(proto, (x, y), augment=False, avoid=focus)
     assert res.report.focus["class"] == focus
-    assert res.report.gated == (focus is not None)  # the focus gate is the default
+    # Gated by default: on the focus class, or without one on the screen.
+    assert res.report.gated and ("threshold" in res.report.screen) == (focus is None)
     assert res.report.calibration["feature_folds"] == FOLDS
     m = from_proto(proto)
     feats, logits = site_feature_arrays(proto, m.sites, x, input_name=m.input_name,

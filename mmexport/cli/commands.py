@@ -317,7 +317,10 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
     mmdf_feature_score (feature score minus its threshold; with --focus, every input is
     scored against the focus class). With --gate (default) only inputs sent to the focus
     class are tested, so clean traffic costs about the original model; the others' scores
-    are NaN. The MMAC options apply with --method mmac.
+    are NaN. Without a focus class, the margin test judges only the --screen share of
+    clean inputs whose activations pass their clean range furthest, and the gate runs the
+    bounded branch on those and on what the feature test flags. The MMAC options apply
+    with --method mmac.
     """
     from ..core.provenance import check_output_paths, default_output
     from ..defences.mmdf.detector import detect as run_detect

@@ -179,6 +179,16 @@ def print_detect(summary: dict) -> None:
         if summary.get("gated"):
             _out.print("gate: the graph runs the tests on those inputs alone (others: original logits, "
                        "NaN scores; --no-gate scores every input)")
+    screen = summary.get("screen") or {}
+    if "threshold" in screen:
+        kept = screen.get("margin_flags_kept")
+        kept = ("" if kept is None else
+                f"; {_pct(kept)} of the {screen['margin_flags']} over the margin threshold pass it")
+        _out.print(f"screen: the margin test judges inputs whose activations pass their clean range by more "
+                   f"than {screen['threshold']:.3g} ({_pct(screen['share'])} of D, cross-fitted{kept})")
+        if summary.get("gated"):
+            _out.print("gate: the bounded branch runs on those and on what the feature test flags "
+                       "(others: original logits, NaN margin scores; --screen 1 tests every input)")
     _out.print(f"null law {null['law']} ({params}): threshold {summary['threshold']:.4g} at alpha {alpha:g}")
     if feats:
         folds = cal.get("feature_folds") or cal["cross_fit_folds"]

@@ -63,3 +63,25 @@ def clean_max_bounds(maxima: dict[str, np.ndarray], index=None) -> Bounds:
         z = np.maximum(2 * top[-1] - top[-2], 0.0).astype(np.float32)
         values[name] = z.reshape(()) if z.shape == (1,) else z
     return Bounds(values, {"method": "clean-max"})
+
+
+def screen_scales(z: np.ndarray) -> np.ndarray:
+    """What a channel's excess over its bound is divided by in the screen: its bound, or the
+    site's mean bound where that is larger (a channel bounded at 0, dead or negative on D,
+    would otherwise weigh any positive value without limit)."""
+    z = np.asarray(z, np.float64)
+    mean = float(z.mean()) if z.size else 0.0
+    return np.maximum(z, mean if mean > 0 else 1.0)
+
+
+def exceedance(maxima: dict[str, np.ndarray], bounds: Bounds, index=None) -> np.ndarray:
+    """How far each sample's activations pass the bounds: sum over sites and channels of
+    max(0, m - z) / scale (`screen_scales`), [N]; 0 exactly where no channel passes its bound,
+    and then the bounded branch equals the original (d = 0)."""
+    total = None
+    for name, z in bounds.values.items():
+        m = np.asarray(maxima[name] if index is None else maxima[name][index], np.float64)
+        zz = np.asarray(z, np.float64).reshape(-1)
+        e = (np.maximum(m - zz, 0.0) / screen_scales(zz)).sum(axis=1)
+        total = e if total is None else total + e
+    return total

@@ -44,10 +44,13 @@ class MmdfConfig:
     focus: bool = param(True, "Where `avoid` names a class, test only inputs the model sends to it, thresholds "
                               "set on D's inputs sent to it so that the false-positive rate over all clean "
                               "inputs stays alpha.")
-    gate: bool = param(True, "Where a focus class is set, run the bounded branch and the feature test only on "
-                             "inputs the model sends to it (an If in the graph; the others keep the original "
-                             "logits, their scores are NaN): the graph costs about the original model on "
-                             "other inputs.")
+    gate: bool = param(True, "Run MMDF's tests only on the inputs they can flag (an If in the graph; the others "
+                             "keep the original logits, their scores are NaN): with a focus class, the inputs the "
+                             "model sends to it; without, those the screen passes or the feature test flags.")
+    screen: float = param(0.2, "Where no focus class is set and the bounds are clean-max: the share of clean "
+                               "inputs the margin test runs on, those whose activations pass their clean range "
+                               "furthest (set on D, cross-fitted); the others cannot be flagged by it and, with "
+                               "`gate`, skip the bounded branch. 1: every input.")
     seed: int = param(0, "Seed of the folds, the scan and the mmac search.")
     search: MmacConfig | None = param(None, "MMAC's settings where method is mmac.", cli=False)
 
@@ -55,6 +58,8 @@ class MmdfConfig:
         check_choices(self)
         if not 0.0 < self.alpha < 0.5:
             raise ParameterError("alpha", f"must be in (0, 0.5), got {self.alpha}")
+        if not 0.0 < self.screen <= 1.0:
+            raise ParameterError("screen", f"must be in (0, 1], got {self.screen}")
         if self.folds < 2:
             raise ParameterError("folds", f"must be >= 2, got {self.folds}")
         avoid = self.avoid

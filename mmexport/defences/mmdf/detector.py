@@ -22,7 +22,7 @@ from ...graph.rewrite import count_bounded_sites
 from ..common.checks import check_original, with_site_shapes
 from ..common.stats import fold_ids
 from ..mmac.config import MmacConfig
-from .bounds import clean_max_bounds, shifted, site_maxima
+from .bounds import clean_max_bounds, exceedance, shifted, site_maxima
 from .config import MmdfConfig
 from .features import fit_features, site_feature_arrays
 from .graph import METHOD, SCORE, build_mmdf_graph, is_gated
@@ -51,8 +51,11 @@ class DetectReport:
     harden: dict | None
     avoid: dict
     focus: dict
+    # Where no focus class is set: the exceedance past which the margin test runs, and what it
+    # leaves on D ({"threshold", "share", "margin_flags_kept"}), or why there is none.
+    screen: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
-    gated: bool = False  # the tests run inside the focus gate (mmdf.gate)
+    gated: bool = False  # the tests run inside the gate (mmdf.gate)
     # The false-positive rate on new clean images the conformal thresholds hold (both tests
     # together): alpha, or more where D has too few images for it; None for other laws.
     false_positive_guarantee: float | None = None
@@ -284,7 +287,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
                            sites=m.sites, features=cal.features,
                            feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
                            avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name,
-                           gate=cfg.gate)
+                           gate=cfg.gate, screen=cal.screen.get("threshold"))
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
@@ -303,7 +306,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
             "zero_fraction": float(np.mean(np.abs(d) <= 1e-6)),
             "quantiles": {str(q): float(np.quantile(d, q)) for q in (0.5, 0.9, 0.99)},
         },
-        harden=harden_report, avoid=avoid_report, focus=cal.plan,
+        harden=harden_report, avoid=avoid_report, focus=cal.plan, screen=cal.screen,
         settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"}, gated=is_gated(out),
         false_positive_guarantee=_guarantee(cal),
     )
@@ -353,6 +356,7 @@ class Calibration:
     plan: dict
     flagged: np.ndarray
     summary: dict
+    screen: dict
 
 
 def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig, bounds: Bounds, maxima,
@@ -397,14 +401,47 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
         level = plan.get("alpha", alpha_each)
         null = fit_null(d[tested], level, law=cfg.law, floor=floor)
         feature_null = None if features is None else fit_null(features.null[tested], level, law=cfg.law)
+    screen = _screen(cfg, plan, maxima, clean.y, copies, d, null.threshold)
     flagged = d > null.threshold
+    if "threshold" in screen:
+        flagged &= screen.pop("passed")
     if feature_null is not None:
         flagged = flagged | (features.null > feature_null.threshold)
     flagged &= tested
     summary = {"n": len(d), "images": len(clean), "augment": copies > 1,
                "cross_fit_folds": cfg.folds if cross_fit else None,
                "feature_folds": cfg.folds if use_features else None}
-    return Calibration(d, null, features, feature_null, plan, flagged, summary)
+    return Calibration(d, null, features, feature_null, plan, flagged, summary, screen)
+
+
+def _screen(cfg: MmdfConfig, plan: dict, maxima, y: np.ndarray, copies: int, d: np.ndarray,
+            threshold: float) -> dict:
+    """The screen's threshold: the 1 - `screen` quantile of D's cross-fitted exceedance.
+
+    Without a focus class the bounded branch runs on every input, doubling the model's cost,
+    yet d > 0 needs some channel past its bound, and d above the threshold needs it far past:
+    on the real tier, D's cross-fitted inputs over the margin threshold all lie in the top
+    fifth of exceedance (docs/experiments.md, MMDF's screen). Returned with "passed" (D's
+    inputs past it), popped by the caller.
+    """
+    if plan["class"] is not None:
+        return {"reason": "focus class set"}
+    if cfg.screen >= 1.0:
+        return {"reason": "screen 1: every input"}
+    if maxima is None:
+        return {"reason": "bounds not clean-max: no cross-fitted exceedance"}
+    fold = np.tile(fold_ids(y, cfg.folds, cfg.seed), copies)
+    e = np.empty(len(fold), np.float64)
+    for k in range(cfg.folds):
+        rows = np.flatnonzero(fold == k)
+        if len(rows):
+            e[rows] = exceedance(maxima, clean_max_bounds(maxima, np.flatnonzero(fold != k)), rows)
+    t = float(np.quantile(e, 1.0 - cfg.screen))
+    passed = e > t
+    over = d > threshold
+    return {"threshold": t, "share": float(passed.mean()),
+            "margin_flags_kept": float(passed[over].mean()) if over.any() else None,
+            "margin_flags": int(over.sum()), "passed": passed}
 
 
 def _guarantee(cal: Calibration) -> float | None:
@@ -432,6 +469,7 @@ def _provenance(report: DetectReport, cal: Calibration, output_name: str, gated:
         "mmexport.mmdf.avoid": "" if avoided is None else str(avoided),
         "mmexport.mmdf.focus": "" if cal.plan["class"] is None else str(cal.plan["class"]),
         "mmexport.mmdf.gated": str(gated).lower(),
+        "mmexport.mmdf.screen": "" if "threshold" not in cal.screen else repr(cal.screen["threshold"]),
         "mmexport.mmdf.output": output_name,
         "mmexport.seed": str(report.seed),
         "mmexport.source_sha256": report.model_sha256,

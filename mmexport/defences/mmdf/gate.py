@@ -17,6 +17,11 @@ graph: an outer activation read by the `If` must be kept whole and in plain layo
 run: the real tier's MobileNetV2 cost 1.31x / 1.83x its original (batch 1 / 64) that way, 1.08x /
 1.72x recomputing; the ResNet-18 1.03x / 1.17x and 1.01x / 1.26x (docs/experiments.md, MMDF
 gated on the focus class).
+
+Without a focus class every input can be flagged, but the margin test judges only those past
+the screen (`bounds.exceedance`, set so that about a fifth of clean inputs pass it): the
+screen and the feature test run on the whole batch in the outer graph, and the `If` runs the
+bounded branch on the rows either of them marks.
 """
 
 from __future__ import annotations
@@ -28,18 +33,22 @@ from onnx import TensorProto, helper, numpy_helper
 from ...core.model import dims
 
 GATE_PREFIX = "mmdf/gated/"
+# The screen's and the feature test's flags ([N, 1] bool), by which the gate finds them.
+SCREENED = "mmdf/screened"
+FEATURE_FLAGGED = "mmdf/feature_flagged"
 # ScatterND (writing the tested rows back) exists from opset 11.
 MIN_GATE_OPSET = 11
 
 
 def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_name: str,
-                    focus: int, outputs: list[str]) -> onnx.ModelProto:
+                    focus: int | None, outputs: list[str]) -> onnx.ModelProto:
     """`full` (an ungated MMDF graph built from `source`) with its MMDF nodes inside an `If`.
 
     `logits_name`: the switched logits (the source's logits tensor); `outputs`: MMDF's own
-    graph outputs (flag, score, feature score). Rows are gathered only where the input's batch
-    axis is symbolic; a model with a fixed batch runs the tests on the whole batch when any row
-    is sent to the focus class.
+    graph outputs (flag, score, feature score). `focus`: the class whose inputs are tested;
+    None: those the screen passes or the feature test flags (`full` must hold a screen). Rows
+    are gathered only where the input's batch axis is symbolic; a model with a fixed batch
+    runs the tests on the whole batch when any row is tested.
     """
     g = full.graph
     produced_by_source = {o for n in source.graph.node for o in n.output if o} - {logits_name}
@@ -49,6 +58,12 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
     is_original = [all(o in produced_by_source for o in n.output if o) for n in g.node]
     original = [n for n, keep in zip(g.node, is_original, strict=True) if keep]
     mmdf = [n for n, keep in zip(g.node, is_original, strict=True) if not keep]
+    outer_mmdf = _outer_nodes(mmdf, produced_by_source) if focus is None else []
+    if focus is None and not outer_mmdf:
+        raise ValueError(f"gate: no focus class and no {SCREENED!r} tensor in the MMDF graph")
+    mmdf = [n for n in mmdf if not any(n is o for o in outer_mmdf)]
+    made_outer = {o for n in outer_mmdf for o in n.output if o}
+    outputs = [o for o in outputs if o not in made_outer]  # the outer graph's own: feature score
 
     inits = {i.name for i in g.initializer}
     real_inputs = [i for i in g.input if i.name not in inits]
@@ -87,9 +102,15 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
 
     # The gate, on the outer graph.
     outer = []
-    # Five small nodes on every batch: at 16x16 a model runs in ~30 us, and each costs ~1 us.
-    predicted = node(outer, "ArgMax", [original_logits], "predicted", axis=1, keepdims=0)
-    tested = node(outer, "Equal", [predicted, const("focus", np.array(focus, np.int64))], "tested")
+    if focus is not None:
+        # Five small nodes on every batch: at 16x16 a model runs in ~30 us, and each costs ~1 us.
+        predicted = node(outer, "ArgMax", [original_logits], "predicted", axis=1, keepdims=0)
+        tested = node(outer, "Equal", [predicted, const("focus", np.array(focus, np.int64))], "tested")
+    else:
+        marked = SCREENED
+        if FEATURE_FLAGGED in made_outer:
+            marked = node(outer, "Or", [SCREENED, FEATURE_FLAGGED], "marked")
+        tested = node(outer, "Reshape", [marked, const("rows", np.array([-1], np.int64))], "tested")
     counted = node(outer, "Cast", [tested], "tested_i32", to=TensorProto.INT32)
     any_tested = node(outer, "ReduceMax", [counted], "any_tested", keepdims=0)
     cond = node(outer, "Cast", [any_tested], "run_tests", to=TensorProto.BOOL)
@@ -109,7 +130,7 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
             return renamed.get(name, name)
         if name not in varying or not gather:
             return name  # weights, constants, or the whole batch read as it is
-        if name in input_names:
+        if name in input_names or name in made_outer:
             renamed[name] = node(inner, "Gather", [name, rows], name + "/rows", axis=0)
             return renamed[name]
         copy(producer[name])  # the source model's nodes, recomputed on the gathered rows
@@ -176,10 +197,32 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
     out = onnx.ModelProto()
     out.CopyFrom(full)
     del out.graph.node[:]
-    out.graph.node.extend([*first, *outer, gate, *last])
+    out.graph.node.extend([*first, *outer_mmdf, *outer, gate, *last])
     out.graph.initializer.extend(new_inits)
     kept = {t for n in out.graph.node for t in n.output}  # the others live in the branches now
     listed = [vi for vi in out.graph.value_info if vi.name in kept]
     del out.graph.value_info[:]
     out.graph.value_info.extend(listed)
     return out
+
+
+def _outer_nodes(mmdf: list[onnx.NodeProto], source_made: set[str]) -> list[onnx.NodeProto]:
+    """MMDF's nodes that run on the whole batch before the gate: those the screen and the
+    feature test's flag depend on, and those that read nothing else (the feature score's
+    output). Empty where the graph has no screen."""
+    made = {o: n for n in mmdf for o in n.output if o}
+    if SCREENED not in made:
+        return []
+    keep, stack = set(), [SCREENED] + ([FEATURE_FLAGGED] if FEATURE_FLAGGED in made else [])
+    while stack:
+        n = made.get(stack.pop())
+        if n is not None and id(n) not in keep:
+            keep.add(id(n))
+            stack.extend(n.input)
+    made_outer = {o for n in mmdf if id(n) in keep for o in n.output}
+    for n in mmdf:  # topological: a node reading only the outer tests' tensors joins them
+        reads = [i for i in n.input if i in made or i in source_made]
+        if id(n) not in keep and reads and all(i in made_outer for i in reads):
+            keep.add(id(n))
+            made_outer.update(n.output)
+    return [n for n in mmdf if id(n) in keep]

@@ -29,13 +29,14 @@ from ...graph.edit import (
     write_site,
 )
 from .features import FeatureFit, write_feature_score
-from .gate import GATE_PREFIX, MIN_GATE_OPSET, gate_mmdf_graph
+from .gate import FEATURE_FLAGGED, GATE_PREFIX, MIN_GATE_OPSET, SCREENED, gate_mmdf_graph
 
 DETECTED = "mmdf_detected"
 SCORE = "mmdf_score"
 FEATURE_SCORE = "mmdf_feature_score"
 BRANCH_PREFIX = "mmdf/bounded/"
 DECISION_PREFIX = "mmdf/"
+SCREEN_PREFIX = "mmdf/screen/"
 # Where (the flagged output) exists from opset 9; every other decision op is older.
 MIN_OPSET = 9
 # The value the original class gets in a flagged row: far below any real logit, finite so a
@@ -60,6 +61,7 @@ def build_mmdf_graph(
     focus: int | None = None,
     logits_name: str | None = None,
     gate: bool = True,
+    screen: float | None = None,
 ) -> onnx.ModelProto:
     """The two-branch MMDF model; `proto` is left untouched.
 
@@ -71,8 +73,11 @@ def build_mmdf_graph(
     exceeds that threshold, output as `mmdf_feature_score` (score - threshold). `avoid`: a
     class a flagged input is never sent to (the suspected backdoor target). `focus`: only
     inputs the original model assigns to this class can be flagged; with `gate` (and opset >=
-    11) only they run the tests (mmdf.gate), the others' scores are NaN. Keeps the model's IR
-    version, opset, inputs and other outputs; needs opset >= 9.
+    11) only they run the tests (mmdf.gate), the others' scores are NaN. `screen`: a threshold
+    on how far an input's activations pass the bounds (`bounds.exceedance`); only inputs past
+    it can be flagged by the margin test, and with `gate` (no focus) only they and those the
+    feature test flags run the bounded branch. Keeps the model's IR version, opset, inputs and
+    other outputs; needs opset >= 9.
     """
     opset = onnx_opset(proto)
     if opset < MIN_OPSET:
@@ -104,6 +109,8 @@ def build_mmdf_graph(
         raise MmexportError(
             f"MMDF: no graph output named {output_name!r} (has: {', '.join(outputs)})"
         )
+    if screen is not None and not math.isfinite(screen):
+        raise MmexportError(f"MMDF screen threshold {screen}: must be finite")
     if features is not None and (feature_threshold is None or not math.isfinite(feature_threshold)):
         raise MmexportError(f"MMDF feature threshold {feature_threshold}: must be finite")
     for name in (DETECTED, SCORE, FEATURE_SCORE):
@@ -151,11 +158,14 @@ def build_mmdf_graph(
                     "Transpose", name=fresh(DECISION_PREFIX + "transpose", "node"), inputs=[t],
                     outputs=[first], attrs={"perm": [0, r - 1, *range(1, r - 1)]}))
                 site_tensors[name] = first
+    screened = None
+    if screen is not None:
+        screened = _write_screen(graph, bounds, site_info, float(screen), dtype, fresh, opset)
     bounded_logits = _bounded_branch(graph, logits, bounds, site_info, site_nodes, proto, dtype,
                                      fresh, opset)
     _decision(graph, logits, bounded_logits, k, float(threshold), dtype, fresh, opset,
               features=features, feature_threshold=feature_threshold, site_tensors=site_tensors,
-              site_ranks=site_ranks, avoid=avoid, focus=focus)
+              site_ranks=site_ranks, avoid=avoid, focus=focus, screened=screened)
 
     graph.cleanup().toposort()
     out = gs.export_onnx(graph, do_type_check=False)
@@ -174,7 +184,7 @@ def build_mmdf_graph(
         out.graph.output.append(
             helper.make_tensor_value_info(FEATURE_SCORE, onnx.TensorProto.FLOAT, [logits_shape[0]])
         )
-    if gate and focus is not None and opset >= MIN_GATE_OPSET:
+    if gate and (focus is not None or screen is not None) and opset >= MIN_GATE_OPSET:
         ours = [DETECTED, SCORE] + ([FEATURE_SCORE] if features is not None else [])
         out = gate_mmdf_graph(out, proto, logits_name=logits_name, focus=focus, outputs=ours)
     return out
@@ -251,9 +261,57 @@ def _min_after(graph, t: gs.Variable, value: np.ndarray, rank: int | None, dtype
     return out
 
 
+def _write_screen(graph, bounds, site_info, threshold, dtype, fresh, opset):
+    """`mmdf/screened` [N, 1]: whether the input's exceedance (`bounds.exceedance`, on the
+    original branch's sites) passes `threshold`. One max per channel and site, a MatMul."""
+    from .bounds import screen_scales
+
+    tensors = graph.tensors()
+
+    def node(op, inputs, name, out_dtype=dtype, **attrs):
+        out = gs.Variable(fresh(SCREEN_PREFIX + name), dtype=out_dtype)
+        graph.nodes.append(gs.Node(op, name=fresh(SCREEN_PREFIX + op.lower(), "node"), attrs=attrs,
+                                   inputs=inputs, outputs=[out]))
+        return out
+
+    def const(name, value):
+        return gs.Constant(fresh(SCREEN_PREFIX + name), np.asarray(value, dtype=dtype))
+
+    def reduce_max(x, axes, name, keepdims):
+        if opset >= 18:
+            axes_c = gs.Constant(fresh(SCREEN_PREFIX + name + "/axes"), np.array(axes, np.int64))
+            return node("ReduceMax", [x, axes_c], name, keepdims=keepdims)
+        return node("ReduceMax", [x], name, axes=list(axes), keepdims=keepdims)
+
+    parts = []
+    for i, (name, z) in enumerate(bounds.values.items()):
+        tag = f"s{i}"
+        t = tensors[name]
+        info = site_info[name]
+        rank = info.rank or len(t.shape or ())
+        z = np.asarray(z)
+        if z.ndim == 0:  # one bound for the site: its largest value
+            m = reduce_max(node("Flatten", [t], tag + "/flat", axis=1), [1], tag + "/max", 1)
+        elif rank == 2:
+            m = t
+        elif info.axis == 1:
+            m = node("Flatten", [node("GlobalMaxPool", [t], tag + "/pool")], tag + "/max", axis=1)
+        else:  # channels last: [N, ..., C]
+            m = reduce_max(t, list(range(1, rank - 1)), tag + "/max", 0)
+        excess = node("Relu", [node("Sub", [m, const(tag + "/z", z.reshape(-1))], tag + "/over")],
+                      tag + "/excess")
+        w = (1.0 / screen_scales(z.reshape(-1))).reshape(-1, 1)
+        parts.append(node("MatMul", [excess, const(tag + "/weights", w)], tag + "/sum"))
+    total = parts[0] if len(parts) == 1 else node("Sum", parts, "exceedance")
+    out = gs.Variable(fresh(SCREENED), dtype=np.bool_)
+    graph.nodes.append(gs.Node("Greater", name=fresh(SCREEN_PREFIX + "greater", "node"),
+                               inputs=[total, const("threshold", np.array(threshold))], outputs=[out]))
+    return out
+
+
 def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, features=None,
               feature_threshold=None, site_tensors=None, site_ranks=None, avoid=None,
-              focus=None):
+              focus=None, screened=None):
     """d = m_c^ - m_c^(Z), the flag, the score and the switched logits, appended to `graph`.
 
     The original logits tensor is renamed: the graph output of that name becomes the switch.
@@ -294,6 +352,8 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, feat
     score = node("Sub", [d, const("threshold", np.array(threshold, dtype))], [var("score_col")])
     zero = const("zero", np.array(0, dtype))
     flagged = node("Greater", [score, zero], [var("flagged", np.bool_)])
+    if screened is not None:  # the margin test judges only inputs past the screen
+        flagged = node("And", [flagged, screened], [var("flagged_screened", np.bool_)])
     flat = const("flat", np.array([-1], np.int64))
     feature_score = None
     if features is not None:
@@ -303,7 +363,7 @@ def _decision(graph, logits, bounded, k, threshold, dtype, fresh, opset, *, feat
         feature_score = node("Sub", [raw, const("feature_threshold",
                                                 np.array(feature_threshold, dtype))],
                              [var("feature_score_col")])
-        far = node("Greater", [feature_score, zero], [var("feature_flagged", np.bool_)])
+        far = node("Greater", [feature_score, zero], [gs.Variable(fresh(FEATURE_FLAGGED), np.bool_)])
         flagged = node("Or", [flagged, far], [var("flagged_any", np.bool_)])
     if focus is not None:
         sent = node("Equal", [predicted, const("focus", np.array([[focus]], np.int64))],
