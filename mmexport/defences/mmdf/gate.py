@@ -99,6 +99,9 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
         if any(i in varying for i in n.input):
             varying.update(o for o in n.output if o)
     producer = {o: n for n in original for o in n.output if o}
+    # Source tensors the screen and the feature test read (the sites, the logits) are made
+    # whole on every run anyway: the branch gathers their rows instead of recomputing them.
+    materialised = {i for n in outer_mmdf for i in n.input if i in producer}
 
     # The gate, on the outer graph.
     outer = []
@@ -130,7 +133,7 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
             return renamed.get(name, name)
         if name not in varying or not gather:
             return name  # weights, constants, or the whole batch read as it is
-        if name in input_names or name in made_outer:
+        if name in input_names or name in made_outer or name in materialised:
             renamed[name] = node(inner, "Gather", [name, rows], name + "/rows", axis=0)
             return renamed[name]
         copy(producer[name])  # the source model's nodes, recomputed on the gathered rows
