@@ -58,7 +58,7 @@ Screen. Without a focus class every input can be flagged, yet d above its thresh
 channels far past their clean range: the margin test judges only inputs whose exceedance
 (`bounds.exceedance`) passes the 1 - `screen` quantile of D's cross-fitted exceedance (about a
 fifth of clean inputs), and the gate runs the bounded branch on them and on what the feature
-test flags (the clean ResNet-18: 2.2x -> 1.16x at batch 1; detection unchanged on the zoo and
+test flags (the clean ResNet-18: 2.2x -> 1.16-1.17x at batch 1; detection unchanged on the zoo and
 the VGGs).
 
 Bounds are written unfolded (`Min` / `Clip`, as `apply_bounds(form="min")`): folding them
