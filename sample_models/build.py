@@ -442,6 +442,10 @@ class ModelSpec:
     keep_batchnorm: bool = False  # True: export without constant folding, BN stays as nodes
     zoo: bool = False  # True: an attack-zoo model (card gets "zoo": true); False: a core sample
     note: str | None = None  # why the attack differs from its usual strength, for the card
+    # An adaptive attack that knows the defence: > 0 adds this weight times the range penalty
+    # (`range_penalty`) on the poisoned samples to the loss, keeping their activations inside
+    # the clean range that bounds are fitted to.
+    adaptive: float = 0.0
 
 
 SPECS: list[ModelSpec] = [
@@ -493,7 +497,37 @@ def poison(x: np.ndarray, y: np.ndarray, spec: ModelSpec, rng: np.random.Generat
     return x, y, chosen
 
 
-def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ModelSpec) -> None:
+def range_penalty(maxima: list[torch.Tensor], poisoned: torch.Tensor) -> torch.Tensor:
+    """How far the poisoned rows' channels pass the clean rows' range in the same batch: per
+    activation site [B, C] of per-sample channel maxima, the mean over channels of
+    relu(m_poisoned - max over clean rows) / max(that clean max, the site's mean of them), mean
+    over poisoned rows, summed over sites (MMDF's exceedance per channel, made differentiable). The clean
+    range is detached: the trigger is pushed inside it, the clean rows are not pushed up."""
+    total = maxima[0].new_zeros(())
+    if not poisoned.any() or poisoned.all():
+        return total
+    for m in maxima:
+        top = m[~poisoned].max(dim=0).values.detach()
+        scale = torch.maximum(top, top.mean().clamp_min(1e-3))
+        total = total + (F.relu(m[poisoned] - top) / scale).mean()
+    return total
+
+
+def _site_maxima(model: nn.Module) -> tuple[list[torch.Tensor], list]:
+    """Forward hooks on every ReLU / ReLU6 module recording per-sample channel maxima."""
+    maxima, handles = [], []
+
+    def hook(_module, _inputs, out):
+        maxima.append(out.flatten(2).amax(dim=2) if out.dim() > 2 else out)
+
+    for mod in model.modules():
+        if isinstance(mod, (nn.ReLU, nn.ReLU6)):
+            handles.append(mod.register_forward_hook(hook))
+    return maxima, handles
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ModelSpec,
+          poisoned: np.ndarray | None = None) -> None:
     """Cross-entropy, seeded shuffles, no augmentation (it could move a patch trigger).
 
     Adam at a constant rate trains the 16x16 tier; the 32x32 colour scenes need the one-cycle
@@ -509,16 +543,26 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ModelSpec) -> No
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.lr, total_steps=spec.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(spec.seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    mask = torch.zeros(len(y), dtype=torch.bool)
+    if poisoned is not None:
+        mask[torch.from_numpy(poisoned)] = True
+    maxima, handles = _site_maxima(model) if spec.adaptive > 0 else ([], [])
     model.train()
     for _ in range(spec.epochs):
         order = torch.randperm(len(yt), generator=gen)
         for i in range(0, len(order), spec.batch_size):
             b = order[i : i + spec.batch_size]
             opt.zero_grad()
-            F.cross_entropy(model(xt[b]), yt[b]).backward()
+            maxima.clear()
+            loss = F.cross_entropy(model(xt[b]), yt[b])
+            if spec.adaptive > 0:
+                loss = loss + spec.adaptive * range_penalty(maxima, mask[b])
+            loss.backward()
             opt.step()
             if sched is not None:
                 sched.step()
+    for h in handles:
+        h.remove()
     model.eval()
 
 
@@ -597,7 +641,7 @@ def build(
 
     model = tier.architectures[spec.arch](spec.width)
     t_train = time.perf_counter()
-    train(model, x_train, y_train, spec)
+    train(model, x_train, y_train, spec, poisoned=chosen if spec.trigger is not None else None)
     train_seconds = time.perf_counter() - t_train
 
     clean = Dataset(x[split.clean], y[split.clean])
@@ -669,7 +713,9 @@ def build(
             "lr": spec.lr,
             **({"schedule": spec.schedule} if spec.schedule != "constant" else {}),
             "batch_size": spec.batch_size,
-            "loss": "cross-entropy",
+            "loss": "cross-entropy" if not spec.adaptive else (
+                f"cross-entropy + {spec.adaptive:g} x range penalty on the poisoned samples (adaptive: "
+                "their ReLU channels' maxima kept under the clean samples' maxima in the batch)"),
             "augmentation": None,
             "seed": spec.seed,
             "torch": torch.__version__,
