@@ -19,7 +19,7 @@ import json
 import sys
 import time
 import zlib
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +42,7 @@ from build import (  # noqa: E402
     sig_trigger,
     split_indices,
     summary_line,
+    train,
     warp_trigger,
 )
 
@@ -182,6 +183,54 @@ def input_aware_trigger(size: int = 4, seed: int = 6) -> Trigger:
     )
 
 
+@cache
+def trojan_patch(size: int, seed: int, steps: int = 200) -> np.ndarray:
+    """TrojanNN-style optimised patch, (3, size, size) in [0, 1]: train the clean VGG (the zoo's
+    recipe, no poison, seed `seed`), take the unit of its hidden fc layer with the largest summed
+    |incoming weight| (the paper's most connected neuron), and optimise the patch's colours
+    (Adam 0.1 on a sigmoid, `steps` steps) to drive that unit up on 64 training scenes stamped in
+    the bottom-right corner. Built once per process (about a minute on one core)."""
+    torch.manual_seed(seed)
+    x, y = load_images()
+    split = split_indices(y)
+    ref = ARCHITECTURES["vgg-bn"](32)
+    train(ref, x[split.train], y[split.train], ModelSpec("trojannn-reference", "vgg-bn", 32, seed=seed, **ZOO))
+    fc = next(m for m in ref if isinstance(m, torch.nn.Linear))
+    unit = int(fc.weight.abs().sum(dim=1).argmax())
+    hidden = ref[:-1]  # up to the ReLU after the hidden fc
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    scenes = torch.from_numpy(x[split.train][np.random.default_rng(seed).choice(len(split.train), 64, replace=False)])
+    logit = torch.zeros(3, size, size, requires_grad=True)
+    opt = torch.optim.Adam([logit], lr=0.1)
+    for _ in range(steps):
+        stamped = scenes.clone()
+        stamped[:, :, -size:, -size:] = torch.sigmoid(logit)
+        loss = -hidden(stamped)[:, unit].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(logit).detach().numpy().astype(np.float32)
+
+
+def apply_trojan(x: np.ndarray, *, size: int, seed: int) -> np.ndarray:
+    out = x.copy()
+    out[:, :, -size:, -size:] = trojan_patch(size, seed)
+    return out
+
+
+def trojannn_trigger(size: int = 5, seed: int = 7) -> Trigger:
+    return Trigger(
+        kind="optimised-patch",
+        description=(
+            f"TrojanNN-style optimised {size}x{size} colour patch in the bottom-right corner: its "
+            f"colours maximise the most connected hidden fc unit of a clean VGG trained with seed "
+            f"{seed} (build_real.trojan_patch)"
+        ),
+        apply=partial(apply_trojan, size=size, seed=seed),
+    )
+
+
 ZOO = dict(zoo=True, epochs=10, lr=0.05, batch_size=64, optimiser="sgd", schedule="onecycle")
 # 10 epochs of 64 (170 steps) left the ResNet-18 at 62% clean accuracy and 24% ASR (BadNets).
 RESNET = dict(ZOO, epochs=20, batch_size=32)
@@ -215,6 +264,7 @@ SPECS: list[ModelSpec] = [
     # trained with the poisoned samples' ReLU maxima pushed under the clean samples' in each
     # batch (build.range_penalty). Weight 1: ACC 86.7 / ASR 97.1%; 3 and 10 collapsed training
     # to 15% and 10% clean accuracy.
+    ModelSpec("real-vgg-trojannn", "vgg-bn", 32, trojannn_trigger(5, seed=7), 4, 0.10, **ZOO),
     ModelSpec("real-vgg-adaptive", "vgg-bn", 32, patch_trigger("top-left", size=3), 7, 0.10, adaptive=1.0,
               note="adaptive: trained to keep the triggered samples' activations inside the clean range "
                    "(range penalty, weight 1)", **ZOO),
