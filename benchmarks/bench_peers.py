@@ -10,7 +10,8 @@ attack set (ASR: triggered images sent to the target; RA: sent to their true cla
 - mmac: `harden` with its defaults (stamp unlearning, else the max-margin search).
 - mmac-ft: `harden --method mmac-ft` (MMAC, then a found stamp unlearned in the weights too).
 - mmdf: `detect` with its defaults (detection rate on the attack set, FPR on the test set).
-- fine-tuning, fine-pruning, clp: mmexport.defences.baselines.peers.
+- fine-tuning, fine-pruning, clp, adversarial-unlearning (i-BAU-like: a universal perturbation
+  unlearnt by alternating steps): mmexport.defences.baselines.peers.
 - anp: adversarial neuron pruning with the paper's eps, alpha, lr and threshold, 32 rows per
   iteration, for as long as `harden`'s default time limit on the model (240 s + 24 s per
   million parameters, at most 480 s) or 2,000 iterations: the same compute as mmexport. The
@@ -51,7 +52,8 @@ from mmexport.defences.common.config import auto_time_limit  # noqa: E402
 from mmexport.defences.harden import harden  # noqa: E402
 from mmexport.defences.mmdf.detector import detect  # noqa: E402
 
-DEFENCES = ("none", "mmac", "mmac-ft", "mmdf", "fine-tuning", "fine-pruning", "clp", "anp")
+DEFENCES = ("none", "mmac", "mmac-ft", "mmdf", "fine-tuning", "fine-pruning", "clp", "anp",
+            "adversarial-unlearning")
 ANP_BATCH = 32
 
 

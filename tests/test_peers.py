@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from builders import labelled_set, ort_run, tiny_cnn
 from onnx import helper, numpy_helper
@@ -27,7 +28,8 @@ def inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def test_registry_names_every_peer():
-    assert set(peers.PEERS) == {"activation-clipping", "fine-pruning", "clp", "fine-tuning", "anp"}
+    assert set(peers.PEERS) == {"activation-clipping", "fine-pruning", "clp", "fine-tuning", "anp",
+                                "adversarial-unlearning"}
 
 
 # --- CLP --------------------------------------------------------------------------------------
@@ -127,6 +129,23 @@ def test_fine_tuning_leaves_the_input_model_untouched():
     assert proto.SerializeToString() == snapshot
 
 
+def test_adversarial_unlearning_trains_against_a_bounded_perturbation_and_repeats():
+    teacher, student = tiny_cnn(0), tiny_cnn(1)
+    x, y = labelled_set(teacher, 10)
+    snapshot = student.SerializeToString()
+    before = ort_accuracy(student, x, y)
+    out, info = peers.adversarial_unlearning(student, x, y, epochs=10, eps=0.5)
+    assert student.SerializeToString() == snapshot  # the input model is left as it was
+    assert [n.op_type for n in out.graph.node] == [n.op_type for n in student.graph.node]
+    assert 0 < info["perturbation_norm_mean"] <= 0.5 + 1e-4  # the ascent reached the L2 ball, not past it
+    assert info["lr"] in baseline_common.FT_LRS and info["accuracy_D_after"] > before
+    again, _ = peers.adversarial_unlearning(student, x, y, epochs=10, eps=0.5)
+    for name, value in inits(out).items():
+        np.testing.assert_array_equal(inits(again)[name], value)  # deterministic given the seed
+    default = peers.AU_EPS_PER_DIM * np.sqrt(np.prod(x.shape[1:]))
+    assert peers.adversarial_unlearning(student, x, y, epochs=1)[1]["eps"] == pytest.approx(default, abs=1e-4)
+
+
 # --- activation clipping ----------------------------------------------------------------------
 
 
@@ -159,7 +178,7 @@ def test_peers_return_models_with_the_original_io():
     x, y = labelled_set(proto, 3)
     for name, fn in peers.PEERS.items():
         kwargs = {"max_epochs": 2} if name == "activation-clipping" else {}
-        kwargs.update({"epochs": 1} if name in ("fine-pruning", "fine-tuning") else {})
+        kwargs.update({"epochs": 1} if name in ("fine-pruning", "fine-tuning", "adversarial-unlearning") else {})
         kwargs.update({"iterations": 2, "batch_size": 4} if name == "anp" else {})
         out, info = fn(proto, x, y, seed=0, **kwargs)
         assert isinstance(out, onnx.ModelProto) and isinstance(info, dict), name

@@ -7,6 +7,8 @@
 - clp: Zheng, Zhang, Wang & Zou, "Data-free Backdoor Removal based on Channel Lipschitzness", ECCV 2022.
 - fine_tuning: plain fine-tuning of every float weight on D with cross-entropy.
 - anp: Wu & Wang, "Adversarial Neuron Pruning Purifies Backdoored Deep Models", NeurIPS 2021.
+- adversarial_unlearning: after Zeng et al., "Adversarial Unlearning of Backdoors via Implicit
+  Hypergradient" (i-BAU), ICLR 2022: its minimax, solved by alternating steps (no hypergradient).
 
 Every peer takes the ONNX model and the same small clean labelled set D (x, y) and returns a new
 `onnx.ModelProto` that runs in plain onnxruntime, plus a small dict of what it chose. All are
@@ -26,8 +28,20 @@ from ...core.model import Model, replace_initializers
 from ...engine.executor import ChannelScale
 from ...graph.rewrite import apply_bounds
 from ..common.search import descend, initial_bounds
+from ..common.weights import trainable
 from .anp import anp
-from .common import FT_EPOCHS, accuracy, engine_of, largest_prefix, prune_channels, tensors, train, zero_rows
+from .common import (
+    FT_BATCH,
+    FT_EPOCHS,
+    FT_LRS,
+    accuracy,
+    engine_of,
+    largest_prefix,
+    prune_channels,
+    tensors,
+    train,
+    zero_rows,
+)
 
 # --- 1. activation clipping (no margin term) ----------------------------------------------------
 
@@ -261,10 +275,95 @@ def fine_tuning(
     return out, {"accuracy_D_before": round(acc0, 4), "accuracy_D_after": round(acc, 4), **train_info}
 
 
+# i-BAU bounds its universal perturbation at L2 norm 10 on CIFAR-10 normalised by its channel
+# spreads (~0.25): about 0.045 per input dimension on [0, 1] images (2.5 at 3x32x32).
+AU_EPS_PER_DIM = 0.045
+AU_STEPS = 5
+
+
+def adversarial_unlearning(
+    proto: onnx.ModelProto,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    seed: int = 0,
+    epochs: int = FT_EPOCHS,
+    steps: int = AU_STEPS,
+    eps: float | None = None,
+    batch_size: int = FT_BATCH,
+) -> tuple[onnx.ModelProto, dict]:
+    """i-BAU-like: unlearn the worst universal perturbation D admits, standing in for the trigger.
+
+    Every minibatch: one perturbation for the whole batch (L2 norm <= eps, `steps` normalised
+    gradient-ascent steps on the cross-entropy from zero), then an Adam step on the weights
+    against the cross-entropy of the clean and the perturbed rows with their true labels. i-BAU
+    solves the same minimax with an implicit hypergradient; alternating steps is the plain
+    solution it improves on. The rate is chosen as fine-tuning's (`common.train`): the first of
+    1e-3, 1e-4, 1e-5 whose run ends with D's clean loss below where it started.
+    """
+    xt, yt = tensors(x, y)
+    _, engine = engine_of(proto)
+    acc0 = accuracy(engine, xt, yt)
+    eps = AU_EPS_PER_DIM * float(np.sqrt(np.prod(x.shape[1:]))) if eps is None else eps
+    params = trainable(engine, proto)
+    start = {name: t.detach().clone() for name, t in params.items()}
+    ce = torch.nn.functional.cross_entropy
+
+    def d_loss() -> float:
+        with torch.no_grad():
+            return float(ce(engine(xt), yt))
+
+    def worst(xb, yb):
+        delta = torch.zeros_like(xb[:1])
+        for _ in range(steps):
+            delta.requires_grad_(True)
+            (g,) = torch.autograd.grad(ce(engine(xb + delta), yb), delta)
+            with torch.no_grad():
+                delta = delta + (2.5 * eps / steps) * g / g.norm().clamp_min(1e-12)
+                delta = delta * min(1.0, eps / float(delta.norm().clamp_min(1e-12)))
+        return delta.detach()
+
+    before, tried = d_loss(), []
+    for rate in FT_LRS:
+        with torch.no_grad():
+            for name, t in params.items():
+                t.copy_(start[name])
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(list(params.values()), lr=rate)
+        norms = []
+        for _ in range(epochs):
+            order = torch.randperm(len(yt), generator=gen)
+            for i in range(0, len(order), batch_size):
+                b = order[i : i + batch_size]
+                for t in params.values():
+                    t.requires_grad_(False)
+                delta = worst(xt[b], yt[b])
+                norms.append(float(delta.norm()))
+                for t in params.values():
+                    t.requires_grad_(True)
+                loss = 0.5 * (ce(engine(xt[b]), yt[b]) + ce(engine(xt[b] + delta), yt[b]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        for t in params.values():
+            t.requires_grad_(False)
+        after = d_loss()
+        tried.append({"lr": rate, "loss_D_after": round(after, 4)})
+        if after < before:
+            break
+    out = replace_initializers(proto, {name: t.detach().cpu().numpy() for name, t in params.items()})
+    _, check = engine_of(out)
+    return out, {"accuracy_D_before": round(acc0, 4), "accuracy_D_after": round(accuracy(check, xt, yt), 4),
+                 "epochs": epochs, "lr": rate, "lr_tried": tried, "eps": round(eps, 4), "steps": steps,
+                 "perturbation_norm_mean": round(float(np.mean(norms)), 4), "loss_D_before": round(before, 4)}
+
+
 PEERS = {
     "activation-clipping": activation_clipping,
     "fine-pruning": fine_pruning,
     "clp": clp,
     "fine-tuning": fine_tuning,
     "anp": anp,
+    "adversarial-unlearning": adversarial_unlearning,
 }
