@@ -46,6 +46,7 @@ def train(
     epochs: int = FT_EPOCHS,
     lr: float | None = None,
     batch_size: int = FT_BATCH,
+    batch_loss=None,
 ) -> tuple[onnx.ModelProto, dict]:
     """Adam on every float initializer the graph reads, cross-entropy on (x, y), in minibatches.
 
@@ -55,6 +56,8 @@ def train(
     `lr` None tries FT_LRS in turn and keeps the first whose fine-tune ends with D's loss below
     where it started (else the last): Adam at 1e-3 suits the 16x16 samples but sends a PreAct-ResNet-18 (BatchNorm
     in inference mode) to chance within an epoch, which D's own loss shows; a user would lower it.
+    `batch_loss(xb, yb)`: a minibatch's loss other than its cross-entropy (`epochs_of`); D's clean
+    loss still chooses the rate.
     """
     live = engine.constants()
     params = trainable(engine, proto)
@@ -73,7 +76,7 @@ def train(
             for name, t in params.items():
                 t.copy_(start[name])
         losses = epochs_of(engine, params, x, y, seed=seed, bounds=bounds, epochs=epochs, lr=rate,
-                         batch_size=batch_size)
+                           batch_size=batch_size, batch_loss=batch_loss)
         after = d_loss()
         tried.append({"lr": rate, "loss_D_after": round(after, 4)})
         if after < before:

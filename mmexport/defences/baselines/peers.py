@@ -28,12 +28,10 @@ from ...core.model import Model, replace_initializers
 from ...engine.executor import ChannelScale
 from ...graph.rewrite import apply_bounds
 from ..common.search import descend, initial_bounds
-from ..common.weights import trainable
 from .anp import anp
 from .common import (
     FT_BATCH,
     FT_EPOCHS,
-    FT_LRS,
     accuracy,
     engine_of,
     largest_prefix,
@@ -305,13 +303,8 @@ def adversarial_unlearning(
     _, engine = engine_of(proto)
     acc0 = accuracy(engine, xt, yt)
     eps = AU_EPS_PER_DIM * float(np.sqrt(np.prod(x.shape[1:]))) if eps is None else eps
-    params = trainable(engine, proto)
-    start = {name: t.detach().clone() for name, t in params.items()}
     ce = torch.nn.functional.cross_entropy
-
-    def d_loss() -> float:
-        with torch.no_grad():
-            return float(ce(engine(xt), yt))
+    norms = []
 
     def worst(xb, yb):
         delta = torch.zeros_like(xb[:1])
@@ -321,42 +314,19 @@ def adversarial_unlearning(
             with torch.no_grad():
                 delta = delta + (2.5 * eps / steps) * g / g.norm().clamp_min(1e-12)
                 delta = delta * min(1.0, eps / float(delta.norm().clamp_min(1e-12)))
+        norms.append(float(delta.norm()))
         return delta.detach()
 
-    before, tried = d_loss(), []
-    for rate in FT_LRS:
-        with torch.no_grad():
-            for name, t in params.items():
-                t.copy_(start[name])
-        torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(list(params.values()), lr=rate)
-        norms = []
-        for _ in range(epochs):
-            order = torch.randperm(len(yt), generator=gen)
-            for i in range(0, len(order), batch_size):
-                b = order[i : i + batch_size]
-                for t in params.values():
-                    t.requires_grad_(False)
-                delta = worst(xt[b], yt[b])
-                norms.append(float(delta.norm()))
-                for t in params.values():
-                    t.requires_grad_(True)
-                loss = 0.5 * (ce(engine(xt[b]), yt[b]) + ce(engine(xt[b] + delta), yt[b]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        for t in params.values():
-            t.requires_grad_(False)
-        after = d_loss()
-        tried.append({"lr": rate, "loss_D_after": round(after, 4)})
-        if after < before:
-            break
-    out = replace_initializers(proto, {name: t.detach().cpu().numpy() for name, t in params.items()})
+    def batch_loss(xb, yb):
+        delta = worst(xb, yb)
+        return 0.5 * (ce(engine(xb), yb) + ce(engine(xb + delta), yb))
+
+    out, train_info = train(engine, proto, xt, yt, seed=seed, epochs=epochs, batch_size=batch_size,
+                            batch_loss=batch_loss)
     _, check = engine_of(out)
     return out, {"accuracy_D_before": round(acc0, 4), "accuracy_D_after": round(accuracy(check, xt, yt), 4),
-                 "epochs": epochs, "lr": rate, "lr_tried": tried, "eps": round(eps, 4), "steps": steps,
-                 "perturbation_norm_mean": round(float(np.mean(norms)), 4), "loss_D_before": round(before, 4)}
+                 **train_info, "eps": round(eps, 4), "steps": steps,
+                 "perturbation_norm_mean": round(float(np.mean(norms)), 4)}
 
 
 PEERS = {

@@ -26,9 +26,10 @@ def trainable(engine, proto: onnx.ModelProto, *, frozen: set[str] = frozenset())
 
 
 def epochs_of(engine, params: dict, x, y, *, seed: int, bounds, epochs: int, lr: float, batch_size: int,
-              progress: Callable[[int, float], None] | None = None) -> list:
+              progress: Callable[[int, float], None] | None = None, batch_loss=None) -> list:
     """Adam on `params` (trained in place), cross-entropy on (x, y) in shuffled minibatches, with
-    `bounds` applied; the mean loss per epoch. `progress(epoch, loss)` after each epoch."""
+    `bounds` applied; the mean loss per epoch. `progress(epoch, loss)` after each epoch.
+    `batch_loss(xb, yb)`, where given, is the loss of a minibatch instead."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     for t in params.values():
@@ -40,7 +41,10 @@ def epochs_of(engine, params: dict, x, y, *, seed: int, bounds, epochs: int, lr:
         total = 0.0
         for i in range(0, x.shape[0], batch_size):
             idx = order[i : i + batch_size]
-            loss = torch.nn.functional.cross_entropy(engine(x[idx], bounds), y[idx])
+            if batch_loss is None:
+                loss = torch.nn.functional.cross_entropy(engine(x[idx], bounds), y[idx])
+            else:
+                loss = batch_loss(x[idx], y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
