@@ -36,8 +36,11 @@ def _commands(d: Path, out: Path) -> dict[str, list]:
     }
 
 
-def _unwritable_folder() -> Path:
-    """A folder this process cannot create files in (root writes anywhere but in /sys)."""
+def _unwritable_folder(monkeypatch) -> Path:
+    """A folder this process cannot create files in. Root writes anywhere but, on most
+    machines, /sys; where root can write there too, a temporary folder whose file creation the
+    OS is made to refuse (tempfile.mkstemp raises PermissionError for it, as a read-only mount
+    would), so the check still runs its real code path."""
     if os.geteuid() != 0:
         folder = Path(tempfile.mkdtemp())
         folder.chmod(0o500)
@@ -49,7 +52,16 @@ def _unwritable_folder() -> Path:
         return folder
     os.close(fd)
     os.unlink(probe)
-    pytest.skip("no folder here refuses new files to this user")
+    folder = Path(tempfile.mkdtemp())
+    real = tempfile.mkstemp
+
+    def refusing(*args, **kwargs):
+        if Path(kwargs.get("dir") or "") == folder:
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", refusing)
+    return folder
 
 
 COMMANDS = list(_commands(Path("."), Path("o")))
@@ -64,8 +76,8 @@ def test_an_output_under_a_file_is_refused_before_any_work(files, command):
 
 
 @pytest.mark.parametrize("command", COMMANDS)
-def test_an_output_in_a_folder_that_takes_no_new_files_is_refused(files, command):
-    folder = _unwritable_folder()
+def test_an_output_in_a_folder_that_takes_no_new_files_is_refused(files, command, monkeypatch):
+    folder = _unwritable_folder(monkeypatch)
     result = run(*_commands(files, folder / "mmexport-out.onnx")[command])
     assert_one_line_error(result, str(folder), "not writable")
     assert not (folder / "mmexport-out.onnx").exists()
