@@ -401,10 +401,10 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
         level = plan.get("alpha", alpha_each)
         null = fit_null(d[tested], level, law=cfg.law, floor=floor)
         feature_null = None if features is None else fit_null(features.null[tested], level, law=cfg.law)
-    screen = _screen(cfg, plan, maxima, clean.y, copies, d, null.threshold)
+    screen, passed = _screen(cfg, plan, maxima, clean.y, copies, d, null.threshold)
     flagged = d > null.threshold
-    if "threshold" in screen:
-        flagged &= screen.pop("passed")
+    if passed is not None:
+        flagged &= passed
     if feature_null is not None:
         flagged = flagged | (features.null > feature_null.threshold)
     flagged &= tested
@@ -415,21 +415,21 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
 
 
 def _screen(cfg: MmdfConfig, plan: dict, maxima, y: np.ndarray, copies: int, d: np.ndarray,
-            threshold: float) -> dict:
+            threshold: float) -> tuple[dict, np.ndarray | None]:
     """The screen's threshold: the 1 - `screen` quantile of D's cross-fitted exceedance.
 
     Without a focus class the bounded branch runs on every input, doubling the model's cost,
     yet d > 0 needs some channel past its bound, and d above the threshold needs it far past:
     on the real tier, D's cross-fitted inputs over the margin threshold all lie in the top
-    fifth of exceedance (docs/experiments.md, MMDF's screen). Returned with "passed" (D's
-    inputs past it), popped by the caller.
+    fifth of exceedance (docs/experiments.md, MMDF's screen). Returns its report and D's inputs
+    past it (None where there is no screen).
     """
     if plan["class"] is not None:
-        return {"reason": "focus class set"}
+        return {"reason": "focus class set"}, None
     if cfg.screen >= 1.0:
-        return {"reason": "screen 1: every input"}
+        return {"reason": "screen 1: every input"}, None
     if maxima is None:
-        return {"reason": "bounds not clean-max: no cross-fitted exceedance"}
+        return {"reason": "bounds not clean-max: no cross-fitted exceedance"}, None
     fold = np.tile(fold_ids(y, cfg.folds, cfg.seed), copies)
     e = np.empty(len(fold), np.float64)
     for k in range(cfg.folds):
@@ -441,7 +441,7 @@ def _screen(cfg: MmdfConfig, plan: dict, maxima, y: np.ndarray, copies: int, d: 
     over = d > threshold
     return {"threshold": t, "share": float(passed.mean()),
             "margin_flags_kept": float(passed[over].mean()) if over.any() else None,
-            "margin_flags": int(over.sum()), "passed": passed}
+            "margin_flags": int(over.sum())}, passed
 
 
 def _guarantee(cal: Calibration) -> float | None:
