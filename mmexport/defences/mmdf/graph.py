@@ -28,6 +28,7 @@ from ...graph.edit import (
     value_types,
     write_site,
 )
+from .bounds import screen_scales
 from .features import FeatureFit, write_feature_score
 from .gate import FEATURE_FLAGGED, GATE_PREFIX, MIN_GATE_OPSET, SCREENED, gate_mmdf_graph
 
@@ -264,8 +265,6 @@ def _min_after(graph, t: gs.Variable, value: np.ndarray, rank: int | None, dtype
 def _write_screen(graph, bounds, site_info, threshold, dtype, fresh, opset):
     """`mmdf/screened` [N, 1]: whether the input's exceedance (`bounds.exceedance`, on the
     original branch's sites) passes `threshold`. One max per channel and site, a MatMul."""
-    from .bounds import screen_scales
-
     tensors = graph.tensors()
 
     def node(op, inputs, name, out_dtype=dtype, **attrs):
