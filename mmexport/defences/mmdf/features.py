@@ -152,17 +152,20 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
     flagged, every input is scored against that class and only its means are stored (a
     tenth of them for ten classes).
     `node`, `var`, `const` build nodes, tensors and initializers with MMDF's names.
-    """
-    def reduce_sum(x, name):
-        out = var(name)
-        if opset >= 13:
-            return node("ReduceSum", [x, const(name + "/axes", np.array([1], np.int64))], [out],
-                        keepdims=1)
-        return node("ReduceSum", [x], [out], axes=[1], keepdims=1)
 
-    scores = []
+    Per site only the statistics, d, its projection and the rest's squared norm are
+    computed; the weighting, the sums and the max over sites run once for all sites together
+    (at batch 1 a node costs as much as its arithmetic on most sites).
+    """
+    def reduce(op, x, name):
+        out = var(name)
+        if opset >= 18 or (op == "ReduceSum" and opset >= 13):
+            return node(op, [x, const(name + "/axes", np.array([1], np.int64))], [out], keepdims=1)
+        return node(op, [x], [out], axes=[1], keepdims=1)
+
+    projections, rests = [], []
     for i, g in enumerate(fit.sites):
-        tag = f"f{i}"  # short names: a site name can be long, and a tag appears ~60 times
+        tag = f"f{i}"  # short names: a site name can be long, and a tag appears ~25 times
         t = site_tensors[g.site]
         f = t
         if ranks[g.site] != 2:
@@ -192,17 +195,27 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         basis_t = node("Transpose", [basis], [var(tag + "/basis_t")], perm=[1, 0])
         back = node("MatMul", [proj, basis_t], [var(tag + "/back")])
         rest = node("Sub", [d, back], [var(tag + "/rest")])
-        on = node("Mul", [node("Mul", [proj, proj], [var(tag + "/proj2")]),
-                          const(tag + "/inv_var", (g.inv_var / g.scale).astype(dtype))],
-                  [var(tag + "/on_basis")])
-        off = node("Mul", [node("Mul", [rest, rest], [var(tag + "/rest2")]),
-                           const(tag + "/inv_tail", np.array(g.inv_tail / g.scale, dtype))],
-                   [var(tag + "/off_basis")])
-        scores.append(node("Add", [reduce_sum(on, tag + "/s_on"), reduce_sum(off, tag + "/s_off")],
-                           [var(tag + "/score")]))
-    if len(scores) == 1:
-        return scores[0]
-    return node("Max", scores, [var("features/score")])
+        projections.append(proj)
+        rests.append(reduce("ReduceSumSquare", rest, tag + "/rest2"))
+
+    # [sum of ranks, sites]: site i's squared projections, weighted, summed into column i.
+    weights = np.zeros((sum(g.basis.shape[1] for g in fit.sites), len(fit.sites)), dtype)
+    row = 0
+    for i, g in enumerate(fit.sites):
+        weights[row : row + len(g.inv_var), i] = g.inv_var / g.scale
+        row += len(g.inv_var)
+    inv_tail = np.array([[g.inv_tail / g.scale for g in fit.sites]], dtype)
+
+    def joined(parts, name):
+        return parts[0] if len(parts) == 1 else node("Concat", parts, [var(name)], axis=1)
+
+    proj = joined(projections, "features/proj")
+    on = node("MatMul", [node("Mul", [proj, proj], [var("features/proj2")]),
+                         const("features/inv_var", weights)], [var("features/on_basis")])
+    off = node("Mul", [joined(rests, "features/rest2"), const("features/inv_tail", inv_tail)],
+               [var("features/off_basis")])
+    scores = node("Add", [on, off], [var("features/site_scores")])
+    return scores if len(fit.sites) == 1 else reduce("ReduceMax", scores, "features/score")
 
 
 def site_feature_arrays(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str,

@@ -282,7 +282,10 @@ def _write_screen(graph, bounds, site_info, threshold, dtype, fresh, opset):
             return node("ReduceMax", [x, axes_c], name, keepdims=keepdims)
         return node("ReduceMax", [x], name, axes=list(axes), keepdims=keepdims)
 
-    parts = []
+    # Each site's channel maxima, grouped by rank ([N, C] or pooled [N, C, 1, ...]) so that one
+    # Concat per rank and one Sub, Relu and MatMul for all sites weigh them: per site only
+    # its pool (a model has tens of sites and, at batch 1, a node costs about its arithmetic).
+    groups: dict[int, list] = {}
     for i, (name, z) in enumerate(bounds.values.items()):
         tag = f"s{i}"
         t = tensors[name]
@@ -290,18 +293,25 @@ def _write_screen(graph, bounds, site_info, threshold, dtype, fresh, opset):
         rank = info.rank or len(t.shape or ())
         z = np.asarray(z)
         if z.ndim == 0:  # one bound for the site: its largest value
-            m = reduce_max(node("Flatten", [t], tag + "/flat", axis=1), [1], tag + "/max", 1)
+            m, m_rank = reduce_max(node("Flatten", [t], tag + "/flat", axis=1), [1], tag + "/max", 1), 2
         elif rank == 2:
-            m = t
+            m, m_rank = t, 2
         elif info.axis == 1:
-            m = node("Flatten", [node("GlobalMaxPool", [t], tag + "/pool")], tag + "/max", axis=1)
+            m, m_rank = node("GlobalMaxPool", [t], tag + "/pool"), rank
         else:  # channels last: [N, ..., C]
-            m = reduce_max(t, list(range(1, rank - 1)), tag + "/max", 0)
-        excess = node("Relu", [node("Sub", [m, const(tag + "/z", z.reshape(-1))], tag + "/over")],
-                      tag + "/excess")
-        w = (1.0 / screen_scales(z.reshape(-1))).reshape(-1, 1)
-        parts.append(node("MatMul", [excess, const(tag + "/weights", w)], tag + "/sum"))
-    total = parts[0] if len(parts) == 1 else node("Sum", parts, "exceedance")
+            m, m_rank = reduce_max(t, list(range(1, rank - 1)), tag + "/max", 0), 2
+        groups.setdefault(m_rank, []).append((m, z.reshape(-1)))
+    maxima, z_all = [], []
+    for m_rank, members in sorted(groups.items()):
+        joined = members[0][0] if len(members) == 1 else node(
+            "Concat", [m for m, _ in members], f"maxima{m_rank}", axis=1)
+        maxima.append(joined if m_rank == 2 else node("Flatten", [joined], f"maxima{m_rank}/flat", axis=1))
+        z_all += [z for _, z in members]
+    m = maxima[0] if len(maxima) == 1 else node("Concat", maxima, "maxima", axis=1)
+    z = np.concatenate(z_all)
+    excess = node("Relu", [node("Sub", [m, const("z", z)], "over")], "excess")
+    w = np.concatenate([1.0 / screen_scales(v) for v in z_all]).reshape(-1, 1)
+    total = node("MatMul", [excess, const("weights", w)], "exceedance")
     out = gs.Variable(fresh(SCREENED), dtype=np.bool_)
     graph.nodes.append(gs.Node("Greater", name=fresh(SCREEN_PREFIX + "greater", "node"),
                                inputs=[total, const("threshold", np.array(threshold))], outputs=[out]))
