@@ -117,13 +117,48 @@ def test_graph_feature_score_is_the_largest_site_score_minus_its_threshold(tiny_
     against = logits.argmax(1) if focus is None else np.full(len(x), focus)
     want = np.max([g.score(feats[g.site], against) for g in again.sites], axis=0)
     out = ort(res.model, x)
-    stored = [i.name for i in res.model.graph.initializer if "means" in i.name]
-    assert len(stored) == 2 and all(("focus" in n) == (focus is not None) for n in stored)
+    stored = [i for i in res.model.graph.initializer if "means" in i.name]
+    assert len(stored) == 1 and ("focus" in stored[0].name) == (focus is not None)
+    # Both sites' means side by side; with a focus only that class's row.
+    assert list(stored[0].dims) == [3 if focus is None else 1, sum(g.means.shape[1] for g in again.sites)]
     tested = np.ones(len(x), bool) if focus is None else logits.argmax(1) == focus
     assert (np.isnan(out[FEATURE_SCORE]) == ~tested).all()  # the focus gate scores no others
     np.testing.assert_allclose(out[FEATURE_SCORE][tested] + fit["threshold"], want[tested], rtol=1e-4, atol=1e-4)
     flagged = (out[SCORE] > 0) | (out[FEATURE_SCORE] > 0)
     np.testing.assert_array_equal(out[DETECTED], flagged & tested)
+
+
+@pytest.mark.parametrize("opset", [9, 12, 18])
+def test_graph_feature_score_at_old_and_new_opsets(opset):
+    # Split takes its sizes as an attribute before opset 13, ReduceSumSquare and ReduceMax
+    # their axes as an input from 18; below 11 the graph is not gated.
+    proto = tiny_cnn(seed=3, opset=opset)
+    x, y = labelled_set(proto, 10, seed=1)
+    res = detect(proto, (x, y), augment=False, avoid=None)
+    m = from_proto(proto)
+    feats, logits = site_feature_arrays(proto, m.sites, x, input_name=m.input_name,
+                                        output_name=m.output_name)
+    again = fit_features(feats, y, logits.argmax(1), 3, fold_ids(y, FOLDS, 0))
+    want = np.max([g.score(feats[g.site], logits.argmax(1)) for g in again.sites], axis=0)
+    out = ort(res.model, x)
+    assert res.model.opset_import[0].version == opset
+    np.testing.assert_allclose(out[FEATURE_SCORE] + res.report.features["threshold"], want,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_the_feature_test_costs_few_nodes_per_site():
+    # Per site with spatial axes: three pools and the centred powers (6), the basis cast to
+    # float, the projection, its way back, the rest and its norm (5), and maybe the site's
+    # piece of the split; everything else runs once for all sites (was 24 per site).
+    folder = SAMPLES / "digits-resnet-badnet"
+    res = mmexport.detect(folder / "model.onnx", folder / "clean.npz", avoid=None)
+    sites = res.report.features["sites"]
+    names = [n.output[0] for n in res.model.graph.node]
+    names += [n.output[0] for node in res.model.graph.node for a in node.attribute
+              if a.type == onnx.AttributeProto.GRAPH for n in a.g.node]
+    for i in range(len(sites)):
+        assert sum(name.startswith(f"mmdf/f{i}/") for name in names) <= 12, sites[i]["site"]
+    assert sum(name.startswith("mmdf/features/") for name in names) <= 20
 
 
 def test_an_input_far_from_every_class_is_flagged_by_the_feature_test(tiny_set):

@@ -147,15 +147,15 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
                         opset, node, var, const, *, focus: int | None = None):
     """Append the feature score (max over sites of s / scale) as a [N, 1] tensor.
 
-    `site_tensors`: {site: gs tensor of the original branch}; `ranks`: {site: its rank};
-    `predicted`: [N] int64 classes; `focus`: where only inputs sent to one class can be
-    flagged, every input is scored against that class and only its means are stored (a
-    tenth of them for ten classes).
+    `site_tensors`: {site: gs tensor of the original branch, channels on axis 1}; `ranks`:
+    {site: its rank}; `predicted`: [N] int64 classes; `focus`: where only inputs sent to one
+    class can be flagged, every input is scored against that class and only its means are
+    stored (a tenth of them for ten classes).
     `node`, `var`, `const` build nodes, tensors and initializers with MMDF's names.
 
-    Per site only the statistics, d, its projection and the rest's squared norm are
-    computed; the weighting, the sums and the max over sites run once for all sites together
-    (at batch 1 a node costs as much as its arithmetic on most sites).
+    Per site only its moments (three pools) and its projection and rest run; the cube roots,
+    the class means, the weighting and the max run once on all sites' statistics side by
+    side: at batch 1 a node costs about as much as its arithmetic on most sites.
     """
     def reduce(op, x, name):
         out = var(name)
@@ -163,48 +163,84 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
             return node(op, [x, const(name + "/axes", np.array([1], np.int64))], [out], keepdims=1)
         return node(op, [x], [out], axes=[1], keepdims=1)
 
-    projections, rests = [], []
+    # Each site's [mean, variance, third central moment] per channel (or its values where it
+    # has no spatial axes), grouped by rank so that one Concat per rank joins them.
+    groups: dict[int, list] = {}
     for i, g in enumerate(fit.sites):
-        tag = f"f{i}"  # short names: a site name can be long, and a tag appears ~25 times
+        tag = f"f{i}"  # short names: a site name can be long
         t = site_tensors[g.site]
-        f = t
-        if ranks[g.site] != 2:
-            mean = node("GlobalAveragePool", [t], [var(tag + "/mean")])
-            centred = node("Sub", [t, mean], [var(tag + "/centred")])
-            squared = node("Mul", [centred, centred], [var(tag + "/d2")])
-            std = node("Sqrt", [node("GlobalAveragePool", [squared], [var(tag + "/var")])],
-                       [var(tag + "/std")])
-            m3 = node("GlobalAveragePool", [node("Mul", [squared, centred], [var(tag + "/d3")])],
-                      [var(tag + "/m3")])
-            root = node("Pow", [node("Abs", [m3], [var(tag + "/m3_abs")]),
-                                const(tag + "/third", np.array(1.0 / 3.0, dtype))], [var(tag + "/m3_root")])
-            skew = node("Mul", [node("Sign", [m3], [var(tag + "/m3_sign")]), root], [var(tag + "/skew")])
-            stats = node("Concat", [mean, std, skew], [var(tag + "/stats")], axis=1)
-            f = node("Flatten", [stats], [var(tag + "/features")], axis=1)
-        if focus is None:
-            mu = node("Gather", [const(tag + "/class_means", g.means.astype(dtype)), predicted],
-                      [var(tag + "/mu")], axis=0)
+        if ranks[g.site] == 2:
+            groups.setdefault(2, []).append((i, [t]))
+            continue
+        mean = node("GlobalAveragePool", [t], [var(tag + "/mean")])
+        centred = node("Sub", [t, mean], [var(tag + "/centred")])
+        squared = node("Mul", [centred, centred], [var(tag + "/d2")])
+        variance = node("GlobalAveragePool", [squared], [var(tag + "/var")])
+        m3 = node("GlobalAveragePool", [node("Mul", [squared, centred], [var(tag + "/d3")])],
+                  [var(tag + "/m3")])
+        groups.setdefault(ranks[g.site], []).append((i, [mean, variance, m3]))
+    order, columns = [], []
+    for rank, members in sorted(groups.items()):
+        order += [i for i, _ in members]
+        parts = [t for _, ts in members for t in ts]
+        joined = parts[0] if len(parts) == 1 else node("Concat", parts, [var(f"features/moments{rank}")], axis=1)
+        columns.append(joined if rank == 2 else
+                       node("Flatten", [joined], [var(f"features/moments{rank}/flat")], axis=1))
+    raw = columns[0] if len(columns) == 1 else node("Concat", columns, [var("features/moments")], axis=1)
+    sites = [fit.sites[i] for i in order]
+
+    # Spatial sites' features are [mean, std, cube root of the third moment] (`channel_stats`).
+    kind = np.concatenate([np.repeat([0, 1, 2], g.means.shape[1] // 3) if ranks[g.site] != 2
+                           else np.zeros(g.means.shape[1], int) for g in sites])
+    f = raw
+    if (kind > 0).any():
+        std = node("Sqrt", [raw], [var("features/std")])  # NaN off the variances, not chosen
+        root = node("Pow", [node("Abs", [raw], [var("features/abs")]),
+                            const("features/third", np.array(1.0 / 3.0, dtype))], [var("features/root")])
+        skew = node("Mul", [node("Sign", [raw], [var("features/sign")]), root], [var("features/skew")])
+        f = node("Where", [const("features/is_skew", (kind == 2).reshape(1, -1)), skew, raw],
+                 [var("features/skewed")])
+        f = node("Where", [const("features/is_std", (kind == 1).reshape(1, -1)), std, f],
+                 [var("features/stats")])
+
+    means = np.concatenate([g.means for g in sites], axis=1)
+    if focus is None:
+        mu = node("Gather", [const("features/class_means", means.astype(dtype)), predicted],
+                  [var("features/mu")], axis=0)
+    else:
+        mu = const("features/focus_means", means[focus : focus + 1].astype(dtype))
+    d = node("Sub", [f, mu], [var("features/d")])
+    sizes = [g.means.shape[1] for g in sites]
+    if len(sites) == 1:
+        pieces = [d]
+    else:
+        pieces = [var(f"f{i}/d") for i in order]
+        if opset >= 13:
+            node("Split", [d, const("features/sizes", np.array(sizes, np.int64))], pieces, axis=1)
         else:
-            mu = const(tag + "/focus_means", g.means[focus : focus + 1].astype(dtype))
-        d = node("Sub", [f, mu], [var(tag + "/d")])
+            node("Split", [d], pieces, axis=1, split=sizes)
+
+    projections, rests = [], []
+    for i, g, piece in zip(order, sites, pieces, strict=True):
+        tag = f"f{i}"
         basis = const(tag + "/basis", g.basis.astype(BASIS_DTYPE))
         if np.dtype(dtype) != np.dtype(BASIS_DTYPE):
             basis = node("Cast", [basis], [var(tag + "/basis_cast")],
                          to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
-        proj = node("MatMul", [d, basis], [var(tag + "/proj")])
-        basis_t = node("Transpose", [basis], [var(tag + "/basis_t")], perm=[1, 0])
-        back = node("MatMul", [proj, basis_t], [var(tag + "/back")])
-        rest = node("Sub", [d, back], [var(tag + "/rest")])
+        proj = node("MatMul", [piece, basis], [var(tag + "/proj")])
+        no_bias = [] if opset >= 11 else [const(tag + "/no_bias", np.zeros(1, dtype))]  # C optional from 11
+        back = node("Gemm", [proj, basis, *no_bias], [var(tag + "/back")], transB=1)
+        rest = node("Sub", [piece, back], [var(tag + "/rest")])
         projections.append(proj)
         rests.append(reduce("ReduceSumSquare", rest, tag + "/rest2"))
 
-    # [sum of ranks, sites]: site i's squared projections, weighted, summed into column i.
-    weights = np.zeros((sum(g.basis.shape[1] for g in fit.sites), len(fit.sites)), dtype)
+    # [sum of ranks, sites]: site j's squared projections, weighted, summed into column j.
+    weights = np.zeros((sum(g.basis.shape[1] for g in sites), len(sites)), dtype)
     row = 0
-    for i, g in enumerate(fit.sites):
-        weights[row : row + len(g.inv_var), i] = g.inv_var / g.scale
+    for j, g in enumerate(sites):
+        weights[row : row + len(g.inv_var), j] = g.inv_var / g.scale
         row += len(g.inv_var)
-    inv_tail = np.array([[g.inv_tail / g.scale for g in fit.sites]], dtype)
+    inv_tail = np.array([[g.inv_tail / g.scale for g in sites]], dtype)
 
     def joined(parts, name):
         return parts[0] if len(parts) == 1 else node("Concat", parts, [var(name)], axis=1)
@@ -215,7 +251,7 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
     off = node("Mul", [joined(rests, "features/rest2"), const("features/inv_tail", inv_tail)],
                [var("features/off_basis")])
     scores = node("Add", [on, off], [var("features/site_scores")])
-    return scores if len(fit.sites) == 1 else reduce("ReduceMax", scores, "features/score")
+    return scores if len(sites) == 1 else reduce("ReduceMax", scores, "features/score")
 
 
 def site_feature_arrays(proto: onnx.ModelProto, sites, x: np.ndarray, *, input_name: str,
