@@ -153,15 +153,39 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
     stored (a tenth of them for ten classes).
     `node`, `var`, `const` build nodes, tensors and initializers with MMDF's names.
 
-    Per site only its moments (three pools) and its projection and rest run; the cube roots,
-    the class means, the weighting and the max run once on all sites' statistics side by
-    side: at batch 1 a node costs about as much as its arithmetic on most sites.
+    Per site only its moments (three pools) and its projection and rest run; the roots, the
+    class means, the weighting and the max run once on all sites' statistics side by side: at
+    batch 1 a node costs about as much as its arithmetic on most sites.
     """
     def reduce(op, x, name):
         out = var(name)
         if opset >= 18 or (op == "ReduceSum" and opset >= 13):
             return node(op, [x, const(name + "/axes", np.array([1], np.int64))], [out], keepdims=1)
         return node(op, [x], [out], axes=[1], keepdims=1)
+
+    def split(x, sizes, names):
+        """x cut along axis 1 into `sizes` (an attribute before opset 13, an input from it)."""
+        outs = [var(n) for n in names]
+        if opset >= 13:
+            node("Split", [x, const(names[0] + "/sizes", np.array(sizes, np.int64))], outs, axis=1)
+        else:
+            node("Split", [x], outs, axis=1, split=list(sizes))
+        return outs
+
+    def on_all(parts, sizes, name, fn):
+        """fn applied once to the parts side by side, handed back cut as they came."""
+        if len(parts) == 1:
+            return [fn(parts[0])]
+        joined = node("Concat", parts, [var(f"features/{name}_in")], axis=1)
+        return split(fn(joined), sizes, [f"features/{name}{j}" for j in range(len(parts))])
+
+    def std(x):
+        return node("Sqrt", [x], [var("features/std")])
+
+    def cube_root(x):  # of a third central moment, which may be negative
+        root = node("Pow", [node("Abs", [x], [var("features/m3_abs")]),
+                            const("features/third", np.array(1.0 / 3.0, dtype))], [var("features/m3_root")])
+        return node("Mul", [node("Sign", [x], [var("features/m3_sign")]), root], [var("features/skew")])
 
     # Each site's [mean, variance, third central moment] per channel (or its values where it
     # has no spatial axes), grouped by rank so that one Concat per rank joins them.
@@ -179,29 +203,23 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         m3 = node("GlobalAveragePool", [node("Mul", [squared, centred], [var(tag + "/d3")])],
                   [var(tag + "/m3")])
         groups.setdefault(ranks[g.site], []).append((i, [mean, variance, m3]))
+    # Spatial sites' features are [mean, std, cube root of the third moment] (`channel_stats`);
+    # the roots run on the variances and third moments only, each kind once for all sites.
     order, columns = [], []
     for rank, members in sorted(groups.items()):
         order += [i for i, _ in members]
-        parts = [t for _, ts in members for t in ts]
-        joined = parts[0] if len(parts) == 1 else node("Concat", parts, [var(f"features/moments{rank}")], axis=1)
+        if rank == 2:
+            parts = [ts[0] for _, ts in members]
+        else:
+            sizes = [fit.sites[i].means.shape[1] // 3 for i, _ in members]
+            stds = on_all([ts[1] for _, ts in members], sizes, f"std{rank}_", std)
+            skews = on_all([ts[2] for _, ts in members], sizes, f"skew{rank}_", cube_root)
+            parts = [t for (_, ts), a, b in zip(members, stds, skews, strict=True) for t in (ts[0], a, b)]
+        joined = parts[0] if len(parts) == 1 else node("Concat", parts, [var(f"features/stats{rank}")], axis=1)
         columns.append(joined if rank == 2 else
-                       node("Flatten", [joined], [var(f"features/moments{rank}/flat")], axis=1))
-    raw = columns[0] if len(columns) == 1 else node("Concat", columns, [var("features/moments")], axis=1)
+                       node("Flatten", [joined], [var(f"features/stats{rank}/flat")], axis=1))
+    f = columns[0] if len(columns) == 1 else node("Concat", columns, [var("features/stats")], axis=1)
     sites = [fit.sites[i] for i in order]
-
-    # Spatial sites' features are [mean, std, cube root of the third moment] (`channel_stats`).
-    kind = np.concatenate([np.repeat([0, 1, 2], g.means.shape[1] // 3) if ranks[g.site] != 2
-                           else np.zeros(g.means.shape[1], int) for g in sites])
-    f = raw
-    if (kind > 0).any():
-        std = node("Sqrt", [raw], [var("features/std")])  # NaN off the variances, not chosen
-        root = node("Pow", [node("Abs", [raw], [var("features/abs")]),
-                            const("features/third", np.array(1.0 / 3.0, dtype))], [var("features/root")])
-        skew = node("Mul", [node("Sign", [raw], [var("features/sign")]), root], [var("features/skew")])
-        f = node("Where", [const("features/is_skew", (kind == 2).reshape(1, -1)), skew, raw],
-                 [var("features/skewed")])
-        f = node("Where", [const("features/is_std", (kind == 1).reshape(1, -1)), std, f],
-                 [var("features/stats")])
 
     means = np.concatenate([g.means for g in sites], axis=1)
     if focus is None:
@@ -210,15 +228,7 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
     else:
         mu = const("features/focus_means", means[focus : focus + 1].astype(dtype))
     d = node("Sub", [f, mu], [var("features/d")])
-    sizes = [g.means.shape[1] for g in sites]
-    if len(sites) == 1:
-        pieces = [d]
-    else:
-        pieces = [var(f"f{i}/d") for i in order]
-        if opset >= 13:
-            node("Split", [d, const("features/sizes", np.array(sizes, np.int64))], pieces, axis=1)
-        else:
-            node("Split", [d], pieces, axis=1, split=sizes)
+    pieces = [d] if len(sites) == 1 else split(d, [g.means.shape[1] for g in sites], [f"f{i}/d" for i in order])
 
     projections, rests = [], []
     for i, g, piece in zip(order, sites, pieces, strict=True):
