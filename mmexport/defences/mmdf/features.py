@@ -163,6 +163,9 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
             return node(op, [x, const(name + "/axes", np.array([1], np.int64))], [out], keepdims=1)
         return node(op, [x], [out], axes=[1], keepdims=1)
 
+    def concat(parts, name):
+        return parts[0] if len(parts) == 1 else node("Concat", parts, [var(name)], axis=1)
+
     def split(x, sizes, names):
         """x cut along axis 1 into `sizes` (an attribute before opset 13, an input from it)."""
         outs = [var(n) for n in names]
@@ -176,8 +179,8 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         """fn applied once to the parts side by side, handed back cut as they came."""
         if len(parts) == 1:
             return [fn(parts[0])]
-        joined = node("Concat", parts, [var(f"features/{name}_in")], axis=1)
-        return split(fn(joined), sizes, [f"features/{name}{j}" for j in range(len(parts))])
+        return split(fn(concat(parts, f"features/{name}_in")), sizes,
+                     [f"features/{name}{j}" for j in range(len(parts))])
 
     def std(x):
         return node("Sqrt", [x], [var("features/std")])
@@ -215,10 +218,10 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
             stds = on_all([ts[1] for _, ts in members], sizes, f"std{rank}_", std)
             skews = on_all([ts[2] for _, ts in members], sizes, f"skew{rank}_", cube_root)
             parts = [t for (_, ts), a, b in zip(members, stds, skews, strict=True) for t in (ts[0], a, b)]
-        joined = parts[0] if len(parts) == 1 else node("Concat", parts, [var(f"features/stats{rank}")], axis=1)
-        columns.append(joined if rank == 2 else
-                       node("Flatten", [joined], [var(f"features/stats{rank}/flat")], axis=1))
-    f = columns[0] if len(columns) == 1 else node("Concat", columns, [var("features/stats")], axis=1)
+        stats = concat(parts, f"features/stats{rank}")
+        columns.append(stats if rank == 2 else
+                       node("Flatten", [stats], [var(f"features/stats{rank}/flat")], axis=1))
+    f = concat(columns, "features/stats")
     sites = [fit.sites[i] for i in order]
 
     means = np.concatenate([g.means for g in sites], axis=1)
@@ -252,13 +255,10 @@ def write_feature_score(graph, site_tensors: dict, ranks: dict, predicted, fit: 
         row += len(g.inv_var)
     inv_tail = np.array([[g.inv_tail / g.scale for g in sites]], dtype)
 
-    def joined(parts, name):
-        return parts[0] if len(parts) == 1 else node("Concat", parts, [var(name)], axis=1)
-
-    proj = joined(projections, "features/proj")
+    proj = concat(projections, "features/proj")
     on = node("MatMul", [node("Mul", [proj, proj], [var("features/proj2")]),
                          const("features/inv_var", weights)], [var("features/on_basis")])
-    off = node("Mul", [joined(rests, "features/rest2"), const("features/inv_tail", inv_tail)],
+    off = node("Mul", [concat(rests, "features/rest2"), const("features/inv_tail", inv_tail)],
                [var("features/off_basis")])
     scores = node("Add", [on, off], [var("features/site_scores")])
     return scores if len(sites) == 1 else reduce("ReduceMax", scores, "features/score")
