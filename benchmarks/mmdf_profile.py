@@ -59,30 +59,30 @@ def options() -> ort.SessionOptions:
 
 
 def profile(path: Path, x: np.ndarray, batch: int, runs: int, seed: int = 0) -> dict:
-    tmp = Path(tempfile.mkdtemp())
-    so = options()
-    so.optimized_model_filepath = str(tmp / "optimized.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    parts = node_parts(onnx.load(tmp / "optimized.onnx").graph, {})
-    so = options()
-    so.enable_profiling = True
-    so.profile_file_prefix = str(tmp / "profile")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    fixed = sess.get_inputs()[0].shape[0]
-    batch = fixed if isinstance(fixed, int) else batch
-    rng = np.random.default_rng(seed)
-    for _ in range(runs):
-        sess.run(None, {name: x[rng.choice(len(x), batch, replace=batch > len(x))]})
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    with tempfile.TemporaryDirectory() as tmp:  # the optimised model and the profile (MBs)
+        so = options()
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        parts = node_parts(onnx.load(Path(tmp) / "optimized.onnx").graph, {})
+        so = options()
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        name = sess.get_inputs()[0].name
+        fixed = sess.get_inputs()[0].shape[0]
+        batch = fixed if isinstance(fixed, int) else batch
+        rng = np.random.default_rng(seed)
+        for _ in range(runs):
+            sess.run(None, {name: x[rng.choice(len(x), batch, replace=batch > len(x))]})
+        events = json.loads(Path(sess.end_profiling()).read_text())
     by_part, by_op, nodes, run = collections.Counter(), collections.Counter(), collections.Counter(), 0.0
     for e in events:
         if e.get("cat") == "Session" and e.get("name") == "model_run":
             run += e["dur"]
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
-        node = e["name"][: -len("_kernel_time")]
-        part = parts.get(node, "gate")  # nodes onnxruntime adds (layout reorders) are rare outside
+        # Nodes not in the saved graph are ones onnxruntime adds when it runs (layout reorders).
+        part = parts.get(e["name"][: -len("_kernel_time")], "onnxruntime")
         by_part[part] += e["dur"]
         by_op[f"{part}:{e['args']['op_name']}"] += e["dur"]
         nodes[part] += 1
