@@ -7,8 +7,9 @@ images with one intra-op thread and the profiler on, and adds up each node's ker
 part of the graph its output belongs to: the original model, MMDF's screen, the feature test,
 the bounded branch, the decision, the gate (the `If` and its gathers). Node names are read
 from the graph onnxruntime actually runs (after its fusions), so fused nodes count where their
-output lies. The profiler's own cost per node inflates the totals on small models; the shares
-are what to read.
+output lies; a node onnxruntime moves into its blocked layout can take a new output name and
+count as the original's (the screen's GlobalMaxPools). The profiler's own cost per node inflates
+the totals on small models; the shares are what to read.
 """
 
 from __future__ import annotations
