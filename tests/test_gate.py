@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from builders import ort_run
+from onnx import numpy_helper
 from onnx.reference import ReferenceEvaluator
 from variants import SAMPLES, with_fixed_batch
 
@@ -38,8 +39,8 @@ def sample(request):
     return onnx.load(folder / "model.onnx"), res.model, target, x.astype(np.float32), res.bounds
 
 
-def _gated(source, full, focus):
-    return gate_mmdf_graph(full, source, logits_name="logits", focus=focus, outputs=OURS)
+def _gated(source, full, focus, **kw):
+    return gate_mmdf_graph(full, source, logits_name="logits", focus=focus, outputs=OURS, **kw)
 
 
 def _batches(x, size):
@@ -79,15 +80,26 @@ def test_gated_graph_is_standard_onnx_the_reference_runtime_agrees(sample):
         np.testing.assert_allclose(np.asarray(value, dtype=want[name].dtype), want[name], atol=1e-4, rtol=1e-4)
 
 
-def test_gated_graph_keeps_its_bounds_readable_and_its_weights_once(sample):
+def test_gated_graph_keeps_its_bounds_readable_and_owns_only_its_conv_weights(sample):
     source, full, focus, _, bounds = sample
     gated = _gated(source, full, focus)
     assert sorted(extract_bounds(gated).values) == sorted(extract_bounds(full).values)
     if_node = next(n for n in gated.graph.node if n.op_type == "If")
     assert if_node.name.startswith(GATE_PREFIX)
-    inner = [g for a in if_node.attribute for g in [a.g]]
-    assert all(len(g.initializer) == 0 for g in inner)  # the branches read the outer weights
-    assert gated.ByteSize() < full.ByteSize() * 1.05
+    branches = {a.name: a.g for a in if_node.attribute}
+    assert len(branches["else_branch"].initializer) == 0
+    then = branches["then_branch"]
+    owned = {i.name: numpy_helper.to_array(i) for i in then.initializer}
+    conv_weights = {i for n in then.node if n.op_type == "Conv" for i in n.input[1:]}
+    assert owned and set(owned) == conv_weights  # every conv weight it reads is its own, nothing else
+    outer = {i.name: numpy_helper.to_array(i) for i in gated.graph.initializer}
+    for name, value in owned.items():  # a copy of an outer weight, under a name of its own
+        assert name.startswith(GATE_PREFIX) and name not in outer
+        assert any(v.shape == value.shape and np.array_equal(v, value) for v in outer.values())
+    grown = sum(v.nbytes for v in owned.values())
+    assert gated.ByteSize() < (full.ByteSize() + grown) * 1.05
+    shared = _gated(source, full, focus, own_weights=frozenset())
+    assert all(len(a.g.initializer) == 0 for a in next(n for n in shared.graph.node if n.op_type == "If").attribute)
 
 
 def test_a_fixed_batch_runs_the_tests_on_the_whole_batch(sample):

@@ -105,6 +105,8 @@ def test_screened_gate_gives_the_ungated_logits_and_flags(screened, size):
     gated = gate_mmdf_graph(full, source, logits_name="logits", focus=None, outputs=OURS)
     onnx.checker.check_model(gated)
     assert is_gated(gated)
+    gate = next(n for n in gated.graph.node if n.op_type == "If")
+    assert all(len(a.g.initializer) == 0 for a in gate.attribute)  # no recompute: the weights stay outside
     tested_rows = 0
     for i in range(0, len(x) - size + 1, size):
         xb = x[i:i + size]

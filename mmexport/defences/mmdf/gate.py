@@ -10,13 +10,13 @@ logits through. Logits and flags are those of the ungated graph; the scores of t
 tested are NaN.
 
 Torch-free, on the ONNX protos: the ungated graph is cut in two along the names the source
-model produced. Weights stay where they are, in the outer graph, which the branches read. The
-then-branch gathers the tested rows of the input and recomputes on them whatever source
-tensors MMDF's nodes read (the sites, the logits) rather than reading them from the outer
-graph: an outer activation read by the `If` must be kept whole and in plain layout on every
-run: the real tier's MobileNetV2 cost 1.31x / 1.83x its original (batch 1 / 64) that way, 1.08x /
-1.72x recomputing; the ResNet-18 1.03x / 1.17x and 1.01x / 1.26x (docs/experiments.md, MMDF
-gated on the focus class).
+model produced. Weights stay where they are, in the outer graph, which the branches read; a
+focus branch holds copies of its conv weights (`_own_weights`). The then-branch gathers the
+tested rows of the input and recomputes on them whatever source tensors MMDF's nodes read (the
+sites, the logits) rather than reading them from the outer graph: an outer activation read by
+the `If` must be kept whole and in plain layout on every run: the real tier's MobileNetV2 cost
+1.31x / 1.83x its original (batch 1 / 64) that way, 1.08x / 1.72x recomputing; the ResNet-18
+1.03x / 1.17x and 1.01x / 1.26x (docs/experiments.md, MMDF gated on the focus class).
 
 Without a focus class every input can be flagged, but the margin test judges only those past
 the screen (`bounds.exceedance`, set so that about a fifth of clean inputs pass it): the
@@ -36,19 +36,22 @@ GATE_PREFIX = "mmdf/gated/"
 # The screen's and the feature test's flags ([N, 1] bool), by which the gate finds them.
 SCREENED = "mmdf/screened"
 FEATURE_FLAGGED = "mmdf/feature_flagged"
+# The branch's nodes whose weights it owns (`_own_weights`).
+OWN_WEIGHTS = frozenset({"Conv", "ConvTranspose"})
 # ScatterND (writing the tested rows back) exists from opset 11.
 MIN_GATE_OPSET = 11
 
 
 def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_name: str,
-                    focus: int | None, outputs: list[str]) -> onnx.ModelProto:
+                    focus: int | None, outputs: list[str], own_weights=OWN_WEIGHTS) -> onnx.ModelProto:
     """`full` (an ungated MMDF graph built from `source`) with its MMDF nodes inside an `If`.
 
     `logits_name`: the switched logits (the source's logits tensor); `outputs`: MMDF's own
     graph outputs (flag, score, feature score). `focus`: the class whose inputs are tested;
     None: those the screen passes or the feature test flags (`full` must hold a screen). Rows
     are gathered only where the input's batch axis is symbolic; a model with a fixed batch
-    runs the tests on the whole batch when any row is tested.
+    runs the tests on the whole batch when any row is tested. `own_weights`: the op types whose
+    weights a focus branch holds copies of (`_own_weights`).
     """
     g = full.graph
     produced_by_source = {o for n in source.graph.node for o in n.output if o} - {logits_name}
@@ -179,14 +182,19 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
     out_types = {o.name: o.type.tensor_type.elem_type for o in g.output}
     logits_type = out_types.get(logits_name) or g.output[0].type.tensor_type.elem_type or TensorProto.FLOAT
 
-    def branch(name, nodes, outs):
+    def branch(name, nodes, outs, initializers=()):
         elems = [logits_type, TensorProto.BOOL] + [TensorProto.FLOAT] * (len(outs) - 2)
         return helper.make_graph(nodes, fresh(GATE_PREFIX + name), [],
                                  [helper.make_tensor_value_info(o, e, None)
-                                  for o, e in zip(outs, elems, strict=True)])
+                                  for o, e in zip(outs, elems, strict=True)], initializer=list(initializers))
+
+    # With a focus class the branch recomputes the model on the tested rows: it owns its conv
+    # weights. Without, it runs the bounded copy of what follows the first site, where owning
+    # them bought nothing on the ResNet-18 and 2% on the EfficientNet, for twice the file.
+    owned = _own_weights(inner, {i.name: i for i in g.initializer}, own_weights if focus is not None else (), fresh)
 
     gate = helper.make_node("If", [cond], [logits_name, *outputs], name=fresh(GATE_PREFIX + "if"),
-                            then_branch=branch("then", inner, then_out),
+                            then_branch=branch("then", inner, then_out, owned),
                             else_branch=branch("else", else_nodes, else_out))
 
     after = {logits_name}  # source nodes reading the switched logits (a final Softmax) go last
@@ -207,6 +215,30 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
     del out.graph.value_info[:]
     out.graph.value_info.extend(listed)
     return out
+
+
+def _own_weights(nodes, inits: dict, ops, fresh) -> list[onnx.TensorProto]:
+    """Copies, owned by the branch, of the outer weights its `ops` nodes read (renamed there).
+
+    onnxruntime rewrites a Conv into its blocked (NCHWc) layout only where the weights are the
+    graph's own initializers: a branch reading the outer graph's ran its convolutions at about
+    half the speed of the outer graph's (MobileNetV2 at batch 64; docs/experiments.md, MMDF's
+    focus branch owns its conv weights). The file grows by those weights; the session holds
+    about what it held before (the outer plain copies were kept for the branch).
+    """
+    local = {}
+    for n in nodes:
+        if n.op_type not in ops:
+            continue
+        for k, name in enumerate(n.input):
+            if k == 0 or name not in inits:
+                continue
+            if name not in local:
+                local[name] = onnx.TensorProto()
+                local[name].CopyFrom(inits[name])
+                local[name].name = fresh(GATE_PREFIX + "own/" + name)
+            n.input[k] = local[name].name
+    return list(local.values())
 
 
 def _outer_nodes(mmdf: list[onnx.NodeProto], source_made: set[str]) -> list[onnx.NodeProto]:
