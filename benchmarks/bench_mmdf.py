@@ -125,6 +125,7 @@ def bench_model(folder: Path, args, log) -> dict:
     if focus is not None or screen is not None:
         ours = [o.name for o in full.graph.output if o.name in (DETECTED, SCORE, FEATURE_SCORE)]
         models["gated"] = gate_mmdf_graph(full, source, logits_name=logits, focus=focus, outputs=ours)
+    row["mb"] = {n: p.ByteSize() / 1e6 for n, p in models.items()}  # a focus branch owns its conv weights
     sessions = {n: session(p, args.threads) for n, p in models.items()}
     test = np.load(folder / "test.npz")
     x, y = test["x"].astype(np.float32), test["y"]
@@ -165,8 +166,8 @@ def markdown(rows: list[dict], args) -> str:
         "median of interleaved rounds (original, ungated, gated), a different draw of clean test images each round. "
         f"Targets for the gated graph: <= {TARGETS[1]}x at batch 1, <= {TARGETS[64]}x at batch 64.",
         "",
-        "| model | focus | batch | rounds | original ms | ungated | gated | met |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | focus | batch | rounds | original ms | ungated | gated | met | file MB (original / gated) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for b in (1, 64):
@@ -179,7 +180,8 @@ def markdown(rows: list[dict], args) -> str:
                     "none: screened" if r.get("screen") is not None else "none (not gated)")
             out.append(f"| {r['model']} | {gate} | {b} | "
                        f"{t['runs']} | {t['original_ms']:.3f} | {t['ungated']:.2f}x | "
-                       f"{'-' if gated is None else f'{gated:.3f}x'} | {met} |")
+                       f"{'-' if gated is None else f'{gated:.3f}x'} | {met} | "
+                       f"{r['mb']['original']:.2f} / {r['mb'].get('gated', r['mb']['ungated']):.2f} |")
     out += ["", "Efficacy of both graphs (%), test set: ACC / false positives; attack set: ASR / detection; "
                 "max |logit difference| between the graphs; unscreened: false positives / detection were the margin "
                 "test run on every input (models without a focus class):", "",

@@ -122,3 +122,16 @@ def test_no_focus_or_gate_off_writes_the_ungated_graph(sample):
     assert not is_gated(build_mmdf_graph(source, bounds, 0.5))  # no focus: every input is tested
     assert not is_gated(build_mmdf_graph(source, bounds, 0.5, focus=focus, gate=False))
     assert is_gated(build_mmdf_graph(source, bounds, 0.5, focus=focus))
+
+
+def test_own_weights_off_keeps_one_copy_of_every_weight_with_the_same_outputs(sample):
+    source, _, focus, x, bounds = sample
+    owning = build_mmdf_graph(source, bounds, 0.5, focus=focus, avoid=focus)
+    sharing = build_mmdf_graph(source, bounds, 0.5, focus=focus, avoid=focus, own_weights=False)
+    owned = [{a.name: len(a.g.initializer) > 0 for n in g.graph.node if n.op_type == "If" for a in n.attribute}
+             for g in (owning, sharing)]
+    assert owned == [{"then_branch": True, "else_branch": False}, {"then_branch": False, "else_branch": False}]
+    assert sharing.ByteSize() < owning.ByteSize()
+    want, got = ort_run(owning, x[:64]), ort_run(sharing, x[:64])
+    np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got[DETECTED], want[DETECTED])

@@ -47,6 +47,10 @@ class MmdfConfig:
     gate: bool = param(True, "Run MMDF's tests only on the inputs they can flag (an If in the graph; the others "
                              "keep the original logits, their scores are NaN): with a focus class, the inputs the "
                              "model sends to it; without, those the screen passes or the feature test flags.")
+    own_weights: bool = param(True, "With `gate` and a focus class, the branch that recomputes the model on the "
+                                    "tested rows holds its own copy of the conv weights, which onnxruntime runs in "
+                                    "its blocked layout (MobileNetV2 at batch 64: 1.47x the original, 1.58x sharing "
+                                    "them); the file grows by those weights. False: one copy of every weight.")
     screen: float = param(0.2, "Where no focus class is set and the bounds are clean-max: the share of clean "
                                "inputs the margin test runs on, those whose activations pass their clean range "
                                "furthest (set on D, cross-fitted); the others cannot be flagged by it and, with "

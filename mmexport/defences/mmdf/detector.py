@@ -287,7 +287,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
                            sites=m.sites, features=cal.features,
                            feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
                            avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name,
-                           gate=cfg.gate, screen=cal.screen.get("threshold"))
+                           gate=cfg.gate, screen=cal.screen.get("threshold"), own_weights=cfg.own_weights)
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,

@@ -30,7 +30,7 @@ from ...graph.edit import (
 )
 from .bounds import screen_scales
 from .features import FeatureFit, write_feature_score
-from .gate import FEATURE_FLAGGED, GATE_PREFIX, MIN_GATE_OPSET, SCREENED, gate_mmdf_graph
+from .gate import FEATURE_FLAGGED, GATE_PREFIX, MIN_GATE_OPSET, OWN_WEIGHTS, SCREENED, gate_mmdf_graph
 
 DETECTED = "mmdf_detected"
 SCORE = "mmdf_score"
@@ -63,6 +63,7 @@ def build_mmdf_graph(
     logits_name: str | None = None,
     gate: bool = True,
     screen: float | None = None,
+    own_weights: bool = True,
 ) -> onnx.ModelProto:
     """The two-branch MMDF model; `proto` is left untouched.
 
@@ -77,8 +78,9 @@ def build_mmdf_graph(
     11) only they run the tests (mmdf.gate), the others' scores are NaN. `screen`: a threshold
     on how far an input's activations pass the bounds (`bounds.exceedance`); only inputs past
     it can be flagged by the margin test, and with `gate` (no focus) only they and those the
-    feature test flags run the bounded branch. Keeps the model's IR version, opset, inputs and
-    other outputs; needs opset >= 9.
+    feature test flags run the bounded branch. `own_weights`: a focus branch holds copies of its
+    conv weights (mmdf.gate). Keeps the model's IR version, opset, inputs and other outputs;
+    needs opset >= 9.
     """
     opset = onnx_opset(proto)
     if opset < MIN_OPSET:
@@ -187,7 +189,8 @@ def build_mmdf_graph(
         )
     if gate and (focus is not None or screen is not None) and opset >= MIN_GATE_OPSET:
         ours = [DETECTED, SCORE] + ([FEATURE_SCORE] if features is not None else [])
-        out = gate_mmdf_graph(out, proto, logits_name=logits_name, focus=focus, outputs=ours)
+        out = gate_mmdf_graph(out, proto, logits_name=logits_name, focus=focus, outputs=ours,
+                              own_weights=OWN_WEIGHTS if own_weights else frozenset())
     return out
 
 
