@@ -6,8 +6,9 @@ graph is written from it (`mmexport.defences.mmdf.gate`). Both are checked again
 on the model's test and attack sets (logits, flags and the tested rows' scores), then the
 original, ungated and gated graphs are timed in one process, interleaved (every round runs each
 once, the order rotating), at batch 1 and 64, each round on a different draw of clean test
-images, one intra-op thread. Reported: median ms of the original, the two ratios of medians, and
-detection / ASR / false positives of both graphs on the test and attack sets.
+images, one intra-op thread. Reported: median ms of the original, the two ratios of medians, the
+files' sizes (a focus branch owns a copy of its conv weights), and detection / ASR / false
+positives of both graphs on the test and attack sets.
 
 A model whose scan names no target gets no focus class and is gated on MMDF's screen (its row
 says "screened"); its efficacy table also gives what the margin test would flag on every input.
