@@ -34,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_models"))
 
+from build import export  # noqa: E402
 from real_nets import ARCHITECTURES  # noqa: E402
 
-from build import export  # noqa: E402
 from mmexport.core.data import Dataset, save_npz  # noqa: E402
 from mmexport.defences.harden import plan  # noqa: E402
 

@@ -36,9 +36,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_models"))
 
 import build_real  # noqa: E402
+from build import split_indices  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 
-from build import split_indices  # noqa: E402
 from mmexport.core.data import load_npz  # noqa: E402
 from mmexport.defences.mmdf import detector  # noqa: E402
 from mmexport.defences.mmdf.bounds import shifted  # noqa: E402

@@ -29,8 +29,6 @@ from sklearn.datasets import load_digits
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from real_nets import ARCHITECTURES  # noqa: E402
-
 from build import (  # noqa: E402
     ModelSpec,
     Tier,
@@ -45,6 +43,7 @@ from build import (  # noqa: E402
     train,
     warp_trigger,
 )
+from real_nets import ARCHITECTURES  # noqa: E402
 
 IMAGE_SIZE = 32
 SHAPE = (3, IMAGE_SIZE, IMAGE_SIZE)
