@@ -98,7 +98,7 @@ def test_gated_graph_keeps_its_bounds_readable_and_owns_only_its_conv_weights(sa
         assert any(v.shape == value.shape and np.array_equal(v, value) for v in outer.values())
     grown = sum(v.nbytes for v in owned.values())
     assert gated.ByteSize() < (full.ByteSize() + grown) * 1.05
-    shared = _gated(source, full, focus, own_weights=frozenset())
+    shared = _gated(source, full, focus, own_weights=False)
     assert all(len(a.g.initializer) == 0 for a in next(n for n in shared.graph.node if n.op_type == "If").attribute)
 
 

@@ -43,15 +43,15 @@ MIN_GATE_OPSET = 11
 
 
 def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_name: str,
-                    focus: int | None, outputs: list[str], own_weights=OWN_WEIGHTS) -> onnx.ModelProto:
+                    focus: int | None, outputs: list[str], own_weights: bool = True) -> onnx.ModelProto:
     """`full` (an ungated MMDF graph built from `source`) with its MMDF nodes inside an `If`.
 
     `logits_name`: the switched logits (the source's logits tensor); `outputs`: MMDF's own
     graph outputs (flag, score, feature score). `focus`: the class whose inputs are tested;
     None: those the screen passes or the feature test flags (`full` must hold a screen). Rows
     are gathered only where the input's batch axis is symbolic; a model with a fixed batch
-    runs the tests on the whole batch when any row is tested. `own_weights`: the op types whose
-    weights a focus branch holds copies of (`_own_weights`).
+    runs the tests on the whole batch when any row is tested. `own_weights`: a focus branch
+    holds copies of the weights of its `OWN_WEIGHTS` nodes (`_own_weights`).
     """
     g = full.graph
     produced_by_source = {o for n in source.graph.node for o in n.output if o} - {logits_name}
@@ -191,7 +191,8 @@ def gate_mmdf_graph(full: onnx.ModelProto, source: onnx.ModelProto, *, logits_na
     # With a focus class the branch recomputes the model on the tested rows: it owns its conv
     # weights. Without, it runs the bounded copy of what follows the first site, where owning
     # them bought nothing on the ResNet-18 and 2% on the EfficientNet, for twice the file.
-    owned = _own_weights(inner, {i.name: i for i in g.initializer}, own_weights if focus is not None else (), fresh)
+    ops = OWN_WEIGHTS if own_weights and focus is not None else ()
+    owned = _own_weights(inner, {i.name: i for i in g.initializer}, ops, fresh)
 
     gate = helper.make_node("If", [cond], [logits_name, *outputs], name=fresh(GATE_PREFIX + "if"),
                             then_branch=branch("then", inner, then_out, owned),

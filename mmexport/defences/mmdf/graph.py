@@ -30,7 +30,7 @@ from ...graph.edit import (
 )
 from .bounds import screen_scales
 from .features import FeatureFit, write_feature_score
-from .gate import FEATURE_FLAGGED, GATE_PREFIX, MIN_GATE_OPSET, OWN_WEIGHTS, SCREENED, gate_mmdf_graph
+from .gate import FEATURE_FLAGGED, GATE_PREFIX, MIN_GATE_OPSET, SCREENED, gate_mmdf_graph
 
 DETECTED = "mmdf_detected"
 SCORE = "mmdf_score"
@@ -189,8 +189,7 @@ def build_mmdf_graph(
         )
     if gate and (focus is not None or screen is not None) and opset >= MIN_GATE_OPSET:
         ours = [DETECTED, SCORE] + ([FEATURE_SCORE] if features is not None else [])
-        out = gate_mmdf_graph(out, proto, logits_name=logits_name, focus=focus, outputs=ours,
-                              own_weights=OWN_WEIGHTS if own_weights else frozenset())
+        out = gate_mmdf_graph(out, proto, logits_name=logits_name, focus=focus, outputs=ours, own_weights=own_weights)
     return out
 
 
