@@ -66,9 +66,10 @@ def test_detect_and_scan_log_their_stages(tiny):
     scan = run("scan", tiny / "tiny.onnx", "--data", tiny / "clean.npz", "--ascent-steps", 60, "--restarts", 2)
     assert scan.exit_code == 0, scan.output
     log = scan.stderr.splitlines()
-    assert log[:2] == ["[scan] scan", "[scan] max margins 20/160"]
-    assert "[scan] max margins 60/160" not in log  # every 50 steps, not every report
-    assert any(line.startswith("[scan] universal perturbations") for line in log)
+    assert log[:2] == ["[scan] scan", "[scan] max margins 20/260"]  # 60 ascent steps, 2 x 100 universal
+    assert "[scan] max margins 60/260" not in log  # every 50 steps, not every report
+    assert any(line.startswith("[scan] universal perturbations (L-infinity)") for line in log)
+    assert any(line.startswith("[scan] universal perturbations (L2)") for line in log)
 
 
 def test_quiet_prints_nothing(tiny):

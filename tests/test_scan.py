@@ -11,7 +11,7 @@ from builders import assert_one_line_error, labelled_set, tiny_cnn, write_tiny
 from builders import run_cli as run
 
 import mmexport
-from mmexport.defences.mmbd.stats import StatisticTest, decide, fit_gamma, gamma_sf, mmbd_test
+from mmexport.defences.mmbd.stats import StatisticTest, combined_p, decide, fit_gamma, gamma_sf, mmbd_test
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
 # Small searches keep the tests fast; the sample backdoors are far beyond these thresholds.
@@ -62,12 +62,43 @@ def test_non_positive_values_widen_the_null_instead_of_breaking_it():
     assert test.candidate == 5 and 0.0 <= test.p_value <= 1.0 and math.isfinite(test.null_shape)
 
 
-def test_the_verdict_is_bonferroni_over_the_statistics():
-    strong = StatisticTest([1.0] * 3, candidate=2, p_value=0.01, null_shape=1.0, null_scale=1.0)
-    weak = StatisticTest([1.0] * 3, candidate=0, p_value=0.4, null_shape=1.0, null_scale=1.0)
-    assert decide({"a": strong, "b": weak}, 0.05) == ("backdoor", 2, 0.02, "a")
-    borderline = StatisticTest([1.0] * 3, candidate=1, p_value=0.03, null_shape=1.0, null_scale=1.0)
-    assert decide({"a": borderline, "b": weak}, 0.05) == ("clean", None, 0.06, "a")
+def _test(candidate: int, p: float) -> StatisticTest:
+    return StatisticTest([1.0] * 3, candidate=candidate, p_value=p, null_shape=1.0, null_scale=1.0)
+
+
+def test_the_verdict_is_the_harmonic_mean_p_value_and_the_target_the_smallest_tests_candidate():
+    weak = _test(0, 0.4)
+    p = 3 / (1 / 0.01 + 1 / 0.4 + 1 / 0.4)
+    assert decide({"a": _test(2, 0.01), "b": weak, "c": weak}, 0.05) == ("backdoor", 2, pytest.approx(p), "a")
+    # one statistic at 0.03 among two weak ones is not enough; two of them at 0.03 are
+    assert decide({"a": _test(1, 0.03), "b": weak, "c": weak}, 0.05)[:2] == ("clean", None)
+    assert decide({"a": _test(1, 0.03), "b": _test(1, 0.03), "c": weak}, 0.05)[:2] == ("backdoor", 1)
+
+
+def test_the_harmonic_mean_lies_between_the_smallest_p_value_and_bonferroni():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        ps = rng.uniform(1e-6, 1.0, size=3)
+        hm = combined_p(ps)
+        assert ps.min() - 1e-15 <= hm <= combined_p(ps, "bonferroni") + 1e-15
+    assert combined_p([0.0, 0.5, 0.9]) == 0.0 and combined_p([1.0, 1.0]) == 1.0
+
+
+def test_bonferroni_is_kept_on_request():
+    assert decide({"a": _test(2, 0.01), "b": _test(0, 0.4)}, 0.05, "bonferroni") == ("backdoor", 2, 0.02, "a")
+    assert decide({"a": _test(1, 0.03), "b": _test(0, 0.4)}, 0.05, "bonferroni") == ("clean", None, 0.06, "a")
+
+
+def test_the_scan_tests_three_statistics_and_two_without_the_l2_search(tiny):
+    path, data, _ = tiny
+    three = mmexport.scan(path, data, **FAST, seed=1)
+    assert list(three.tests) == ["max_margin", "universal_gain", "universal_gain_l2"]
+    assert three.p_value == pytest.approx(combined_p([t.p_value for t in three.tests.values()]))
+    two = mmexport.scan(path, data, **FAST, seed=1, l2_budget=0)
+    assert list(two.tests) == ["max_margin", "universal_gain"]
+    # the L-infinity search and the margins do not depend on whether the L2 search runs
+    assert two.tests["universal_gain"] == three.tests["universal_gain"]
+    assert two.tests["max_margin"] == three.tests["max_margin"]
 
 
 # --- the sample models ----------------------------------------------------------------------

@@ -348,7 +348,7 @@ def test_the_scan_prices_auto_at_reference_costs(monkeypatch):
     x = torch.from_numpy(x)
     assert ScanConfig().time_limit is None
     auto = schedule_scan(engine, x, 3, ScanConfig(), torch.device("cpu"))
-    assert auto.cost.kind == "reference" and auto.time_limit == 150.0
+    assert auto.cost.kind == "reference" and auto.time_limit == 225.0
     assert schedule_scan(engine, x, 3, ScanConfig(time_limit=10.0), torch.device("cpu")).cost.kind == "measured"
     with pytest.raises(mmexport.ParameterError, match="time_limit"):
         ScanConfig(time_limit=-1.0)

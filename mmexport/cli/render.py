@@ -259,13 +259,11 @@ def print_scan(result: dict) -> None:
     t = Table(title=f"{result['model'] or 'model'}: MM-BD scan ({result['device']}, {result['seconds']:.1f} s)",
               title_justify="left")
     t.add_column("class", justify="right")
-    t.add_column("max margin", justify="right")
-    t.add_column("universal gain", justify="right")
-    rows = zip(tests["max_margin"]["values"], tests["universal_gain"]["values"], strict=True)
-    for c, (a, b) in enumerate(rows):
-        mark_a = " *" if c == tests["max_margin"]["candidate"] else ""
-        mark_b = " *" if c == tests["universal_gain"]["candidate"] else ""
-        t.add_row(str(c), f"{a:.2f}{mark_a}", f"{b:.2f}{mark_b}")
+    for name in tests:
+        t.add_column(name.replace("_", " ").replace(" l2", " (L2)"), justify="right")
+    for c in range(len(tests["max_margin"]["values"])):
+        t.add_row(str(c), *(f"{test['values'][c]:.2f}" + (" *" if c == test["candidate"] else "")
+                            for test in tests.values()))
     _out.print(t)
     for name, test in tests.items():
         _out.print(f"{name}: largest at class {test['candidate']}, p = {test['p_value']:.3g} "
