@@ -7,7 +7,8 @@ nothing else; every number is measured under onnxruntime CPU on the model's test
 attack set (ASR: triggered images sent to the target; RA: sent to their true class). Rows:
 
 - none: the model as it is.
-- mmac: `harden` with its defaults (stamp unlearning, else the max-margin search).
+- mmac: `harden` with its defaults (stamp unlearning, where no stamp stands out the scan's target's
+  stamp, else the max-margin search).
 - mmac-ft: `harden --method mmac-ft` (MMAC, then a found stamp unlearned in the weights too).
 - mmdf: `detect` with its defaults (detection rate on the attack set, FPR on the test set).
 - fine-tuning, fine-pruning, clp, adversarial-unlearning (i-BAU-like: a universal perturbation

@@ -12,7 +12,7 @@ from builders import labelled_set, tiny_cnn
 import mmexport
 from mmexport.core.data import load_npz
 from mmexport.core.errors import MmexportError
-from mmexport.core.model import load_model
+from mmexport.core.model import from_proto, load_model
 from mmexport.defences.common.margins import input_box
 from mmexport.defences.common.search import initial_bounds
 from mmexport.defences.mmac.config import MmacConfig
@@ -104,3 +104,59 @@ def test_harden_reports_which_search_ran_and_off_skips_the_stamp():
     assert json.loads(meta["mmexport.settings"])["unlearn"] == "off"
     with pytest.raises(MmexportError, match="unlearn"):
         mmexport.harden(proto, (x, y), unlearn="always", **fast)
+
+
+def _scan_says(monkeypatch, verdict: str, target):
+    """The scan's searches skipped and its decision fixed: what harden does with a verdict."""
+    import mmexport.defences.mmbd.scan as scan_module
+    import mmexport.defences.mmbd.stats as stats_module
+
+    calls = []
+    monkeypatch.setattr(scan_module, "scan_engine", lambda *a, **k: calls.append(1) or {})
+    monkeypatch.setattr(stats_module, "decide", lambda tests, alpha, combine: (verdict, target, 0.001, "max_margin"))
+    return calls
+
+
+def test_where_no_stamp_stands_out_the_scans_target_is_unlearned_if_its_stamp_moves_most_of_d(monkeypatch):
+    from mmexport.defences.mmac.unlearn import scan_stamp
+
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    engine = Engine(from_proto(proto))
+    cfg = replace(MmacConfig(), restarts=2, warmup_steps=5, steps=2)
+    stamp = replace(find_stamp(engine, x, y, input_box(x), 3, cfg), found=False)
+    other = (stamp.target + 1) % 3
+    _scan_says(monkeypatch, "backdoor", other)
+
+    moved = scan_stamp(replace(stamp, fooled=[0.9 if c == other else 0.1 for c in range(3)]),
+                       engine, x, y, input_box(x), 3, cfg)
+    assert moved.found and moved.source == "scan" and moved.target == other
+    assert torch.equal(moved.mask, stamp.maximisers.mask[other]) and moved.scan["target_class"] == other
+    assert moved.to_json()["source"] == "scan"
+
+    weak = scan_stamp(replace(stamp, fooled=[0.4 if c == other else 0.1 for c in range(3)]),
+                      engine, x, y, input_box(x), 3, cfg)
+    assert not weak.found and weak.source == "stamp" and weak.target == stamp.target
+    assert weak.scan["target_class"] == other  # asked, and said so, but not a trigger's stand-in
+
+
+def test_harden_asks_the_scan_only_where_no_stamp_stands_out_and_unlearn_is_auto(monkeypatch):
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    fast = dict(restarts=2, warmup_steps=5, steps=2, max_epochs=6, check_every=2, unlearn_epochs=6,
+                unlearn_gate=1e9)  # no stamp stands out
+    calls = _scan_says(monkeypatch, "backdoor", 1)
+    res = mmexport.harden(proto, (x, y), scan_fooled=0.0, **fast)
+    assert calls and res.report.stage == "unlearn"
+    assert res.report.stamp["source"] == "scan" and res.report.stamp["target"] == 1
+    meta = {p.key: p.value for p in res.model.metadata_props}
+    assert meta["mmexport.stage"] == "unlearn"
+
+    calls.clear()
+    stamp_only = mmexport.harden(proto, (x, y), unlearn="stamp", **fast)
+    assert not calls and stamp_only.report.stage == "max-margin" and stamp_only.report.stamp["scan"] is None
+
+    _scan_says(monkeypatch, "clean", None)
+    clean = mmexport.harden(proto, (x, y), **fast)
+    assert clean.report.stage == "max-margin" and clean.report.stamp["scan"]["verdict"] == "clean"

@@ -59,11 +59,27 @@ def info_text(row: dict) -> str | None:
     if "schedule" in row:
         return schedule_text(row["schedule"])
     if "stamp" in row:
-        st = row["stamp"]
-        verdict = "unlearning it" if st["found"] else "below the gate: max-margin search"
-        return (f"stamp search: class {st['target']} stands out by {st['outlier']:.1f} (sends "
-                f"{100 * st['fooled'][st['target']]:.0f}% of D's other classes to it); {verdict}")
+        return stamp_text(row["stamp"])
     return None
+
+
+def stamp_text(st: dict) -> str:
+    """What the stamp stage found and which search follows, the scan's word included."""
+    t = st["target"]
+    sends = f"sends {100 * st['fooled'][t]:.0f}% of D's other classes to it"
+    scan = st.get("scan")
+    if st.get("source") == "scan":
+        return (f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); its stamp {sends}: unlearning it")
+    if scan is not None:
+        if scan["target_class"] is None:
+            why = f"the scan finds no target (p = {scan['p_value']:.3g})"
+        else:
+            c = scan["target_class"]
+            why = (f"the scan's target {c} (p = {scan['p_value']:.3g}) has a stamp that sends only "
+                   f"{100 * st['fooled'][c]:.0f}% of D's other classes to it")
+        return f"stamp search: no stamp stands out and {why}: max-margin search"
+    verdict = "unlearning it" if st["found"] else "below the gate"
+    return f"stamp search: class {t} stands out by {st['outlier']:.1f} ({sends}); {verdict}"
 
 
 def schedule_text(sc: dict) -> str:

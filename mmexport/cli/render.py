@@ -80,10 +80,15 @@ def print_harden(summary: dict) -> None:
     stamp = summary.get("stamp")
     if stamp is not None:
         t_ = stamp["target"]
-        found = "unlearned through the bounds" if stamp["found"] else "below the gate, max-margin search"
-        _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
-                   f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of D's "
-                   f"other classes to it: {found}")
+        if stamp.get("source") == "scan" or stamp.get("scan") is not None:
+            from .progress import stamp_text
+
+            _out.print(stamp_text(stamp))
+        else:
+            found = "unlearned through the bounds" if stamp["found"] else "below the gate, max-margin search"
+            _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
+                       f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of "
+                       f"D's other classes to it: {found}")
     sched = summary.get("schedule")
     if sched and sched.get("changed"):
         from .progress import schedule_text

@@ -48,7 +48,7 @@ from .common.schedule import (
 from .common.search import fit_bounds, initial_bounds
 from .mmac.config import MmacConfig
 from .mmac.finetune import unlearn_weights
-from .mmac.unlearn import find_stamp, unlearn_bounds
+from .mmac.unlearn import find_stamp, scan_stamp, unlearn_bounds
 from .mmom.config import MmomConfig
 from .mmom.refit import find_classifier, refit, write_classifier
 from .mmom.search import LAMBDA_GRID, fit_mmom
@@ -214,11 +214,16 @@ def harden(
             stage("cross-validation")
             result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress, chunk=chunk)
         else:
-            if cfg.unlearn == "auto":
+            if cfg.unlearn != "off":
                 stage("stamp search")
                 stamp = find_stamp(engine, x, y, box, k, cfg, chunk=chunk)
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
+                if not stamp.found and cfg.unlearn == "auto":
+                    stage("scan")  # on harden's time limit where given, else the scan's auto limit
+                    stamp = scan_stamp(stamp, engine, x, y, box, k, cfg, chunk=chunk)
+                    if progress is not None:
+                        progress({"stamp": stamp.to_json()})
             found = stamp is not None and stamp.found
             if plan.time_limit > 0:  # the stage that runs, fitted to the time left
                 now = time.perf_counter()

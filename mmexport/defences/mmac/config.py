@@ -15,18 +15,25 @@ class MmacConfig(SearchConfig):
 
     `unlearn="auto"` first reverse-engineers one stamp per class on the original model; where
     one class's stamped margin on D stands out by `unlearn_gate` (its gap to the runner-up
-    over the others' MAD), the bounds unlearn that stamp instead (`mmac.unlearn`). With
-    `finetune` (method `mmac-ft`) the weights then unlearn it too (`mmac.finetune`).
+    over the others' MAD), the bounds unlearn that stamp instead (`mmac.unlearn`); where none
+    does, the MM-BD scan's target's stamp, if the scan names one and that stamp sends at least
+    `scan_fooled` of D's other classes to it. With `finetune` (method `mmac-ft`) the weights
+    then unlearn it too (`mmac.finetune`).
     """
 
     method: str = param("mmac", "Objective on D: keep its logits.", choices=("mmac",), cli=False)
     unlearn: str = param("auto", "First look for a stamped trigger on the original model (one pattern of "
                                  "mask_area per class); if one class's stamp stands out, fit the bounds to send "
-                                 "D's stamped images back to their labels instead of the max-margin search "
-                                 "(auto), or always run the max-margin search alone (off).",
-                         choices=("auto", "off"))
+                                 "D's stamped images back to their labels instead of the max-margin search. auto: "
+                                 "where none stands out, ask the MM-BD scan, and unlearn the stamp of the target it "
+                                 "names if that stamp sends most of D's other classes to it; stamp: the stamp's "
+                                 "own test only; off: the max-margin search alone.",
+                         choices=("auto", "stamp", "off"))
     unlearn_gate: float = param(4.0, "How far (in MADs of the other classes) one class's stamp must stand out.",
                                 cli=False)
+    scan_fooled: float = param(0.5, "unlearn auto: the least share of D's other-class images the scan's target's "
+                                    "stamp must send to it to be unlearned (a majority: a stamp that moves fewer "
+                                    "is no trigger, docs/experiments.md#stamp-scan-target).", cli=False)
     unlearn_floor: float = param(0.97, "Accuracy floor on D and its shifts while unlearning.", cli=False)
     unlearn_weight0: float = param(0.02, "Starting weight of the stamped cross-entropy.", cli=False)
     unlearn_epochs: int = param(200, "Epochs of the unlearning stage.", cli=False)
@@ -49,6 +56,8 @@ class MmacConfig(SearchConfig):
                 raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
         if not self.ft_lr > 0:
             raise ParameterError("ft_lr", f"must be > 0, got {self.ft_lr}")
+        if not 0.0 <= self.scan_fooled <= 1.0:
+            raise ParameterError("scan_fooled", f"must be in [0, 1], got {self.scan_fooled}")
         if not 0.0 < self.unlearn_floor <= 1.0:
             raise ParameterError("unlearn_floor", f"must be in (0, 1], got {self.unlearn_floor}")
         if not self.unlearn_tolerance >= 0.0:
