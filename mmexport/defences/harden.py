@@ -210,6 +210,7 @@ def harden(
             progress({"schedule": plan.to_json()})
 
         cv = stamp = None
+        stamp_took = scan_took = 0.0
         if isinstance(cfg, MmomConfig):
             stage("cross-validation")
             result, cv = fit_mmom(engine, x, y, box, k, cfg, progress=progress, chunk=chunk)
@@ -217,17 +218,19 @@ def harden(
             if cfg.unlearn != "off":
                 stage("stamp search")
                 stamp = find_stamp(engine, x, y, box, k, cfg, chunk=chunk)
+                stamp_took = time.perf_counter() - clock[0]  # how fast rows run now (the scan is apart)
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
                 if not stamp.found and cfg.unlearn == "auto":
-                    stage("scan")  # on harden's time limit where given, else the scan's auto limit
+                    stage("scan")  # on its own limit, harden's where given: not taken from the stages' time
                     stamp = scan_stamp(stamp, engine, x, y, box, k, cfg, chunk=chunk)
+                    scan_took = time.perf_counter() - clock[0]
                     if progress is not None:
                         progress({"stamp": stamp.to_json()})
             found = stamp is not None and stamp.found
             if plan.time_limit > 0:  # the stage that runs, fitted to the time left
                 now = time.perf_counter()
-                left, took = plan.time_limit - (now - clock[2]), now - clock[0] if stamp is not None else None
+                left, took = plan.time_limit - (now - clock[2] - scan_took), stamp_took if stamp is not None else None
                 if plan.cost.kind == "reference":  # the time left as counted, not as the clock says
                     left, took = plan.time_limit - stamp_work(plan.config, x.shape[0], k).seconds(plan.cost), None
                 plan, again = ranks.broadcast(after_stamp(plan, "unlearn" if found else "search", x.shape[0], k,
