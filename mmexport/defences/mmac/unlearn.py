@@ -8,7 +8,8 @@ stamp buys far more margin than any other class's. When that happens the stamp i
 the trigger, put on half of D's images of the other classes, and the bounds are fitted to
 keep D's logits while those stamped images go back to their own labels; the stamp's weight is
 driven up while accuracy on D (and its shifts) stays above a floor. The bounds that send the
-fewest stamped images of the other half of D to the suspect class win.
+fewest stamped images of the other half of D to the suspect class win. Where no stamp stands
+out, the MM-BD scan may name the class instead (`scan_stamp`).
 """
 
 from __future__ import annotations
