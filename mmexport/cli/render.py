@@ -78,17 +78,16 @@ def print_harden(summary: dict) -> None:
         t.add_row(str(c), f"{b:.2f}", f"{a:.2f}")
     _out.print(t)
     stamp = summary.get("stamp")
-    if stamp is not None:
-        t_ = stamp["target"]
-        if stamp.get("source") == "scan" or stamp.get("scan") is not None:
-            from .progress import stamp_text
+    if stamp is not None and stamp.get("scan") is not None:  # no stamp stood out: the scan was asked
+        from .progress import stamp_text
 
-            _out.print(stamp_text(stamp))
-        else:
-            found = "unlearned through the bounds" if stamp["found"] else "below the gate, max-margin search"
-            _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
-                       f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of "
-                       f"D's other classes to it: {found}")
+        _out.print(stamp_text(stamp))
+    elif stamp is not None:
+        t_ = stamp["target"]
+        found = "unlearned through the bounds" if stamp["found"] else "below the gate, max-margin search"
+        _out.print(f"stamp search: class {t_} stands out by {stamp['outlier']:.1f} (gate "
+                   f"{summary['settings']['unlearn_gate']:g}), its stamp sends {_pct(stamp['fooled'][t_])} of "
+                   f"D's other classes to it: {found}")
     sched = summary.get("schedule")
     if sched and sched.get("changed"):
         from .progress import schedule_text
