@@ -2,7 +2,8 @@
 
 onnxruntime runs them N samples at a time (the last run padded, the padding dropped); the
 engine batches freely where the shapes that bake N in follow the batch (`Engine.batching`),
-and runs N at a time where they do not.
+vectorises the graph at batch N over groups of N where they do not, and runs N at a time
+where neither works.
 """
 
 from __future__ import annotations
@@ -130,11 +131,63 @@ def test_a_reshape_to_the_fixed_batch_follows_a_larger_batch():
     assert engine.batching == "scaled"
 
 
-def test_a_graph_that_mixes_the_batch_runs_one_batch_at_a_time():
+def test_a_graph_that_mixes_the_batch_runs_vectorised_over_groups_of_the_fixed_batch():
     # mean over every axis, batch included: batched, each sample would see the others
     proto, model = _batch1(
         [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0, 1], keepdims=1),
          helper.make_node("Sub", ["x", "m"], ["y"])], {}, shape=(1, 4))
+    proto.opset_import[0].version = 13
+    engine = Engine(from_proto(proto))
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    got = engine(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, _per_sample(proto, x), rtol=1e-5, atol=1e-6)
+    assert engine.batching == "vmapped"
+
+
+def test_an_attention_block_that_folds_the_batch_into_its_heads_runs_vectorised():
+    # [1, L, E] -> [L, 1 * H, E / H] as nn.MultiheadAttention exports it at batch 1: the
+    # constant shape holds the batch in its middle axis, where scaling does not reach
+    L, E, H = 3, 4, 2
+    proto, model = _batch1(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+         helper.make_node("Reshape", ["t", "heads"], ["h"]),
+         helper.make_node("Transpose", ["h"], ["ht"], perm=[1, 0, 2]),
+         helper.make_node("MatMul", ["ht", "w"], ["p"]),
+         helper.make_node("Relu", ["p"], ["r"]),
+         helper.make_node("Reshape", ["r", "flat"], ["y"])],
+        {"heads": np.array([L, H, E // H], np.int64), "flat": np.array([1, -1], np.int64),
+         "w": np.random.default_rng(3).standard_normal((E // H, 5)).astype(np.float32)},
+        shape=(1, L, E))
+    engine = Engine(model)
+    x = torch.randn(4, L, E, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    z = {model.sites[0].name: torch.full((5,), 0.5, requires_grad=True)}
+    out = engine(x, z)
+    np.testing.assert_allclose(engine(x.detach()).numpy(), _per_sample(proto, x.detach().numpy()), rtol=1e-5,
+                               atol=1e-6)
+    assert engine.batching == "vmapped"
+    (out ** 2).sum().backward()
+    gx, gz = x.grad.clone(), z[model.sites[0].name].grad.clone()
+    x.grad = None
+    z[model.sites[0].name].grad = None
+    sum((engine(x[i : i + 1], z) ** 2).sum() for i in range(4)).backward()  # one sample at a time
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gz, z[model.sites[0].name].grad)
+
+
+def test_a_graph_whose_shapes_depend_on_the_data_runs_one_batch_at_a_time():
+    # a Slice whose end is computed from the values (4, whatever they are), after a mean over
+    # the batch: neither scaled (the mean) nor vectorised (the end is read off a batched value)
+    proto, model = _batch1(
+        [helper.make_node("ReduceMean", ["x"], ["m"], axes=[0, 1], keepdims=1),
+         helper.make_node("Sub", ["x", "m"], ["d"]),
+         helper.make_node("ReduceMax", ["x"], ["top"], keepdims=0),
+         helper.make_node("Mul", ["top", "zero"], ["nil"]),
+         helper.make_node("Add", ["nil", "four"], ["end_f"]),
+         helper.make_node("Cast", ["end_f"], ["end0"], to=7),
+         helper.make_node("Unsqueeze", ["end0", "first"], ["end"]),
+         helper.make_node("Slice", ["d", "start", "end", "axis"], ["y"])],
+        {"zero": np.array(0, np.float32), "four": np.array(4, np.float32), "start": np.array([0], np.int64),
+         "first": np.array([0], np.int64), "axis": np.array([1], np.int64)}, shape=(1, 4))
     proto.opset_import[0].version = 13
     engine = Engine(from_proto(proto))
     x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)

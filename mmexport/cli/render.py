@@ -59,6 +59,8 @@ def print_inspect(info: dict) -> None:
                            f"max rel diff {o['max_rel_diff']:.3g}")
         batching = {"scaled": "batched (shapes holding the fixed batch follow the batch, checked against "
                               "single batches)",
+                    "vmapped": f"vectorised over groups of {v.get('fixed_batch')} (torch.func.vmap: the graph "
+                               "folds its fixed batch into other axes)",
                     "chunks": f"in batches of {v.get('fixed_batch')} (the graph bakes its batch in)"}
         if v.get("engine_batching") in batching:
             _out.print(f"  engine ran the {v['samples']} inputs {batching[v['engine_batching']]}")

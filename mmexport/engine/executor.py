@@ -11,6 +11,7 @@ instead, `f(act, axis) -> act'`: the peers' channel masks (`ChannelScale`) ride 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Collection, Mapping, Sequence
 
 import onnx
@@ -120,9 +121,11 @@ class Engine(torch.nn.Module):
 
     A model exported with a fixed batch N still takes any batch (see `batching`): shapes that
     bake N in are scaled to the batch, and the first call at each batch size is checked
-    against runs of N samples at a time; where they differ (or the batched run fails) the
-    engine runs N at a time from then on. A batch that is not a multiple of N is padded with
-    copies of its last sample, and the padding dropped.
+    against runs of N samples at a time; where they differ (or the batched run fails), the
+    graph at batch N is vectorised over the batch's groups of N (`torch.func.vmap`: one pass
+    for the whole batch, each group seeing the shapes it was exported with), checked the same
+    way; where that fails too, the engine runs N at a time from then on. A batch that is not a
+    multiple of N is padded with copies of its last sample, and the padding dropped.
     """
 
     def __init__(
@@ -139,6 +142,7 @@ class Engine(torch.nn.Module):
         self._where = str(model.path) if model.path is not None else "model"
         self._rt = ops.Runtime(torch.device("cpu"), dtype, fixed_batch(model))
         self._chunked = False  # a fixed-batch graph found to need runs of its batch size
+        self._vmapped = False  # ... found to run as one vectorised pass over groups of that size
         self._checked: set[int] = set()  # batch sizes found to run batched as in chunks
         self._site_names = frozenset(s.name for s in self.sites)
         self._site_axes = {s.name: s.axis for s in self.sites}
@@ -291,12 +295,16 @@ class Engine(torch.nn.Module):
     def batching(self) -> str:
         """How a batch of any size runs: "free" (the model's batch is free); for a batch fixed
         at N, "fixed" (no other batch size run yet), "scaled" (batched, constant shapes that
-        hold N following the batch: checked equal to runs of N at every size met) or
-        "chunks" (N samples at a time: the graph bakes N in where scaling does not reach)."""
+        hold N following the batch: checked equal to runs of N at every size met), "vmapped"
+        (the graph at batch N vectorised over groups of N, where scaling does not reach: an
+        attention block that folds the batch into its heads) or "chunks" (N samples at a
+        time: neither reaches)."""
         if self._rt.fixed_batch is None:
             return "free"
         if self._chunked:
             return "chunks"
+        if self._vmapped:
+            return "vmapped"
         return "scaled" if self._checked else "fixed"
 
     @property
@@ -358,6 +366,12 @@ class Engine(torch.nn.Module):
             values = self._pass(x, bounds, plan)
         elif self._chunked:
             values = self._chunks(x, bounds, plan)
+        elif self._vmapped:
+            try:
+                values = self._vmap_pass(x, bounds, plan)
+            except Exception:  # another plan (recorded tensors) that does not vectorise
+                self._vmapped, self._chunked = False, True
+                values = self._chunks(x, bounds, plan)
         elif x.shape[0] in self._checked:
             values = self._pass(x, bounds, plan)
         else:
@@ -380,8 +394,24 @@ class Engine(torch.nn.Module):
         if values is not None and all(_same(a, b) for a, b in zip(values, reference, strict=True)):
             self._checked.add(x.shape[0])
             return values
+        try:
+            values = self._vmap_pass(x, bounds, plan)
+        except Exception:  # an op without a rule for vectorising (data-dependent shapes)
+            values = None
+        if values is not None and all(_same(a, b) for a, b in zip(values, reference, strict=True)):
+            self._vmapped = True
+            return values
         self._chunked = True
         return self._chunks(x, bounds, plan) if torch.is_grad_enabled() else reference
+
+    def _vmap_pass(self, x, bounds, plan: _Plan) -> list:
+        """The graph at its fixed batch N, vectorised over x's groups of N rows."""
+        n = self._rt.fixed_batch
+        groups = x.reshape(x.shape[0] // n, n, *x.shape[1:])
+        with warnings.catch_warnings():  # ops without a batching rule run looped, correctly
+            warnings.simplefilter("ignore", UserWarning)
+            values = torch.func.vmap(lambda g: tuple(self._pass(g, bounds, plan)))(groups)
+        return [v.reshape(-1, *v.shape[2:]) for v in values]
 
     def _pass(self, x, bounds, plan: _Plan) -> list:
         """One run of the compiled steps on the whole of x."""
