@@ -55,6 +55,7 @@ bench: install
 	$(PY) benchmarks/bench_latency.py --bounds bench-results/bounds
 	$(PY) benchmarks/bench_real.py --out bench-results
 	$(PY) benchmarks/bench_cost.py --out bench-results
+	$(PY) benchmarks/bench_batching.py --out bench-results
 	$(PY) benchmarks/bench_dist.py --out bench-results
 	$(PY) benchmarks/bench_mmdf.py --real --out bench-results
 	THREADS=1 $(PY) benchmarks/bench_peers.py --out bench-results
