@@ -215,8 +215,13 @@ def test_plan_prints_the_schedule_and_writes_nothing(tmp_path):
     assert plan["changed"]["restarts"] == [4, 2] and plan["settings"]["restarts"] == 2
     assert plan["backward_ms_per_row"] > 0 and plan["chunk_rows"] >= 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clean.npz", "tiny.onnx"]
+    assert "measured_seconds" not in plan  # a limit in seconds: the costs were timed already
     text = run_cli("harden", model, "--data", data, "--plan")
     assert text.exit_code == 0 and "predicted search time" in text.output
+    # the auto limit counts work at reference rates; the plan also prices it at costs timed here
+    auto = json.loads(run_cli("harden", model, "--data", data, "--plan", "--json").output)
+    assert auto["costs"] == "reference" and auto["measured_seconds"] > 0
+    assert "timed now" in text.output
 
 
 def test_the_second_stage_is_fitted_to_the_time_left_and_moves_only_its_knobs():

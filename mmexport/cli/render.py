@@ -131,8 +131,13 @@ def print_plan(plan: dict) -> None:
     _out.print(f"{how}, per row: {plan['backward_ms_per_row']:.3g} ms forward+backward, "
                f"{plan['forward_ms_per_row']:.3g} ms forward, {plan['saved_mib_per_row']:.3g} MiB saved for the "
                f"backward; {plan['chunk_rows']} rows per chunk")
-    _out.print(f"predicted search time: {duration(plan['planned_seconds'])} (an upper bound: the search may stop "
-               "early; loading and writing the model come on top)")
+    if plan.get("measured_seconds") is None:
+        _out.print(f"predicted search time: {duration(plan['planned_seconds'])} (an upper bound: the search may stop "
+                   "early; loading and writing the model come on top)")
+    else:
+        _out.print(f"predicted search time: {duration(plan['planned_seconds'])} at reference rates (the budget the "
+                   f"schedule was fitted to); here, at costs timed now: about {duration(plan['measured_seconds'])} "
+                   "(the search may stop early; loading, writing the model and any scan come on top)")
     if plan.get("finetune_seconds") is not None:
         _out.print(f"then, where a stamp is found, the weights' fine-tune: about {duration(plan['finetune_seconds'])} "
                    "(mmac-ft; outside the time limit)")

@@ -11,6 +11,7 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 
 import onnx
 import torch
@@ -321,12 +322,15 @@ def plan(
     dev = resolve_device(device)
     with use_threads(threads), reproducible(dev):
         engine = Engine(m, device=dev, memory_format="auto")
-        return schedule_search(engine, torch.from_numpy(clean.x).to(dev), k, cfg, dev)
+        return schedule_search(engine, torch.from_numpy(clean.x).to(dev), k, cfg, dev, timed_too=True)
 
 
-def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> Schedule:
+def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device, *, timed_too: bool = False) -> Schedule:
     """The config as it will run: its work priced on this model (`common.schedule`), shrunk
-    to `time_limit` where needed, and the rows per chunk that `max_memory` allows."""
+    to `time_limit` where needed, and the rows per chunk that `max_memory` allows.
+    `timed_too`: where the work was counted at reference rates, also price the schedule at
+    costs timed here (`Schedule.measured_seconds`: what this machine, at its present load,
+    will take; the schedule itself does not depend on it)."""
     z = initial_bounds(engine, x[: min(8, x.shape[0])], cfg.granularity)
     z = {name: v.requires_grad_(True) for name, v in z.items()}
     limit = cfg.time_limit
@@ -340,12 +344,16 @@ def schedule_search(engine, x: torch.Tensor, k: int, cfg, dev: torch.device) -> 
     n = x.shape[0]
     cfg = with_rows(cfg, n)
     if isinstance(cfg, MmomConfig):
-        fits = len(LAMBDA_GRID) * 2
-        plan_ = fit_schedule(cfg, SEARCH_KNOBS, lambda c: mmom_work(c, n, k, fits), cost, limit, chunk)
+        work = partial(mmom_work, n=n, k=k, fits=len(LAMBDA_GRID) * 2)
+        plan_ = fit_schedule(cfg, SEARCH_KNOBS, work, cost, limit, chunk)
     else:
-        plan_ = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, n, k), cost, limit, chunk)
+        work = partial(mmac_work, n=n, k=k)
+        plan_ = fit_schedule(cfg, MMAC_KNOBS, work, cost, limit, chunk)
         if cfg.finetune:
             plan_ = replace(plan_, finetune_seconds=finetune_work(cfg, n, k).seconds(cost))
+    if timed_too and cost.kind == "reference":
+        here = measure(engine, x[: min(128, x.shape[0])], z).slower(1 / ranks.size())
+        plan_ = replace(plan_, measured_seconds=work(plan_.config).seconds(here))
     return ranks.broadcast(plan_)  # rank 0's measurement decides: every rank runs the same schedule
 
 

@@ -62,6 +62,9 @@ class Schedule:
     chunk: int | None  # rows per forward/backward (None: all at once)
     changed: dict  # field: (default, as run) for every knob that moved
     finetune_seconds: float | None = None  # mmac-ft: the weights' fine-tune, outside the limit
+    # `config` priced at costs timed on this machine, where the schedule was counted at reference
+    # rates (`harden --plan`): small models run several times slower per row than their FLOPs count
+    measured_seconds: float | None = None
 
     def to_json(self) -> dict:
         return {
@@ -72,7 +75,8 @@ class Schedule:
             "chunk_rows": self.chunk,
             "changed": {k: list(v) for k, v in self.changed.items()},
             **self.cost.to_json(),
-        } | ({"finetune_seconds": round(self.finetune_seconds, 1)} if self.finetune_seconds is not None else {})
+        } | ({"finetune_seconds": round(self.finetune_seconds, 1)} if self.finetune_seconds is not None else {}) | (
+            {"measured_seconds": round(self.measured_seconds, 1)} if self.measured_seconds is not None else {})
 
 
 def merge(first: Schedule, second: Schedule) -> Schedule:
