@@ -103,3 +103,21 @@ def test_the_estimate_is_the_time_per_epoch_times_the_epochs_left(capsys):
 
 def test_durations_read_as_a_person_says_them():
     assert [duration(s) for s in (3, 59.4, 130, 3725)] == ["3 s", "59 s", "2 min 10 s", "1 h 02 min"]
+
+
+def test_a_stage_refitted_after_the_stamp_search_is_named_with_the_time_it_was_left():
+    from mmexport.cli.progress import schedule_text
+    from mmexport.defences.common.cost import RowCost
+    from mmexport.defences.common.schedule import MMAC_KNOBS, after_stamp, fit_schedule, mmac_work, with_rows
+    from mmexport.defences.mmac.config import MmacConfig
+
+    cfg = with_rows(MmacConfig(), 200)
+    cost = RowCost(backward_seconds=1e-4, forward_seconds=3e-5, saved_bytes=1 << 20, kind="reference")
+    first = fit_schedule(cfg, MMAC_KNOBS, lambda c: mmac_work(c, 200, 10), cost, time_limit=240.242)
+    assert not first.changed  # the default schedule (stamp search, unlearning) fits the limit
+    plan, again = after_stamp(first, "search", 200, 10, 5.0, None)  # the costlier search, 5 s left
+    assert again.changed and plan.to_json()["second_stage"] == {
+        "stage": "search", "default_seconds": round(again.default_seconds, 1), "time_left": 5.0}
+    text = schedule_text(plan.to_json())
+    assert text.startswith("schedule: the max-margin search would take about")
+    assert "shrunk to the 5 s --time-limit 240.2 s (auto) leaves after the stamp search" in text

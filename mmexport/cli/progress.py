@@ -90,9 +90,15 @@ def schedule_text(sc: dict) -> str:
     if not sc["changed"]:
         return f"schedule: as configured, about {duration(sc['planned_seconds'])} at most ({cost})"
     moved = ", ".join(f"{k} {a}->{b}" for k, (a, b) in sc["changed"].items())
+    limit = f"--time-limit {sc['time_limit']:.4g} s{' (auto)' if sc.get('costs') == 'reference' else ''}"
+    second = sc.get("second_stage")
+    if second and second["default_seconds"] > second["time_left"]:  # the stage after the stamp search
+        what = {"unlearn": "unlearning the stamp", "search": "the max-margin search"}.get(second["stage"],
+                                                                                        second["stage"])
+        return (f"schedule: {what} would take about {duration(second['default_seconds'])} ({cost}); shrunk to "
+                f"the {duration(second['time_left'])} {limit} leaves after the stamp search: {moved}")
     return (f"schedule: the configured one would take about {duration(sc['default_seconds'])} ({cost}); "
-            f"shrunk to fit --time-limit {sc['time_limit']:g} s{' (auto)' if sc.get('costs') == 'reference' else ''}: "
-            f"{moved}")
+            f"shrunk to fit {limit}: {moved}")
 
 
 class Progress:

@@ -65,6 +65,9 @@ class Schedule:
     # `config` priced at costs timed on this machine, where the schedule was counted at reference
     # rates (`harden --plan`): small models run several times slower per row than their FLOPs count
     measured_seconds: float | None = None
+    # the stage fitted again after the stamp search (`after_stamp`): its name, what its default
+    # would take and the time the limit left it
+    second: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -76,19 +79,23 @@ class Schedule:
             "changed": {k: list(v) for k, v in self.changed.items()},
             **self.cost.to_json(),
         } | ({"finetune_seconds": round(self.finetune_seconds, 1)} if self.finetune_seconds is not None else {}) | (
-            {"measured_seconds": round(self.measured_seconds, 1)} if self.measured_seconds is not None else {})
+            {"measured_seconds": round(self.measured_seconds, 1)} if self.measured_seconds is not None else {}) | (
+            {"second_stage": self.second} if self.second is not None else {})
 
 
-def merge(first: Schedule, second: Schedule) -> Schedule:
+def merge(first: Schedule, second: Schedule, stage: str | None = None) -> Schedule:
     """The schedule as run when a later stage was fitted again: `second`'s config and plan,
-    every knob's move counted from the defaults, `first`'s default time and factor."""
+    every knob's move counted from the defaults, `first`'s default time and factor; `stage`
+    names the stage refitted (kept with its own default time and the time it was left)."""
     changed = dict(first.changed)
     for field, (_, now) in second.changed.items():
         was = first.changed.get(field, (now, now))[0] if field in first.changed else getattr(first.config, field)
         changed[field] = (was, now)
     changed = {f: v for f, v in changed.items() if v[0] != v[1]}
+    note = None if stage is None else {"stage": stage, "default_seconds": round(second.default_seconds, 1),
+                                       "time_left": round(second.time_limit, 1)}
     return replace(first, config=second.config, scale=min(first.scale, second.scale),
-                   planned_seconds=first.planned_seconds, changed=changed)
+                   planned_seconds=first.planned_seconds, changed=changed, second=note)
 
 
 def scaled(config, knobs: list[Knob], f: float):
@@ -209,7 +216,7 @@ def after_stamp(first: Schedule, stage: str, n: int, k: int, time_left: float,
         predicted = max(stamp_work(first.config, n, k).seconds(first.cost), 1e-9)
         factor = min(4.0, max(0.5, stamp_seconds / predicted))
     again = second_stage(first.config, stage, n, k, first.cost.slower(factor), time_left, first.chunk)
-    return merge(first, again), again
+    return merge(first, again, stage), again
 
 
 def second_stage(config, stage: str, n: int, k: int, cost: RowCost, time_left: float, chunk: int | None) -> Schedule:
