@@ -129,3 +129,18 @@ def test_masked_and_causal_attention_export():
     want = session.run(["logits"], {"image": x})[0]
     got = Engine(from_proto(proto))(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_batch_one_export_runs_a_whole_batch_at_once_in_the_engine(exported, name):
+    # the engine takes any batch of a batch-1 export without going one image at a time:
+    # scaled shapes, or (nn.MultiheadAttention folds the batch into its heads) vmap over images
+    proto = exported[name, False]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    engine = Engine(from_proto(proto))
+    x = np.random.default_rng(12).standard_normal((6, *MODELS[name][1])).astype(np.float32)
+    want = np.concatenate([session.run(["logits"], {"image": x[i : i + 1]})[0] for i in range(len(x))])
+    got = engine(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
+    # the ViT's nn.MultiheadAttention reshapes to [L, 1 x heads, E / heads]: no scaling reaches it
+    assert engine.batching == ("vmapped" if name == "vit" else "scaled")
