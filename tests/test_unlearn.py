@@ -36,6 +36,25 @@ def test_outlier_score_is_the_lead_over_the_runner_up_in_units_of_spread():
     assert outlier_score(torch.tensor([10.0, 10.0, *others])) == 0.0
 
 
+def test_outlier_score_takes_midpoint_medians_and_needs_two_other_classes():
+    # two other classes: their MAD is half their gap (a lower median made it 0 and every
+    # 3-class model's stamp stood out by millions)
+    assert outlier_score(torch.tensor([10.0, 6.5, 6.2])) == pytest.approx(3.5 / 0.15)
+    assert outlier_score(torch.tensor([10.0, 6.5])) == 0.0  # one other class: no spread to judge by
+
+
+def test_a_two_class_model_gets_the_max_margin_search_and_says_why():
+    from mmexport.cli.progress import stamp_text
+
+    proto = tiny_cnn(seed=3, classes=2)
+    x, y = labelled_set(proto, 8, seed=1)
+    res = mmexport.harden(proto, (x, y), max_epochs=4, restarts=2, warmup_steps=5, steps=2, device="cpu", seed=0)
+    stamp = res.report.stamp
+    assert res.report.stage == "max-margin" and not stamp["found"] and stamp["outlier"] == 0.0
+    assert stamp["scan"] == {"skipped": "2 classes; the scan's null needs at least 3"}
+    assert "2 classes" in stamp_text(stamp) and "max-margin search" in stamp_text(stamp)
+
+
 def test_the_check_returned_is_the_most_accurate_within_one_standard_error_of_the_best():
     # (held-out fooled, epoch, bounds, accuracy, weight); 100 held-out images: SE at 0.10 is 0.03
     checks = [(0.10, 2, "a", 0.971, 1.0), (0.12, 4, "b", 0.980, 1.0), (0.14, 6, "c", 0.990, 1.0),

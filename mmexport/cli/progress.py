@@ -70,6 +70,9 @@ def stamp_text(st: dict) -> str:
     scan = st.get("scan")
     if st.get("source") == "scan":
         return (f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); its stamp {sends}: unlearning it")
+    if scan is not None and "skipped" in scan:  # too few classes for either test
+        return (f"stamp search: {len(st['margins'])} classes: a stamp and the scan's statistics are judged "
+                "against the other classes' (at least 3 classes needed): max-margin search")
     if scan is not None:
         if scan["target_class"] is None:
             why = f"the scan finds no target (p = {scan['p_value']:.3g})"

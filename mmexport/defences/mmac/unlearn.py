@@ -37,6 +37,10 @@ from ..common.search import (
     subset,
 )
 
+# A stamp is judged against the spread of the other classes' stamps: two others at least. The
+# MM-BD scan's null needs as many (`mmbd.scan`).
+MIN_CLASSES = 3
+
 
 @dataclass
 class Stamp:
@@ -73,12 +77,17 @@ def outlier_score(values: torch.Tensor) -> float:
     """How far the largest value stands out: gap to the runner-up over the others' MAD.
 
     The gap, not the distance to the median: on clean models two classes can share the lead
-    (a natural easy class), and a gap of zero then says no single class is special.
+    (a natural easy class), and a gap of zero then says no single class is special. Medians
+    are the midpoints of even counts (torch's `median` takes the lower value: with two other
+    classes the MAD was then 0 and every stamp stood out by millions). With one other class
+    there is no spread to compare with: 0.
     """
     v = values.detach().cpu().double().sort(descending=True).values
+    if v.numel() < MIN_CLASSES:
+        return 0.0
     gap = float(v[0] - v[1])
     rest = v[1:]
-    mad = float((rest - rest.median()).abs().median())
+    mad = float((rest - rest.quantile(0.5)).abs().quantile(0.5))
     return gap / max(mad, 1e-6)
 
 
@@ -140,6 +149,8 @@ def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box,
     from ..mmbd.scan import ScanConfig, scan_engine, schedule_scan
     from ..mmbd.stats import decide
 
+    if num_classes < MIN_CLASSES:
+        return replace(stamp, scan={"skipped": f"{num_classes} classes; the scan's null needs at least {MIN_CLASSES}"})
     # the scan's defaults, on harden's time limit where one is given (auto: the scan's own)
     scan_cfg = ScanConfig(seed=config.seed, time_limit=getattr(config, "time_limit", None))
     plan = schedule_scan(engine, x, num_classes, scan_cfg, x.device)
