@@ -57,6 +57,23 @@ def test_classes_drawn_from_one_law_are_not_significant():
     assert mmbd_test(values).p_value > 0.05
 
 
+def test_calibration_brings_the_level_to_alpha_where_the_plug_in_value_is_far_above_it():
+    # ten classes drawn from one gamma law, no outlier: the plug-in null, fitted once the
+    # largest value is out, has a thin tail and rejects far more often than alpha says
+    rng = np.random.default_rng(5)
+    sets = [rng.gamma(shape=4.0, scale=2.0, size=10) for _ in range(150)]
+    plugin = np.array([mmbd_test(v).p_value for v in sets])
+    calibrated = np.array([mmbd_test(v, draws=200, seed=i).p_value for i, v in enumerate(sets)])
+    assert (plugin < 0.05).mean() > 0.15
+    assert (calibrated < 0.05).mean() < 0.09
+    assert (calibrated >= plugin).all()  # never more significant than the plug-in value
+    test = mmbd_test(sets[0], draws=200)
+    assert test.plugin_p == pytest.approx(plugin[0]) and test.p_value >= 1 / 201
+    # a clear outlier stays significant: the smallest calibrated p-value, 1 / (draws + 1)
+    values = [20.0, 22.0, 19.0, 25.0, 21.0, 80.0, 23.0, 18.0, 24.0, 20.5]
+    assert mmbd_test(values, draws=200).p_value == pytest.approx(1 / 201)
+
+
 def test_non_positive_values_widen_the_null_instead_of_breaking_it():
     test = mmbd_test([-1.0, 0.0, 5.0, 6.0, 5.5, 30.0])
     assert test.candidate == 5 and 0.0 <= test.p_value <= 1.0 and math.isfinite(test.null_shape)

@@ -131,7 +131,7 @@ def _scan_says(monkeypatch, verdict: str, target):
     import mmexport.defences.mmbd.stats as stats_module
 
     calls = []
-    monkeypatch.setattr(scan_module, "scan_engine", lambda *a, **k: calls.append(1) or {})
+    monkeypatch.setattr(scan_module, "scan_engine", lambda *a, **k: calls.append(a[5]) or {})
     monkeypatch.setattr(stats_module, "decide", lambda tests, alpha, combine: (verdict, target, 0.001, "max_margin"))
     return calls
 
@@ -146,13 +146,15 @@ def test_where_no_stamp_stands_out_the_scans_target_is_unlearned_if_its_stamp_mo
     cfg = replace(MmacConfig(), restarts=2, warmup_steps=5, steps=2)
     stamp = replace(find_stamp(engine, x, y, input_box(x), 3, cfg), found=False)
     other = (stamp.target + 1) % 3
-    _scan_says(monkeypatch, "backdoor", other)
+    calls = _scan_says(monkeypatch, "backdoor", other)
 
     moved = scan_stamp(replace(stamp, fooled=[0.9 if c == other else 0.1 for c in range(3)]),
                        engine, x, y, input_box(x), 3, cfg)
     assert moved.found and moved.source == "scan" and moved.target == other
     assert torch.equal(moved.mask, stamp.maximisers.mask[other]) and moved.scan["target_class"] == other
     assert moved.to_json()["source"] == "scan"
+    # a screen before the stamp's own test: MM-BD's plug-in p-values, not the calibrated ones
+    assert calls[0].calibration_draws == 0 and moved.scan["p_kind"] == "plug-in"
 
     weak = scan_stamp(replace(stamp, fooled=[0.4 if c == other else 0.1 for c in range(3)]),
                       engine, x, y, input_box(x), 3, cfg)

@@ -222,7 +222,7 @@ def validate(model, data, attack, target, attack_labels, preprocess, layout, pro
 @attack_folder_options
 @preprocess_options
 @provider_option("onnxruntime provider; both models run on the one PRE gets.")
-@config_options(ScanConfig, exclude=("alpha", "time_limit"))
+@config_options(ScanConfig, exclude=("alpha", "time_limit", "calibration_draws"))
 @click.option("--no-margins", is_flag=True, help="Skip the max-margin search (no torch needed).")
 @click.option("--input-range", callback=input_range, default=None, metavar="LO,HI",
               help="Input box of the margin search [default: per-channel min/max of --data].")

@@ -277,8 +277,12 @@ def print_scan(result: dict) -> None:
                             for test in tests.values()))
     _out.print(t)
     for name, test in tests.items():
+        plugin = test.get("plugin_p")
+        cal = (f"; plug-in p {plugin:.3g}, calibrated by {result['settings'].get('calibration_draws')} draws"
+               if plugin is not None and plugin != test["p_value"] else "")
         _out.print(f"{name}: largest at class {test['candidate']}, p = {test['p_value']:.3g} "
-                   f"(gamma null on the other classes: shape {test['null_shape']:.3g}, scale {test['null_scale']:.3g})")
+                   f"(gamma null on the other classes: shape {test['null_shape']:.3g}, scale {test['null_scale']:.3g}"
+                   f"{cal})")
     if result["verdict"] == "backdoor":
         _out.print(f"[red]BACKDOOR[/] target class {result['target_class']} (p = {result['p_value']:.3g} < "
                    f"alpha {result['alpha']:g}, {result['statistic']})")

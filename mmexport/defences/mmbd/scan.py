@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from ...core.config import check_choices, param, with_overrides
 from ...core.errors import MmexportError, ParameterError
-from .stats import COMBINE, StatisticTest, decide, mmbd_test
+from .stats import CALIBRATION_DRAWS, COMBINE, StatisticTest, decide, mmbd_test
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,10 @@ class ScanConfig:
                                    "search, the two-statistic scan).", cli=False)
     combine: str = param("harmonic", "How the statistics' p-values make one: their harmonic mean, or Bonferroni "
                                      "(the number of statistics x the smallest).", choices=COMBINE, cli=False)
+    calibration_draws: int = param(
+        CALIBRATION_DRAWS, "Parametric-bootstrap draws that calibrate each statistic's p-value under its fitted null "
+                           "(0: MM-BD's plug-in p-value, whose level is far above alpha: 25% at 0.05 with 10 classes "
+                           "drawn from one gamma law, docs/experiments.md#scan-calibrated).")
     seed: int = param(0, "Seed of the searches: same seed, same result (on CPU).")
     time_limit: float | None = param(None, "Seconds the scan may take, predicted from the model's measured cost "
                                            "per row: where the steps above would take longer, restarts and steps "
@@ -79,7 +83,7 @@ class ScanConfig:
         for name in ("restarts", "universal_batch"):
             if getattr(self, name) < 1:
                 raise ParameterError(name, f"must be >= 1, got {getattr(self, name)}")
-        for name in ("ascent_steps", "universal_steps", "judge_rows"):
+        for name in ("ascent_steps", "universal_steps", "judge_rows", "calibration_draws"):
             if getattr(self, name) < 0:
                 raise ParameterError(name, f"must be >= 0, got {getattr(self, name)}")
         if not self.budget > 0:
@@ -256,7 +260,8 @@ def scan_engine(
         m = maxi.ascend(engine, None, 0)
     mm = [float(v) for v in maxi.per_class(m, "max").cpu()]
 
-    tests = {"max_margin": mmbd_test(mm)}
+    draws, seed = config.calibration_draws, config.seed
+    tests = {"max_margin": mmbd_test(mm, draws=draws, seed=seed)}
     for name, norm, budget, what in searches:
         # each search draws the same batches (its own generator, one seed): the statistics
         # differ by the norm alone
@@ -275,7 +280,7 @@ def scan_engine(
             chunk=chunk,
             judge_rows=config.judge_rows,
         )
-        tests[name] = mmbd_test(ug)
+        tests[name] = mmbd_test(ug, draws=draws, seed=seed)
     return tests
 
 

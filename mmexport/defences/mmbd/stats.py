@@ -24,6 +24,7 @@ class StatisticTest:
     p_value: float
     null_shape: float
     null_scale: float
+    plugin_p: float | None = None  # before calibration (`calibrate`)
 
 
 def _digamma(x: float) -> float:
@@ -107,29 +108,60 @@ def gamma_sf(x: float, shape: float, scale: float) -> float:
     return min(1.0, math.exp(log_front) * h)
 
 
-def mmbd_test(values) -> StatisticTest:
-    """MM-BD's test of the largest value against a gamma null fitted on the others.
+# Parametric-bootstrap draws that calibrate the plug-in p-value (`calibrate`): the smallest
+# calibrated p-value is 1 / (draws + 1).
+CALIBRATION_DRAWS = 2000
 
-    p = 1 - F(s_max)^K: the chance that the largest of K draws from the null is at least
-    s_max. Values <= 0 (a class the search never made win) enter the null as a tiny
-    positive number, which widens the null: the test stays conservative.
-    """
-    s = np.asarray(values, dtype=np.float64)
-    if s.size < 3:
-        raise MmexportError(f"scan needs at least 3 classes to fit a null, got {s.size}")
-    if not np.isfinite(s).all():
-        raise MmexportError("scan statistic is not finite (NaN or Inf logits?)")
+
+def _plugin(s: np.ndarray) -> tuple[int, float, float, float]:
+    """(argmax, plug-in p-value, null shape, null scale) of MM-BD's test on the values s."""
     top = int(np.argmax(s))
     floor = max(1e-6 * float(np.abs(s).max()), 1e-12)
     pos = np.maximum(s, floor)
     null = np.delete(pos, top)
     shape, scale = fit_gamma(null)
     if math.isinf(shape):  # every other class equal: any larger value is off the null
-        p = 0.0 if pos[top] > null[0] else 1.0
-        return StatisticTest(s.tolist(), top, p, shape, scale)
+        return top, (0.0 if pos[top] > null[0] else 1.0), shape, scale
     tail = gamma_sf(float(pos[top]), shape, scale)
     p = -math.expm1(s.size * math.log1p(-tail)) if tail < 1 else 1.0  # 1 - (1 - tail)^K
-    return StatisticTest(s.tolist(), top, float(min(max(p, 0.0), 1.0)), shape, scale)
+    return top, float(min(max(p, 0.0), 1.0)), shape, scale
+
+
+def calibrate(p: float, k: int, shape: float, draws: int, seed: int = 0) -> float:
+    """The plug-in p-value's own p-value under the fitted null: the share of `draws` sets of
+    k values drawn from gamma(shape) whose plug-in p-value is at most p (plus one, over
+    draws plus one).
+
+    The plug-in null is fitted on the K-1 values left once the largest is removed, which
+    thins its tail: with K values drawn from one gamma law the plug-in p-value fell under
+    0.05 in 25% of draws at K = 10 and 65% at K = 3. Its law under the null depends on K and
+    hardly on the shape (the scale not at all), so drawing from the fitted shape restores
+    the level (docs/experiments.md#scan-calibrated).
+    """
+    if draws <= 0 or math.isinf(shape) or p >= 1.0:
+        return p
+    rng = np.random.default_rng(seed)
+    sims = rng.gamma(shape, 1.0, size=(draws, k))
+    below = sum(_plugin(row)[1] <= p for row in sims)
+    return (1 + below) / (1 + draws)
+
+
+def mmbd_test(values, *, draws: int = 0, seed: int = 0) -> StatisticTest:
+    """MM-BD's test of the largest value against a gamma null fitted on the others.
+
+    p = 1 - F(s_max)^K: the chance that the largest of K draws from the null is at least
+    s_max; with `draws`, calibrated by as many parametric-bootstrap sets (`calibrate`; the
+    plug-in value is kept as `plugin_p`). Values <= 0 (a class the search never made win) enter the null as a
+    tiny positive number, which widens the null: the test stays conservative.
+    """
+    s = np.asarray(values, dtype=np.float64)
+    if s.size < 3:
+        raise MmexportError(f"scan needs at least 3 classes to fit a null, got {s.size}")
+    if not np.isfinite(s).all():
+        raise MmexportError("scan statistic is not finite (NaN or Inf logits?)")
+    top, plugin, shape, scale = _plugin(s)
+    p = calibrate(plugin, s.size, shape, draws, seed)
+    return StatisticTest(s.tolist(), top, p, shape, scale, plugin)
 
 
 COMBINE = ("harmonic", "bonferroni")
