@@ -17,6 +17,7 @@ from mmexport.defences.common.margins import input_box
 from mmexport.defences.common.search import initial_bounds
 from mmexport.defences.mmac.config import MmacConfig
 from mmexport.defences.mmac.unlearn import choose_check, find_stamp, halves, outlier_score, unlearn_bounds
+from mmexport.defences.mmbd.scan import ScanConfig
 from mmexport.engine.executor import Engine
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_models"
@@ -153,8 +154,8 @@ def test_where_no_stamp_stands_out_the_scans_target_is_unlearned_if_its_stamp_mo
     assert moved.found and moved.source == "scan" and moved.target == other
     assert torch.equal(moved.mask, stamp.maximisers.mask[other]) and moved.scan["target_class"] == other
     assert moved.to_json()["source"] == "scan"
-    # a screen before the stamp's own test: MM-BD's plug-in p-values, not the calibrated ones
-    assert calls[0].calibration_draws == 0 and moved.scan["p_kind"] == "plug-in"
+    # the scan's own defaults: calibrated p-values, as the scan command reports them
+    assert calls[0].calibration_draws == ScanConfig().calibration_draws > 0
 
     weak = scan_stamp(replace(stamp, fooled=[0.4 if c == other else 0.1 for c in range(3)]),
                       engine, x, y, input_box(x), 3, cfg)

@@ -68,18 +68,17 @@ def stamp_text(st: dict) -> str:
     t = st["target"]
     sends = f"sends {100 * st['fooled'][t]:.0f}% of D's other classes to it"
     scan = st.get("scan")
-    p = "plug-in p" if scan is not None and scan.get("p_kind") == "plug-in" else "p"
     if st.get("source") == "scan":
-        return (f"scan: backdoor, target class {t} ({p} = {scan['p_value']:.3g}); its stamp {sends}: unlearning it")
+        return (f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); its stamp {sends}: unlearning it")
     if scan is not None and "skipped" in scan:  # too few classes for either test
         return (f"stamp search: {len(st['margins'])} classes: a stamp and the scan's statistics are judged "
                 "against the other classes' (at least 3 classes needed): max-margin search")
     if scan is not None:
         if scan["target_class"] is None:
-            why = f"the scan finds no target ({p} = {scan['p_value']:.3g})"
+            why = f"the scan finds no target (p = {scan['p_value']:.3g})"
         else:
             c = scan["target_class"]
-            why = (f"the scan's target {c} ({p} = {scan['p_value']:.3g}) has a stamp that sends only "
+            why = (f"the scan's target {c} (p = {scan['p_value']:.3g}) has a stamp that sends only "
                    f"{100 * st['fooled'][c]:.0f}% of D's other classes to it")
         return f"stamp search: no stamp stands out and {why}: max-margin search"
     verdict = "unlearning it" if st["found"] else "below the gate"

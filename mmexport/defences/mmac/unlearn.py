@@ -144,11 +144,7 @@ def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box,
 
     A class's stamp can fail the outlier gate because natural classes' stamps also move many
     images (an MLP, a MobileNetV2 at 5% of a 32x32 image), while the scan's test still names
-    the target; a stamp that moves most of D to that class is a trigger's stand-in. Here the
-    scan is a screen before that second test, so its p-values are MM-BD's plug-in ones, not
-    the scan command's calibrated ones: a false alarm costs at most the unlearning floor's
-    accuracy (and only where the stamp moves most of D), a miss the backdoor
-    (docs/experiments.md#scan-calibrated).
+    the target; a stamp that moves most of D to that class is a trigger's stand-in.
     """
     from ..mmbd.scan import ScanConfig, scan_engine, schedule_scan
     from ..mmbd.stats import decide
@@ -156,12 +152,12 @@ def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box,
     if num_classes < MIN_CLASSES:
         return replace(stamp, scan={"skipped": f"{num_classes} classes; the scan's null needs at least {MIN_CLASSES}"})
     # the scan's defaults, on harden's time limit where one is given (auto: the scan's own)
-    scan_cfg = ScanConfig(seed=config.seed, time_limit=getattr(config, "time_limit", None), calibration_draws=0)
+    scan_cfg = ScanConfig(seed=config.seed, time_limit=getattr(config, "time_limit", None))
     plan = schedule_scan(engine, x, num_classes, scan_cfg, x.device)
     tests = scan_engine(engine, x, y, num_classes, box, plan.config, chunk=plan.chunk)
     verdict, target, p, statistic = decide(tests, plan.config.alpha, plan.config.combine)
-    summary = {"verdict": verdict, "target_class": target, "p_value": p, "p_kind": "plug-in",
-               "statistic": statistic, "schedule": plan.to_json()}
+    summary = {"verdict": verdict, "target_class": target, "p_value": p, "statistic": statistic,
+               "schedule": plan.to_json()}
     if target is None or stamp.fooled[target] < getattr(config, "scan_fooled", 0.5):
         return replace(stamp, scan=summary)
     ms = stamp.maximisers
