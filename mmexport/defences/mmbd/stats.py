@@ -1,7 +1,8 @@
 """MM-BD's test on plain numbers: a gamma null fitted to the other classes, p-values, verdict.
 
-The null law is a gamma with location 0 (both statistics are magnitudes with a natural zero),
-fitted by maximum likelihood on the K-1 non-maximal values; p = 1 - F(s_max)^K. The
+The null law is a gamma with location 0 (the statistics are magnitudes with a natural zero),
+fitted by maximum likelihood on the K-1 non-maximal values; p = 1 - F(s_max)^K, then
+calibrated by a parametric bootstrap (that plug-in value's level is far above alpha). The
 statistics' p-values are combined by their harmonic mean (default) or by Bonferroni.
 """
 
@@ -151,8 +152,8 @@ def mmbd_test(values, *, draws: int = 0, seed: int = 0) -> StatisticTest:
 
     p = 1 - F(s_max)^K: the chance that the largest of K draws from the null is at least
     s_max; with `draws`, calibrated by as many parametric-bootstrap sets (`calibrate`; the
-    plug-in value is kept as `plugin_p`). Values <= 0 (a class the search never made win) enter the null as a
-    tiny positive number, which widens the null: the test stays conservative.
+    plug-in value is kept as `plugin_p`). Values <= 0 (a class the search never made win)
+    enter the null as a tiny positive number, which widens the null.
     """
     s = np.asarray(values, dtype=np.float64)
     if s.size < 3:
