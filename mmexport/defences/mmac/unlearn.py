@@ -36,10 +36,7 @@ from ..common.search import (
     restore,
     subset,
 )
-
-# A stamp is judged against the spread of the other classes' stamps: two others at least. The
-# MM-BD scan's null needs as many (`mmbd.scan`).
-MIN_CLASSES = 3
+from ..mmbd.stats import MIN_CLASSES  # a stamp is judged against two other classes at least
 
 
 @dataclass

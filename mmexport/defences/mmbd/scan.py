@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 from ...core.config import check_choices, param, with_overrides
 from ...core.errors import MmexportError, ParameterError
-from .stats import CALIBRATION_DRAWS, COMBINE, StatisticTest, decide, mmbd_test
+from .stats import CALIBRATION_DRAWS, COMBINE, MIN_CLASSES, StatisticTest, decide, mmbd_test
 
 
 @dataclass(frozen=True)
@@ -362,8 +362,8 @@ def scan(
     where = m.path or "model"
     if k is None:
         raise MmexportError(f"{where}: output {m.output_name!r} has no static class dimension")
-    if k < 3:
-        raise MmexportError(f"{where}: {k} classes; the scan's null needs at least 3")
+    if k < MIN_CLASSES:
+        raise MmexportError(f"{where}: {k} classes; the scan's null needs at least {MIN_CLASSES}")
     check_for_model(clean, m.input_shape, k)
     check_every_class(clean, k)
     axis = input_layout(m, layout).channel_axis

@@ -109,6 +109,9 @@ def gamma_sf(x: float, shape: float, scale: float) -> float:
     return min(1.0, math.exp(log_front) * h)
 
 
+# The null is fitted on the K-1 values other than the largest: two of them at least.
+MIN_CLASSES = 3
+
 # Parametric-bootstrap draws that calibrate the plug-in p-value (`calibrate`): the smallest
 # calibrated p-value is 1 / (draws + 1).
 CALIBRATION_DRAWS = 2000
@@ -156,8 +159,8 @@ def mmbd_test(values, *, draws: int = 0, seed: int = 0) -> StatisticTest:
     enter the null as a tiny positive number, which widens the null.
     """
     s = np.asarray(values, dtype=np.float64)
-    if s.size < 3:
-        raise MmexportError(f"scan needs at least 3 classes to fit a null, got {s.size}")
+    if s.size < MIN_CLASSES:
+        raise MmexportError(f"scan needs at least {MIN_CLASSES} classes to fit a null, got {s.size}")
     if not np.isfinite(s).all():
         raise MmexportError("scan statistic is not finite (NaN or Inf logits?)")
     top, plugin, shape, scale = _plugin(s)
