@@ -74,17 +74,15 @@ def flags(null: np.ndarray, scored: dict, images: int, folds: np.ndarray, rule: 
         null, scored = null[sites], {n: s[sites] for n, s in scored.items()}
     if rule == "quantile":
         u, b = np.zeros((len(null), 1)), np.quantile(null, QUANTILE, axis=1)[:, None]
-        normed = (null - u) / b
     else:
-        ub = np.array([tail_of(s) for s in null])
-        u, b = ub[:, :1], ub[:, 1:]
-        normed = (null - u) / b
-        if rule == "held out":
-            for j in np.unique(folds):
-                out = folds == j
-                for i, s in enumerate(null):
-                    uu, bb = tail_of(s[~out])
-                    normed[i, out] = (s[out] - uu) / bb
+        u, b = np.hsplit(np.array([tail_of(s) for s in null]), 2)
+    normed = (null - u) / b
+    if rule == "held out":  # each fold of D on the tail of the other folds
+        for j in np.unique(folds):
+            out = folds == j
+            for i, s in enumerate(null):
+                uu, bb = tail_of(s[~out])
+                normed[i, out] = (s[out] - uu) / bb
     top = normed.max(axis=0)
     threshold = fit_image_null(top, images, np.ones(len(top), bool), ALPHA_EACH).threshold
     return {n: ((s - u) / b).max(axis=0) > threshold for n, s in scored.items()}
