@@ -35,7 +35,7 @@ from mmexport.defences.common.checks import check_original, with_site_shapes  # 
 from mmexport.defences.common.stats import fold_ids  # noqa: E402
 from mmexport.defences.mmdf.bounds import shifted  # noqa: E402
 from mmexport.defences.mmdf.features import fit_features, site_feature_arrays  # noqa: E402
-from mmexport.defences.mmdf.null import fit_image_null  # noqa: E402
+from mmexport.defences.mmdf.null import fit_image_null, fit_null  # noqa: E402
 
 ALPHA_EACH = 0.0025
 QUANTILE = 0.9
@@ -43,10 +43,10 @@ RULES = ("quantile", "tail", "held out")
 
 
 def tail_of(scores: np.ndarray) -> tuple[float, float]:
-    """(u, b): the QUANTILE quantile and the mean excess over it; (0, 1) without a tail."""
-    u = float(np.quantile(scores, QUANTILE))
-    above = scores[scores > u]
-    b = float(np.mean(above - u)) if above.size else 0.0
+    """(u, b) of MMDF's exponential-tail law (`fit_null`): the QUANTILE quantile and the mean
+    excess over it; (0, 1) without a tail."""
+    params = fit_null(scores, law="exponential-tail", tail=1 - QUANTILE).params
+    u, b = params["u"], params["beta"]
     return (u, b) if np.isfinite(b) and b > 0 else (0.0, 1.0)
 
 
