@@ -109,3 +109,40 @@ def test_the_plan_prices_the_fine_tune_beside_the_search():
     # 20 epochs of 200 rows of D and 180 stamped, 1.5 passes each, at the counted cost per row.
     assert ft.finetune_seconds == pytest.approx(1.5 * 20 * 380 * ft.cost.backward_seconds)
     assert ft.config == replace(plain.config, finetune=True) and ft.planned_seconds == plain.planned_seconds
+
+
+def test_the_scans_shift_unlearned_in_the_weights_removes_a_blend():
+    """A blend has no stamp of bounded area; the scan's L2 universal perturbation toward its
+    target is its stand-in (measured: ASR 99.5% -> 7.7% on this sample, 84% of D moved)."""
+    import torch
+
+    from mmexport.core.model import load_model
+    from mmexport.defences.common.margins import input_box
+    from mmexport.defences.mmac.finetune import unlearn_weights
+    from mmexport.defences.mmac.unlearn import Stamp
+    from mmexport.defences.mmbd.scan import universal_gain
+
+    torch.set_num_threads(1)
+    blend = SAMPLE.parent / "digits-cnn-blend"
+    target = json.loads((blend / "card.json").read_text())["attack"]["target"]
+    model = load_model(blend / "model.onnx")
+    clean = load_npz(blend / "clean.npz")
+    x, y = torch.from_numpy(clean.x), torch.from_numpy(clean.y)
+    attack = torch.from_numpy(np.load(blend / "attack.npz")["x"])
+    box, keep = input_box(x), {}
+    engine = Engine(model)
+    universal_gain(engine, box, x, y, 10, norm="l2", budget=0.05, steps=100, batch=20,
+                   generator=torch.Generator().manual_seed(1), keep=keep)
+    assert keep["fooled"][target] >= 0.5
+    stand_in = Stamp(target=target, margins=[], fooled=[], outlier=0.0, found=True, mask=torch.zeros(1),
+                     pattern=torch.zeros(1), shift=keep["delta"][target], box=box, use_stamp=False)
+
+    def asr() -> float:
+        with torch.no_grad():
+            return float((engine(attack).argmax(1) == target).float().mean())
+
+    before = asr()
+    _, info = unlearn_weights(engine, model.proto, x, y, stand_in, None, mmexport.MmacConfig())
+    assert info["rows"] == len(x) + int((y != target).sum()) == len(x) + info["stamped_rows"]
+    assert info["stamped_to_target"][1] < 0.1 < 0.5 <= info["stamped_to_target"][0]
+    assert asr() < 0.3 < 0.9 < before and info["accuracy_D"][1] >= info["accuracy_D"][0] - 0.03

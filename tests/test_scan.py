@@ -221,3 +221,29 @@ def test_each_class_is_judged_on_at_most_judge_rows_images():
     assert ranks.rows_run["forward"] == 3 * 2 * JUDGE_ROWS and len(first) == 3
     assert gains() == first  # the draw is seeded
     assert [judge_rows(k) for k in (10, 50, 100, 1000)] == [400, 400, 200, 50]
+
+
+def test_the_universal_searches_keep_their_perturbations_and_what_each_moves():
+    import torch
+
+    from mmexport.core.model import from_proto
+    from mmexport.defences.common.margins import input_box
+    from mmexport.defences.mmbd.scan import universal_gain
+    from mmexport.engine.executor import Engine
+
+    engine = Engine(from_proto(tiny_cnn(seed=3)))
+    x = torch.rand(60, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(3).repeat(20)
+    box = input_box(x)
+    for norm, radius in (("linf", 0.2 * float((box.hi - box.lo).max())), ("l2", 0.2 * float((box.hi - box.lo).norm()))):
+        keep = {}
+        gains = universal_gain(engine, box, x, y, 3, norm=norm, budget=0.2, steps=5, batch=4,
+                               generator=torch.Generator().manual_seed(0), keep=keep)
+        delta = keep["delta"]
+        assert delta.shape == (3, 1, 6, 6) and len(keep["fooled"]) == 3 == len(gains)
+        size = delta.abs().amax(dim=(1, 2, 3)) if norm == "linf" else delta.flatten(1).norm(dim=1)
+        assert float(size.max()) <= radius * 1.0001 and float(size.max()) > 0
+        with torch.no_grad():  # fooled: the share of the other classes' images the shift sends to c
+            for c in range(3):
+                out = engine(box.clamp(x[y != c] + delta[c]))
+                assert keep["fooled"][c] == pytest.approx(float((out.argmax(1) == c).float().mean()), abs=1e-6)

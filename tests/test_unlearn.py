@@ -163,6 +163,49 @@ def test_where_no_stamp_stands_out_the_scans_target_is_unlearned_if_its_stamp_mo
     assert weak.scan["target_class"] == other  # asked, and said so, but not a trigger's stand-in
 
 
+def test_the_scans_universal_perturbation_is_a_stand_in_where_it_moves_most_of_d(monkeypatch):
+    import mmexport.defences.mmbd.scan as scan_module
+    from mmexport.defences.mmac.unlearn import scan_stamp
+
+    proto = tiny_cnn(seed=3)
+    x, y = labelled_set(proto, 8, seed=1)
+    x, y = torch.from_numpy(x), torch.from_numpy(y)
+    engine = Engine(from_proto(proto))
+    box = input_box(x)
+    cfg = replace(MmacConfig(), restarts=2, warmup_steps=5, steps=2)
+    stamp = replace(find_stamp(engine, x, y, box, 3, cfg), found=False)
+    target = (stamp.target + 1) % 3
+    _scan_says(monkeypatch, "backdoor", target)
+    delta = torch.full((3, *x.shape[1:]), 0.01)
+    delta[target] = 0.3
+
+    def scan_moves(linf: float, l2: float):
+        def fake(*a, perturbations=None, **k):
+            moved = [[share if c == target else 0.0 for c in range(3)] for share in (linf, l2)]
+            perturbations["universal_gain"] = {"delta": delta, "fooled": moved[0]}
+            perturbations["universal_gain_l2"] = {"delta": -delta, "fooled": moved[1]}
+            return {}
+        monkeypatch.setattr(scan_module, "scan_engine", fake)
+
+    weak = replace(stamp, fooled=[0.1] * 3)
+    scan_moves(0.8, 0.6)  # the shift alone moves D: it is the one stand-in
+    shifted = scan_stamp(weak, engine, x, y, box, 3, cfg)
+    assert shifted.found and shifted.target == target and not shifted.use_stamp and shifted.copies == 1
+    assert torch.equal(shifted.triggered(x[:4]), box.clamp(x[:4] + delta[target]))
+    assert shifted.scan["shift"] == {"statistic": "universal_gain", "fooled": 0.8}
+    assert shifted.to_json()["stand_ins"] == ["shift"]
+
+    scan_moves(0.2, 0.7)  # the norm that moves more of D is taken
+    both = scan_stamp(replace(stamp, fooled=[0.9] * 3), engine, x, y, box, 3, cfg)
+    assert both.use_stamp and both.copies == 2 and both.to_json()["stand_ins"] == ["stamp", "shift"]
+    assert torch.equal(both.triggered(x[:4])[4:], box.clamp(x[:4] - delta[target]))
+    assert torch.equal(both.triggered(x[:4])[:4], both.apply(x[:4]))
+
+    scan_moves(0.3, 0.4)  # neither stand-in moves half of D: nothing to unlearn
+    neither = scan_stamp(weak, engine, x, y, box, 3, cfg)
+    assert not neither.found and neither.shift is None and neither.scan["shift"]["fooled"] == 0.4
+
+
 def test_harden_asks_the_scan_only_where_no_stamp_stands_out_and_unlearn_is_auto(monkeypatch):
     proto = tiny_cnn(seed=3)
     x, y = labelled_set(proto, 8, seed=1)

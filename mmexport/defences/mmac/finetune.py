@@ -40,8 +40,8 @@ def unlearn_weights(
     initializers kept), and what the fine-tune did: D's accuracy and D's stamped images sent to
     the target, before and after. `bounds`: applied by the engine (None: the graph holds them)."""
     other = y != stamp.target
-    stamped = stamp.apply(x[other])
-    tx, ty = torch.cat([x, stamped]), torch.cat([y, y[other]])
+    stamped = stamp.triggered(x[other])  # a copy per stand-in: the stamp and/or the scan's shift
+    tx, ty = torch.cat([x, stamped]), torch.cat([y, y[other].repeat(stamp.copies)])
     params = trainable(engine, proto, frozen=frozen)
 
     def rates() -> tuple[float, float]:

@@ -9,7 +9,9 @@ the trigger, put on half of D's images of the other classes, and the bounds are 
 keep D's logits while those stamped images go back to their own labels; the stamp's weight is
 driven up while accuracy on D (and its shifts) stays above a floor. The bounds that send the
 fewest stamped images of the other half of D to the suspect class win. Where no stamp stands
-out, the MM-BD scan may name the class instead (`scan_stamp`).
+out, the MM-BD scan may name the class instead (`scan_stamp`), and its universal perturbation
+toward that class joins the stamp as a second stand-in: a global additive trigger (a smooth
+pattern, a blend) that no stamp of bounded area reproduces (docs/experiments.md#scan-shift).
 """
 
 from __future__ import annotations
@@ -53,9 +55,25 @@ class Stamp:
     source: str = "stamp"  # what named the target: the stamp's outlier score, or the scan
     scan: dict | None = None  # the scan's verdict where it was asked (no stamp stood out)
     maximisers: object = field(default=None, repr=False, compare=False)  # every class's stamp
+    # the scan's universal perturbation toward the target, where it moves D (source "scan")
+    shift: torch.Tensor | None = field(default=None, repr=False)
+    box: Box | None = field(default=None, repr=False)  # what the shifted images are clamped to
+    use_stamp: bool = True  # the stamp is a stand-in (the scan's route may keep the shift alone)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return stamped(x, self.mask, self.pattern)
+
+    @property
+    def copies(self) -> int:
+        """How many triggered copies of an image `triggered` makes: one per stand-in."""
+        return int(self.use_stamp) + int(self.shift is not None)
+
+    def triggered(self, x: torch.Tensor) -> torch.Tensor:
+        """x under every stand-in of the trigger, copy after copy (labels: `y.repeat(copies)`)."""
+        parts = [self.apply(x)] if self.use_stamp else []
+        if self.shift is not None:
+            parts.append(self.box.clamp(x + self.shift))
+        return torch.cat(parts)
 
     def to_json(self) -> dict:
         return {
@@ -67,6 +85,7 @@ class Stamp:
             "mask_area": float(self.mask.sum()),
             "source": self.source,
             "scan": self.scan,
+            "stand_ins": ["stamp"] * self.use_stamp + ["shift"] * (self.shift is not None),
         }
 
 
@@ -135,13 +154,18 @@ def find_stamp(
 
 def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box, num_classes: int,
                config: SearchConfig, chunk: int | None = None) -> Stamp:
-    """Where no stamp stands out: the MM-BD scan's target's stamp, found (to be unlearned) if
-    the scan names a target and that stamp sends at least `scan_fooled` of D's other classes
-    to it; else the stamp as it was, with the scan's verdict attached.
+    """Where no stamp stands out: the MM-BD scan's target, found (to be unlearned) if the scan
+    names a target and its stamp, or the scan's universal perturbation toward it, sends at least
+    `scan_fooled` of D's other classes to it; each that does is a stand-in. Else the stamp as
+    it was, with the scan's verdict attached.
 
     A class's stamp can fail the outlier gate because natural classes' stamps also move many
     images (an MLP, a MobileNetV2 at 5% of a 32x32 image), while the scan's test still names
-    the target; a stamp that moves most of D to that class is a trigger's stand-in.
+    the target; a stamp that moves most of D to that class is a trigger's stand-in. A global
+    additive trigger (the LF-like VGG's smooth pattern) has no stamp of bounded area; the
+    perturbation of the universal search (of the two norms, the one that moves more of D) is
+    its stand-in: unlearned in the weights it took that model's ASR from 80% to 2-3%
+    (docs/experiments.md#scan-shift).
     """
     from ..mmbd.scan import ScanConfig, scan_engine, schedule_scan
     from ..mmbd.stats import decide
@@ -151,17 +175,30 @@ def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box,
     # the scan's defaults, on harden's time limit where one is given (auto: the scan's own)
     scan_cfg = ScanConfig(seed=config.seed, time_limit=getattr(config, "time_limit", None))
     plan = schedule_scan(engine, x, num_classes, scan_cfg, x.device)
-    tests = scan_engine(engine, x, y, num_classes, box, plan.config, chunk=plan.chunk)
+    kept: dict = {}
+    tests = scan_engine(engine, x, y, num_classes, box, plan.config, chunk=plan.chunk, perturbations=kept)
     verdict, target, p, statistic = decide(tests, plan.config.alpha, plan.config.combine)
     summary = {"verdict": verdict, "target_class": target, "p_value": p, "statistic": statistic,
                "schedule": plan.to_json()}
-    if target is None or stamp.fooled[target] < getattr(config, "scan_fooled", 0.5):
+    if target is None:
+        return replace(stamp, scan=summary)
+    least = getattr(config, "scan_fooled", 0.5)
+    shift = None
+    moved = {name: k["fooled"][target] for name, k in kept.items() if k.get("fooled")}
+    if moved:
+        name = max(moved, key=moved.get)
+        summary["shift"] = {"statistic": name, "fooled": moved[name]}
+        if moved[name] >= least:
+            shift = ranks.from_owner(kept[name]["delta"][target].detach().cpu(), target, num_classes).to(x.device)
+    use_stamp = stamp.fooled[target] >= least
+    if not use_stamp and shift is None:
         return replace(stamp, scan=summary)
     ms = stamp.maximisers
     mask, pattern = ranks.from_owner((ms.mask[target].detach().cpu(), ms.pattern[target].detach().cpu()),
                                      target, num_classes)
     return replace(stamp, target=target, found=True, source="scan", scan=summary,
-                   mask=mask.to(x.device), pattern=pattern.to(x.device))
+                   mask=mask.to(x.device), pattern=pattern.to(x.device), shift=shift, box=box,
+                   use_stamp=use_stamp)
 
 
 def halves(y: torch.Tensor) -> torch.Tensor:
@@ -217,8 +254,8 @@ def unlearn_bounds(
 
     first = halves(y)
     other = y != stamp.target
-    fit_x, fit_y = stamp.apply(x[first & other]), y[first & other]
-    held_x = stamp.apply(x[~first & other])
+    fit_x, fit_y = stamp.triggered(x[first & other]), y[first & other].repeat(stamp.copies)
+    held_x = stamp.triggered(x[~first & other])
 
     z0 = initial_bounds(engine, x, config.granularity, batch_size=chunk or 256)
     names = list(z0)

@@ -141,10 +141,13 @@ def universal_gain(
     progress: Callable[[int], None] | None = None,
     chunk: int | None = None,
     judge_rows: int | None = None,
+    keep: dict | None = None,
 ) -> list[float]:
     """Per class c: the mean margin gain toward c of D's other-class images (at most
     `judge_rows` of them; None or 0: `common.config.judge_rows(num_classes)`) under one shared
     perturbation, over its std on D (how many clean spreads a small shared change buys).
+    `keep`, where given, receives the perturbations ("delta", [K, *sample]; this rank's classes
+    under torchrun) and the share of the judged images each sends to its class ("fooled").
 
     The perturbation is bounded in `norm`: "l2" (radius `budget` x the norm of the box) or
     "linf" (`budget` x the box's range, per element); it is found by normalised (l2) or
@@ -213,8 +216,11 @@ def universal_gain(
             after = torch.cat([margins(engine(box.clamp(xs[sl] + delta[c])), cls[sl]) for sl in slices])
             ranks.rows_run["forward"] += 2 * len(xs)
             spread = float(before.std()) if len(xs) > 1 else 0.0
-            out.append(float((after - before).mean()) / max(spread, 1e-6))
-    return ranks.gather_objects(out)
+            out.append((float((after - before).mean()) / max(spread, 1e-6), float((after > 0).float().mean())))
+    out = ranks.gather_objects(out)
+    if keep is not None:
+        keep.update(delta=delta.detach(), fooled=[f for _, f in out])
+    return [g for g, _ in out]
 
 
 def scan_engine(
@@ -227,8 +233,11 @@ def scan_engine(
     *,
     progress: Callable[[str, int, int], None] | None = None,
     chunk: int | None = None,
+    perturbations: dict | None = None,
 ) -> dict[str, StatisticTest]:
-    """Every statistic and its MM-BD test for an engine, a clean set (x, y) and a box."""
+    """Every statistic and its MM-BD test for an engine, a clean set (x, y) and a box.
+    `perturbations`, where given, receives each universal search's perturbations by statistic
+    (`universal_gain`'s `keep`): the stand-ins of a global trigger that harden unlearns."""
     import torch
 
     from ..common.margins import Maximisers
@@ -279,6 +288,7 @@ def scan_engine(
             progress=lambda n, what=what: tick(what, n),
             chunk=chunk,
             judge_rows=config.judge_rows,
+            keep=perturbations.setdefault(name, {}) if perturbations is not None else None,
         )
         tests[name] = mmbd_test(ug, draws=draws, seed=seed)
     return tests
