@@ -194,6 +194,9 @@ def test_the_scans_universal_perturbation_is_a_stand_in_where_it_moves_most_of_d
     assert torch.equal(shifted.triggered(x[:4]), box.clamp(x[:4] + delta[target]))
     assert shifted.scan["shift"] == {"statistic": "universal_gain", "fooled": 0.8}
     assert shifted.to_json()["stand_ins"] == ["shift"]
+    from mmexport.cli.progress import stamp_text
+
+    assert "universal perturbation 80%: unlearning the perturbation" in stamp_text(shifted.to_json())
 
     scan_moves(0.2, 0.7)  # the norm that moves more of D is taken
     both = scan_stamp(replace(stamp, fooled=[0.9] * 3), engine, x, y, box, 3, cfg)
@@ -204,6 +207,7 @@ def test_the_scans_universal_perturbation_is_a_stand_in_where_it_moves_most_of_d
     scan_moves(0.3, 0.4)  # neither stand-in moves half of D: nothing to unlearn
     neither = scan_stamp(weak, engine, x, y, box, 3, cfg)
     assert not neither.found and neither.shift is None and neither.scan["shift"]["fooled"] == 0.4
+    assert "(its universal perturbation 40%): max-margin search" in stamp_text(neither.to_json())
 
 
 def test_harden_asks_the_scan_only_where_no_stamp_stands_out_and_unlearn_is_auto(monkeypatch):

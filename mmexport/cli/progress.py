@@ -69,7 +69,14 @@ def stamp_text(st: dict) -> str:
     sends = f"sends {100 * st['fooled'][t]:.0f}% of D's other classes to it"
     scan = st.get("scan")
     if st.get("source") == "scan":
-        return (f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); its stamp {sends}: unlearning it")
+        shift = scan.get("shift") or {}
+        moved = f"{100 * shift.get('fooled', 0.0):.0f}%"
+        ins = {("stamp",): f"its stamp {sends}: unlearning it",
+               ("shift",): f"its stamp sends only {100 * st['fooled'][t]:.0f}%, its universal perturbation "
+                           f"{moved}: unlearning the perturbation",
+               ("stamp", "shift"): f"its stamp {sends}, its universal perturbation {moved}: unlearning both"}
+        stand_ins = tuple(st.get("stand_ins", ["stamp"]))
+        return f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); {ins[stand_ins]}"
     if scan is not None and "skipped" in scan:  # too few classes for either test
         return (f"stamp search: {len(st['margins'])} classes: a stamp and the scan's statistics are judged "
                 "against the other classes' (at least 3 classes needed): max-margin search")
@@ -78,8 +85,10 @@ def stamp_text(st: dict) -> str:
             why = f"the scan finds no target (p = {scan['p_value']:.3g})"
         else:
             c = scan["target_class"]
+            shift = scan.get("shift")
+            also = f" (its universal perturbation {100 * shift['fooled']:.0f}%)" if shift else ""
             why = (f"the scan's target {c} (p = {scan['p_value']:.3g}) has a stamp that sends only "
-                   f"{100 * st['fooled'][c]:.0f}% of D's other classes to it")
+                   f"{100 * st['fooled'][c]:.0f}% of D's other classes to it{also}")
         return f"stamp search: no stamp stands out and {why}: max-margin search"
     verdict = "unlearning it" if st["found"] else "below the gate"
     return f"stamp search: class {t} stands out by {st['outlier']:.1f} ({sends}); {verdict}"

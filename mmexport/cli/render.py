@@ -110,8 +110,9 @@ def print_harden(summary: dict) -> None:
     ft = summary.get("finetune")
     if ft:
         (a0, a1), (f0, f1) = ft["accuracy_D"], ft["stamped_to_target"]
+        copies = " and ".join({"stamp": "stamped", "shift": "shifted"}[s] for s in stamp.get("stand_ins", ["stamp"]))
         _out.print(f"weights fine-tuned ({ft['epochs']} epochs, lr {ft['lr']:g}, {ft['rows']} rows of D and its "
-                   f"stamped copy): stamped D sent to class {stamp['target']} {_pct(f0)} -> {_pct(f1)}, "
+                   f"{copies} copies): those copies sent to class {stamp['target']} {_pct(f0)} -> {_pct(f1)}, "
                    f"accuracy on D {_pct(a0)} -> {_pct(a1)}")
     elif summary["method"] == "mmac-ft":
         _out.print("weights not fine-tuned: no stamp stood out (mmac-ft is MMAC here)")
