@@ -71,8 +71,10 @@ def run_defence(name: str, folder: Path, seed: int) -> tuple[onnx.ModelProto, di
     if name in ("mmac", "mmac-ft"):
         res = harden(model, clean, method=name, seed=seed, threads=torch.get_num_threads())
         stamp = res.report.stamp or {}
-        keep = ("target", "found", "outlier")
+        keep = ("target", "found", "outlier", "source", "stand_ins")
         info = {"stage": res.report.stage, "stamp": {k: stamp.get(k) for k in keep}}
+        if (stamp.get("scan") or {}).get("shift"):  # the scan's universal perturbation: what it moved
+            info["stamp"]["shift"] = stamp["scan"]["shift"]
         return res.model, info | ({"finetune": res.report.finetune} if res.report.finetune else {})
     if name == "mmdf":
         res = detect(model, clean, seed=seed, threads=torch.get_num_threads())

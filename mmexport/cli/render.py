@@ -141,7 +141,7 @@ def print_plan(plan: dict) -> None:
                    "(the search may stop early; loading, writing the model and any scan come on top)")
     if plan.get("finetune_seconds") is not None:
         _out.print(f"then, where a stamp is found, the weights' fine-tune: about {duration(plan['finetune_seconds'])} "
-                   "(mmac-ft; outside the time limit)")
+                   "(mmac-ft; outside the time limit; about half again where the scan's shift joins the stamp)")
 
 
 def print_validation(rep, *, title: str = "") -> None:
