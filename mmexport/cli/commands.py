@@ -96,7 +96,7 @@ def inspect(model, verify, input_range, atol, rtol, samples, provider, layout, t
 @click.option("--method", type=click.Choice(["mmac", "mmac-ft", "mmom", "mmom-refit"]), default="mmac",
               show_default=True,
               help="mmac: keep D's logits (backdoors); mmac-ft: MMAC, then where a stamp was found the weights "
-                   "fine-tuned on D and its stamped copy to unlearn it (changes the weights, not the graph); "
+                   "fine-tuned on D and its triggered copies to unlearn it (changes the weights, not the graph); "
                    "mmom: cross-entropy on D (imbalance, over-training); mmom-refit: MMOM, then the last linear "
                    "layer re-fitted on D (long-tailed models).")
 @click.option("--form", type=click.Choice(FORMS), default="auto", show_default=True, help=FORM_HELP)

@@ -42,7 +42,7 @@ def epoch_text(row: dict) -> str:
     """An epoch row of the bound search or the stamp unlearning, in words."""
     text = f"epoch {row['epoch']}/{row.get('max_epochs', '?')}"
     if row.get("phase") == "fine-tune":
-        return f"{text}, loss on D and its stamped copy {row['loss']:.4f}"
+        return f"{text}, loss on D and its triggered copies {row['loss']:.4f}"
     if row.get("phase") == "unlearn":
         return (f"{text}, weight {row['lambda']:.3g}, acc(D) {row['accuracy']:.3f}, stamped held-out "
                 f"to class {100 * row['objective']:.1f}%")

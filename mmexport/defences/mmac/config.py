@@ -16,9 +16,9 @@ class MmacConfig(SearchConfig):
     `unlearn="auto"` first reverse-engineers one stamp per class on the original model; where
     one class's stamped margin on D stands out by `unlearn_gate` (its gap to the runner-up
     over the others' MAD), the bounds unlearn that stamp instead (`mmac.unlearn`); where none
-    does, the MM-BD scan's target's stamp, if the scan names one and that stamp sends at least
-    `scan_fooled` of D's other classes to it. With `finetune` (method `mmac-ft`) the weights
-    then unlearn it too (`mmac.finetune`).
+    does, the MM-BD scan's target's stamp and the scan's universal perturbation toward it, each
+    that sends at least `scan_fooled` of D's other classes to it. With `finetune` (method
+    `mmac-ft`) the weights then unlearn them too (`mmac.finetune`).
     """
 
     method: str = param("mmac", "Objective on D: keep its logits.", choices=("mmac",), cli=False)
@@ -26,14 +26,16 @@ class MmacConfig(SearchConfig):
                                  "mask_area per class); if one class's stamp stands out, fit the bounds to send "
                                  "D's stamped images back to their labels instead of the max-margin search. auto: "
                                  "where none stands out, ask the MM-BD scan, and unlearn the stamp of the target it "
-                                 "names if that stamp sends most of D's other classes to it; stamp: the stamp's "
+                                 "names and the scan's universal perturbation toward it, each that sends most of "
+                                 "D's other classes to it; stamp: the stamp's "
                                  "own test only; off: the max-margin search alone.",
                          choices=("auto", "stamp", "off"))
     unlearn_gate: float = param(4.0, "How far (in MADs of the other classes) one class's stamp must stand out.",
                                 cli=False)
     scan_fooled: float = param(0.5, "unlearn auto: the least share of D's other-class images the scan's target's "
-                                    "stamp must send to it to be unlearned (a majority: a stamp that moves fewer "
-                                    "is no trigger, docs/experiments.md#stamp-scan-target).", cli=False)
+                                    "stamp, or its universal perturbation, must send to it to be unlearned (a "
+                                    "majority: one that moves fewer is no trigger, "
+                                    "docs/experiments.md#stamp-scan-target).", cli=False)
     unlearn_floor: float = param(0.97, "Accuracy floor on D and its shifts while unlearning.", cli=False)
     unlearn_weight0: float = param(0.02, "Starting weight of the stamped cross-entropy.", cli=False)
     unlearn_epochs: int = param(200, "Epochs of the unlearning stage.", cli=False)
@@ -45,7 +47,7 @@ class MmacConfig(SearchConfig):
 
     finetune: bool = param(False, "After the bounds, fine-tune the weights to unlearn the stamp found "
                                   "(method mmac-ft).", cli=False)
-    ft_epochs: int = param(20, "mmac-ft: epochs of the weights' fine-tune on D and its stamped copy.")
+    ft_epochs: int = param(20, "mmac-ft: epochs of the weights' fine-tune on D and its triggered copies.")
     ft_lr: float = param(1e-4, "mmac-ft: Adam's learning rate of the weights' fine-tune.")
     ft_batch: int = param(32, "mmac-ft: rows per step of the weights' fine-tune.", cli=False)
 
