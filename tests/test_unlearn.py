@@ -207,6 +207,7 @@ def test_the_scans_universal_perturbation_is_a_stand_in_where_it_moves_most_of_d
     scan_moves(0.3, 0.4)  # neither stand-in moves half of D: nothing to unlearn
     neither = scan_stamp(weak, engine, x, y, box, 3, cfg)
     assert not neither.found and neither.shift is None and neither.scan["shift"]["fooled"] == 0.4
+    assert neither.to_json()["stand_ins"] == []  # nothing is unlearned
     assert "(its universal perturbation 40%): max-margin search" in stamp_text(neither.to_json())
 
 

@@ -85,7 +85,7 @@ class Stamp:
             "mask_area": float(self.mask.sum()),
             "source": self.source,
             "scan": self.scan,
-            "stand_ins": ["stamp"] * self.use_stamp + ["shift"] * (self.shift is not None),
+            "stand_ins": (["stamp"] * self.use_stamp + ["shift"] * (self.shift is not None)) if self.found else [],
         }
 
 
