@@ -8,7 +8,7 @@ attack set (ASR: triggered images sent to the target; RA: sent to their true cla
 
 - none: the model as it is.
 - mmac: `harden` with its defaults (stamp unlearning, where no stamp stands out the scan's target's
-  stamp, else the max-margin search).
+  stamp and universal perturbation, else the max-margin search).
 - mmac-ft: `harden --method mmac-ft` (MMAC, then a found stamp unlearned in the weights too).
 - mmdf: `detect` with its defaults (detection rate on the attack set, FPR on the test set).
 - fine-tuning, fine-pruning, clp, adversarial-unlearning (i-BAU-like: a universal perturbation
