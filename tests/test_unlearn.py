@@ -210,6 +210,22 @@ def test_the_scans_universal_perturbation_is_a_stand_in_where_it_moves_most_of_d
     assert neither.to_json()["stand_ins"] == []  # nothing is unlearned
     assert "(its universal perturbation 40%): max-margin search" in stamp_text(neither.to_json())
 
+    scan_moves(0.8, 0.6)  # shift off: the stamp alone, as before the shift
+    assert scan_stamp(weak, engine, x, y, box, 3, replace(cfg, shift="off")).shift is None
+
+    # shift always: a stamp that stood out gets the scan's shift where the scan names its class
+    from mmexport.defences.mmac.unlearn import shift_stamp
+
+    standing = replace(stamp, target=target, found=True)
+    joined = shift_stamp(standing, engine, x, y, box, 3, cfg)
+    assert joined.copies == 2 and joined.source == "stamp" and torch.equal(joined.shift, delta[target])
+    assert "and the scan's universal perturbation toward it (80%)" in stamp_text(joined.to_json())
+    _scan_says(monkeypatch, "backdoor", (target + 1) % 3)
+    scan_moves(0.8, 0.6)
+    apart = shift_stamp(standing, engine, x, y, box, 3, cfg)  # the scan names another class
+    assert apart.copies == 1 and apart.shift is None and apart.found
+    assert f"alone (the scan names {(target + 1) % 3})" in stamp_text(apart.to_json())
+
 
 def test_harden_asks_the_scan_only_where_no_stamp_stands_out_and_unlearn_is_auto(monkeypatch):
     proto = tiny_cnn(seed=3)
@@ -230,3 +246,14 @@ def test_harden_asks_the_scan_only_where_no_stamp_stands_out_and_unlearn_is_auto
     _scan_says(monkeypatch, "clean", None)
     clean = mmexport.harden(proto, (x, y), **fast)
     assert clean.report.stage == "max-margin" and clean.report.stamp["scan"]["verdict"] == "clean"
+
+    standing = dict(fast, unlearn_gate=0.0)  # every stamp stands out: the scan is asked only for its shift
+    calls = _scan_says(monkeypatch, "clean", None)
+    found = mmexport.harden(proto, (x, y), **standing)
+    assert not calls and found.report.stage == "unlearn" and found.report.stamp["scan"] is None
+    always = mmexport.harden(proto, (x, y), shift="always", **standing)
+    assert calls and always.report.stage == "unlearn" and always.report.stamp["source"] == "stamp"
+    assert always.report.stamp["scan"]["verdict"] == "clean" and always.report.stamp["stand_ins"] == ["stamp"]
+    assert json.loads({p.key: p.value for p in always.model.metadata_props}["mmexport.settings"])["shift"] == "always"
+    with pytest.raises(MmexportError, match="shift"):
+        mmexport.harden(proto, (x, y), shift="sometimes", **fast)

@@ -77,6 +77,15 @@ def stamp_text(st: dict) -> str:
                ("stamp", "shift"): f"its stamp {sends}, its universal perturbation {moved}: unlearning both"}
         stand_ins = tuple(st.get("stand_ins", ["stamp"]))
         return f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); {ins[stand_ins]}"
+    if st["found"] and scan is not None and "skipped" not in scan:  # shift always: the scan asked for its shift
+        shift = scan.get("shift")
+        if "shift" in st.get("stand_ins", []):
+            also = f"and the scan's universal perturbation toward it ({100 * shift['fooled']:.0f}%)"
+        elif scan["target_class"] != t:
+            also = f"alone (the scan names {'no target' if scan['target_class'] is None else scan['target_class']})"
+        else:
+            also = f"alone (the scan's universal perturbation moves {100 * (shift or {}).get('fooled', 0.0):.0f}%)"
+        return f"stamp search: class {t} stands out by {st['outlier']:.1f} ({sends}); unlearning it {also}"
     if scan is not None and "skipped" in scan:  # too few classes for either test
         return (f"stamp search: {len(st['margins'])} classes: a stamp and the scan's statistics are judged "
                 "against the other classes' (at least 3 classes needed): max-margin search")

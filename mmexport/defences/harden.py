@@ -49,7 +49,7 @@ from .common.schedule import (
 from .common.search import fit_bounds, initial_bounds
 from .mmac.config import MmacConfig
 from .mmac.finetune import unlearn_weights
-from .mmac.unlearn import find_stamp, scan_stamp, unlearn_bounds
+from .mmac.unlearn import find_stamp, scan_stamp, shift_stamp, unlearn_bounds
 from .mmom.config import MmomConfig
 from .mmom.refit import find_classifier, refit, write_classifier
 from .mmom.search import LAMBDA_GRID, fit_mmom
@@ -222,9 +222,11 @@ def harden(
                 stamp_took = time.perf_counter() - clock[0]  # how fast rows run now (the scan is apart)
                 if progress is not None:
                     progress({"stamp": stamp.to_json()})
-                if not stamp.found and cfg.unlearn == "auto":
+                asked = (not stamp.found and cfg.unlearn == "auto") or (stamp.found and cfg.shift == "always")
+                if asked:
                     stage("scan")  # on its own limit, harden's where given: not taken from the stages' time
-                    stamp = scan_stamp(stamp, engine, x, y, box, k, cfg, chunk=chunk)
+                    ask = shift_stamp if stamp.found else scan_stamp
+                    stamp = ask(stamp, engine, x, y, box, k, cfg, chunk=chunk)
                     scan_took = time.perf_counter() - clock[0]
                     if progress is not None:
                         progress({"stamp": stamp.to_json()})

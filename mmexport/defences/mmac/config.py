@@ -30,6 +30,11 @@ class MmacConfig(SearchConfig):
                                  "D's other classes to it; stamp: the stamp's "
                                  "own test only; off: the max-margin search alone.",
                          choices=("auto", "stamp", "off"))
+    shift: str = param("scan", "The scan's universal perturbation toward its target as a second stand-in of the "
+                               "trigger (one more triggered copy of D): scan: where the scan is asked (no stamp "
+                               "stands out); always: where a stamp stands out too, asking the scan for it (one "
+                               "scan more, 3-7 min at real size on two cores); off: never.",
+                       choices=("scan", "always", "off"))
     unlearn_gate: float = param(4.0, "How far (in MADs of the other classes) one class's stamp must stand out.",
                                 cli=False)
     scan_fooled: float = param(0.5, "unlearn auto: the least share of D's other-class images the scan's target's "

@@ -164,33 +164,15 @@ def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box,
     the target; a stamp that moves most of D to that class is a trigger's stand-in. A global
     additive trigger (the LF-like VGG's smooth pattern) has no stamp of bounded area; the
     perturbation of the universal search (of the two norms, the one that moves more of D) is
-    its stand-in: unlearned in the weights it took that model's ASR from 80% to 2-3%
-    (docs/experiments.md#scan-shift).
+    its stand-in: unlearned in the weights (mmac-ft) it took that model's ASR from 80% to
+    2.7-4.0% (docs/experiments.md#scan-shift).
     """
-    from ..mmbd.scan import ScanConfig, scan_engine, schedule_scan
-    from ..mmbd.stats import decide
-
     if num_classes < MIN_CLASSES:
         return replace(stamp, scan={"skipped": f"{num_classes} classes; the scan's null needs at least {MIN_CLASSES}"})
-    # the scan's defaults, on harden's time limit where one is given (auto: the scan's own)
-    scan_cfg = ScanConfig(seed=config.seed, time_limit=getattr(config, "time_limit", None))
-    plan = schedule_scan(engine, x, num_classes, scan_cfg, x.device)
-    kept: dict = {}
-    tests = scan_engine(engine, x, y, num_classes, box, plan.config, chunk=plan.chunk, perturbations=kept)
-    verdict, target, p, statistic = decide(tests, plan.config.alpha, plan.config.combine)
-    summary = {"verdict": verdict, "target_class": target, "p_value": p, "statistic": statistic,
-               "schedule": plan.to_json()}
+    summary, target, shift = ask_scan(engine, x, y, box, num_classes, config, chunk)
     if target is None:
         return replace(stamp, scan=summary)
-    least = getattr(config, "scan_fooled", 0.5)
-    shift = None
-    moved = {name: k["fooled"][target] for name, k in kept.items() if k.get("fooled")}
-    if moved:
-        name = max(moved, key=moved.get)
-        summary["shift"] = {"statistic": name, "fooled": moved[name]}
-        if moved[name] >= least:
-            shift = ranks.from_owner(kept[name]["delta"][target].detach().cpu(), target, num_classes).to(x.device)
-    use_stamp = stamp.fooled[target] >= least
+    use_stamp = stamp.fooled[target] >= getattr(config, "scan_fooled", 0.5)
     if not use_stamp and shift is None:
         return replace(stamp, scan=summary)
     ms = stamp.maximisers
@@ -199,6 +181,46 @@ def scan_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box,
     return replace(stamp, target=target, found=True, source="scan", scan=summary,
                    mask=mask.to(x.device), pattern=pattern.to(x.device), shift=shift, box=box,
                    use_stamp=use_stamp)
+
+
+def shift_stamp(stamp: Stamp, engine, x: torch.Tensor, y: torch.Tensor, box: Box, num_classes: int,
+                config: SearchConfig, chunk: int | None = None) -> Stamp:
+    """Where a stamp stood out (`shift="always"`): the scan is asked too, and its universal
+    perturbation joins the stamp as a stand-in if the scan names the stamp's class and the
+    perturbation moves at least `scan_fooled` of D's other classes to it."""
+    if num_classes < MIN_CLASSES:
+        return stamp
+    summary, target, shift = ask_scan(engine, x, y, box, num_classes, config, chunk)
+    if target != stamp.target or shift is None:
+        return replace(stamp, scan=summary)
+    return replace(stamp, scan=summary, shift=shift, box=box)
+
+
+def ask_scan(engine, x: torch.Tensor, y: torch.Tensor, box: Box, num_classes: int, config: SearchConfig,
+             chunk: int | None = None) -> tuple[dict, int | None, torch.Tensor | None]:
+    """The MM-BD scan with its defaults (on harden's time limit where one is given): its verdict,
+    its target (None: clean), and its universal perturbation toward the target, of the norm that
+    moves more of D, where that moves at least `scan_fooled` of D's other classes (None too where
+    `config.shift` is off)."""
+    from ..mmbd.scan import ScanConfig, scan_engine, schedule_scan
+    from ..mmbd.stats import decide
+
+    scan_cfg = ScanConfig(seed=config.seed, time_limit=getattr(config, "time_limit", None))
+    plan = schedule_scan(engine, x, num_classes, scan_cfg, x.device)
+    kept: dict = {}
+    tests = scan_engine(engine, x, y, num_classes, box, plan.config, chunk=plan.chunk, perturbations=kept)
+    verdict, target, p, statistic = decide(tests, plan.config.alpha, plan.config.combine)
+    summary = {"verdict": verdict, "target_class": target, "p_value": p, "statistic": statistic,
+               "schedule": plan.to_json()}
+    moved = {name: k["fooled"][target] for name, k in kept.items() if k.get("fooled")} if target is not None else {}
+    if not moved:
+        return summary, target, None
+    name = max(moved, key=moved.get)
+    summary["shift"] = {"statistic": name, "fooled": moved[name]}
+    if moved[name] < getattr(config, "scan_fooled", 0.5) or getattr(config, "shift", "scan") == "off":
+        return summary, target, None
+    delta = ranks.from_owner(kept[name]["delta"][target].detach().cpu(), target, num_classes)
+    return summary, target, delta.to(x.device)
 
 
 def halves(y: torch.Tensor) -> torch.Tensor:
