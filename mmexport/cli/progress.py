@@ -68,23 +68,24 @@ def stamp_text(st: dict) -> str:
     t = st["target"]
     sends = f"sends {100 * st['fooled'][t]:.0f}% of D's other classes to it"
     scan = st.get("scan")
+    moved = f"{100 * ((scan or {}).get('shift') or {}).get('fooled', 0.0):.0f}%"  # by the scan's shift
+    stand_ins = st.get("stand_ins", ["stamp"])
     if st.get("source") == "scan":
-        shift = scan.get("shift") or {}
-        moved = f"{100 * shift.get('fooled', 0.0):.0f}%"
-        ins = {("stamp",): f"its stamp {sends}: unlearning it",
-               ("shift",): f"its stamp sends only {100 * st['fooled'][t]:.0f}%, its universal perturbation "
-                           f"{moved}: unlearning the perturbation",
-               ("stamp", "shift"): f"its stamp {sends}, its universal perturbation {moved}: unlearning both"}
-        stand_ins = tuple(st.get("stand_ins", ["stamp"]))
-        return f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); {ins[stand_ins]}"
+        if "shift" not in stand_ins:
+            what = f"its stamp {sends}: unlearning it"
+        elif "stamp" not in stand_ins:
+            what = (f"its stamp sends only {100 * st['fooled'][t]:.0f}%, its universal perturbation {moved}: "
+                    "unlearning the perturbation")
+        else:
+            what = f"its stamp {sends}, its universal perturbation {moved}: unlearning both"
+        return f"scan: backdoor, target class {t} (p = {scan['p_value']:.3g}); {what}"
     if st["found"] and scan is not None and "skipped" not in scan:  # shift always: the scan asked for its shift
-        shift = scan.get("shift")
-        if "shift" in st.get("stand_ins", []):
-            also = f"and the scan's universal perturbation toward it ({100 * shift['fooled']:.0f}%)"
+        if "shift" in stand_ins:
+            also = f"and the scan's universal perturbation toward it ({moved})"
         elif scan["target_class"] != t:
             also = f"alone (the scan names {'no target' if scan['target_class'] is None else scan['target_class']})"
         else:
-            also = f"alone (the scan's universal perturbation moves {100 * (shift or {}).get('fooled', 0.0):.0f}%)"
+            also = f"alone (the scan's universal perturbation moves {moved})"
         return f"stamp search: class {t} stands out by {st['outlier']:.1f} ({sends}); unlearning it {also}"
     if scan is not None and "skipped" in scan:  # too few classes for either test
         return (f"stamp search: {len(st['margins'])} classes: a stamp and the scan's statistics are judged "
@@ -94,8 +95,7 @@ def stamp_text(st: dict) -> str:
             why = f"the scan finds no target (p = {scan['p_value']:.3g})"
         else:
             c = scan["target_class"]
-            shift = scan.get("shift")
-            also = f" (its universal perturbation {100 * shift['fooled']:.0f}%)" if shift else ""
+            also = f" (its universal perturbation {moved})" if scan.get("shift") else ""
             why = (f"the scan's target {c} (p = {scan['p_value']:.3g}) has a stamp that sends only "
                    f"{100 * st['fooled'][c]:.0f}% of D's other classes to it{also}")
         return f"stamp search: no stamp stands out and {why}: max-margin search"

@@ -184,12 +184,12 @@ def unlearn_work(c, n: int, k: int) -> Work:
                 forwards=c.unlearn_epochs / c.check_every * (c.floor_rows + n / 2))
 
 
-def finetune_work(c, n: int, k: int, copies: int = 1) -> Work:
-    """mmac-ft's fine-tune of the weights: every epoch D and `copies` triggered copies of its
-    other-class images (one per stand-in: the stamp, the scan's shift). A pass that also takes
-    the weights' gradients is priced at 1.5 row passes (a convolution's weight gradient costs
-    about what its input gradient does)."""
-    return Work(passes=1.5 * c.ft_epochs * (n + copies * n * (k - 1) / k))
+def finetune_work(c, n: int, k: int) -> Work:
+    """mmac-ft's fine-tune of the weights: every epoch D and its other-class images stamped (a
+    second copy, shifted, where the scan's shift joins the stamp: about half again). A pass that
+    also takes the weights' gradients is priced at 1.5 row passes (a convolution's weight
+    gradient costs about what its input gradient does)."""
+    return Work(passes=1.5 * c.ft_epochs * (n + n * (k - 1) / k))
 
 
 def mmac_work(c, n: int, k: int) -> Work:

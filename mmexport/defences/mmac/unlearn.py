@@ -53,9 +53,9 @@ class Stamp:
     mask: torch.Tensor = field(repr=False)  # of the target class, shaped like a sample, 1 channel
     pattern: torch.Tensor = field(repr=False)
     source: str = "stamp"  # what named the target: the stamp's outlier score, or the scan
-    scan: dict | None = None  # the scan's verdict where it was asked (no stamp stood out)
+    scan: dict | None = None  # the scan's verdict where it was asked (no stamp stood out, or shift "always")
     maximisers: object = field(default=None, repr=False, compare=False)  # every class's stamp
-    # the scan's universal perturbation toward the target, where it moves D (source "scan")
+    # the scan's universal perturbation toward the target, where it moves most of D
     shift: torch.Tensor | None = field(default=None, repr=False)
     box: Box | None = field(default=None, repr=False)  # what the shifted images are clamped to
     use_stamp: bool = True  # the stamp is a stand-in (the scan's route may keep the shift alone)
@@ -64,9 +64,14 @@ class Stamp:
         return stamped(x, self.mask, self.pattern)
 
     @property
+    def stand_ins(self) -> list[str]:
+        """What stands in for the trigger: the stamp, the scan's shift, or both."""
+        return ["stamp"] * self.use_stamp + ["shift"] * (self.shift is not None)
+
+    @property
     def copies(self) -> int:
         """How many triggered copies of an image `triggered` makes: one per stand-in."""
-        return int(self.use_stamp) + int(self.shift is not None)
+        return len(self.stand_ins)
 
     def triggered(self, x: torch.Tensor) -> torch.Tensor:
         """x under every stand-in of the trigger, copy after copy (labels: `y.repeat(copies)`)."""
@@ -85,7 +90,7 @@ class Stamp:
             "mask_area": float(self.mask.sum()),
             "source": self.source,
             "scan": self.scan,
-            "stand_ins": (["stamp"] * self.use_stamp + ["shift"] * (self.shift is not None)) if self.found else [],
+            "stand_ins": self.stand_ins if self.found else [],
         }
 
 
