@@ -292,6 +292,9 @@ def _check_plot_available() -> None:
 @path_option("-o", "--out", help="Output model [default: <model>.mmdf.onnx beside the input].")
 @path_option("--bounds", "bounds_path", help="Use these bounds (.bounds.json) instead of computing them.")
 @path_option("--hardened", help="Use the bounds of this model, hardened by mmexport from MODEL.")
+@path_option("--serve", help="Give the inputs MMDF does not flag this model's output instead of MODEL's: a model "
+                             "harden wrote from MODEL (e.g. --method mmac-ft), so MMDF backs what hardening "
+                             "removed. The graph holds both models and runs this one on every input.")
 @config_options(MmdfConfig, callbacks={"avoid": avoid_class}, aliases={"law": ["--null"]},
                 metavars={"avoid": "scan|none|CLASS"})
 @config_options(MmacConfig, exclude=("seed", "granularity"), callbacks={"time_limit": time_limit},
@@ -303,7 +306,7 @@ def _check_plot_available() -> None:
 @click.option("--no-bounds-file", is_flag=True, help="Do not write <out>.bounds.json.")
 @output_flags
 @model_io
-def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, provider, threads, report_path,
+def detect(model, data, preprocess, out, bounds_path, hardened, serve, layout, device, provider, threads, report_path,
            no_bounds_file, force, as_json, quiet, input_name, output_name, **settings):
     """Write an MMDF model: test-time backdoor detection and fix in one ONNX graph.
 
@@ -319,24 +322,26 @@ def detect(model, data, preprocess, out, bounds_path, hardened, layout, device, 
     class are tested, so clean traffic costs about the original model; the others' scores
     are NaN. Without a focus class, the margin test judges only the --screen share of
     clean inputs whose activations pass their clean range furthest, and the gate runs the
-    bounded branch on those and on what the feature test flags. The MMAC options apply
-    with --method mmac.
+    bounded branch on those and on what the feature test flags. With --serve H (harden's
+    output from MODEL), the inputs MMDF does not flag get H's logits: MMDF tests MODEL
+    as calibrated and backs the triggers hardening could not name. The MMAC options
+    apply with --method mmac.
     """
     from ..core.provenance import check_output_paths, default_output
     from ..defences.mmdf.detector import detect as run_detect
 
     out = out or default_output(model, "mmdf")
     bounds_out = None if no_bounds_file else out.with_name(out.name + ".bounds.json")
-    inputs = (model, data, bounds_path, hardened)
+    inputs = (model, data, bounds_path, hardened, serve)
     check_output_paths((out, bounds_out, report_path), force=force, inputs=inputs)
     overrides = set_only(**settings)
     if overrides.get("avoid") == "none":
         overrides["avoid"] = None
     clean, _ = read_sources(data, preprocess=preprocess, model=model, input_name=input_name, output_name=output_name)
     with Progress(quiet, "MMDF") as progress:
-        result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, layout=layout, device=device,
-                            provider=provider, threads=threads, input_name=input_name, output_name=output_name,
-                            progress=progress, **overrides)
+        result = run_detect(model, clean, bounds=bounds_path, hardened=hardened, serve=serve, layout=layout,
+                            device=device, provider=provider, threads=threads, input_name=input_name,
+                            output_name=output_name, progress=progress, **overrides)
     if not leader():
         return
     summary = write_outputs(result, out, bounds_out, report_path, force=force, inputs=inputs)

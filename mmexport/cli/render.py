@@ -228,6 +228,10 @@ def print_detect(summary: dict) -> None:
                    + ("flagged inputs never go to it" if avoid["class"] is not None else "no class avoided"))
     elif avoid.get("class") is not None:
         _out.print(f"flagged inputs never go to class {avoid['class']} (given)")
+    served = summary.get("served")
+    if served:
+        _out.print(f"serves: inputs not flagged get the output of {served['file']} "
+                   f"({served.get('method') or 'hardened'}) instead of the original's")
     for kind, path in summary["written"].items():
         _out.print(f"wrote {kind}: {path}")
 

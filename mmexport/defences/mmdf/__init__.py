@@ -63,4 +63,8 @@ the VGGs).
 
 Bounds are written unfolded (`Min` / `Clip`, as `apply_bounds(form="min")`): folding them
 would rescale weights the original branch shares.
+
+Serve. Given a model harden wrote from this one (`serve`, `mmdf.serve`), the inputs MMDF does
+not flag get that model's output instead of the original's: MMDF backs mmac-ft, which removes
+the triggers it can name from the weights and leaves the others whole.
 """

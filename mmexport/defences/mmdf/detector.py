@@ -27,6 +27,7 @@ from .config import MmdfConfig
 from .features import fit_features, site_feature_arrays
 from .graph import METHOD, SCORE, build_mmdf_graph, is_gated
 from .null import ROUNDING, NullFit, fit_image_null, fit_null
+from .serve import check_served, serve_unflagged
 
 
 @dataclass
@@ -56,6 +57,9 @@ class DetectReport:
     screen: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
     gated: bool = False  # the tests run inside the gate (mmdf.gate)
+    # The hardened model whose logits the unflagged inputs get ({"file", "method", "sha256"}),
+    # or None: the original's (mmdf.serve).
+    served: dict | None = None
     # The false-positive rate on new clean images the conformal thresholds hold (both tests
     # together): alpha, or more where D has too few images for it; None for other laws.
     false_positive_guarantee: float | None = None
@@ -206,6 +210,7 @@ def detect(
     *,
     bounds=None,
     hardened=None,
+    serve=None,
     input_name: str | None = None,
     output_name: str | None = None,
     layout: str | None = None,
@@ -243,15 +248,18 @@ def detect(
     onnxruntime's thread count (default: the cores this process may use). For a model that
     outputs probabilities (a final Softmax), d is taken on the logits behind them and the
     graph switches the logits, before the Softmax.
+    `serve`: a model mmexport hardened from this one (path or ModelProto, e.g. `harden`'s
+    mmac-ft output): the inputs MMDF does not flag get its output instead of the original's
+    (`mmdf.serve`); the tests and their calibration are the same.
     """
     check_threads(threads)
     with using_threads(threads):
-        return _detect(model, clean_set, config, bounds=bounds, hardened=hardened, input_name=input_name,
+        return _detect(model, clean_set, config, bounds=bounds, hardened=hardened, serve=serve, input_name=input_name,
                        output_name=output_name, layout=layout, device=device, provider=provider,
                        progress=progress, overrides=overrides)
 
 
-def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_name, layout, device,
+def _detect(model, clean_set, config, *, bounds, hardened, serve, input_name, output_name, layout, device,
             provider, progress, overrides) -> DetectResult:
     from ...core.model import as_model
 
@@ -263,7 +271,8 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
         raise ParameterError("search", "MMAC settings apply where MMDF searches the bounds, not to bounds given")
     statistic, alpha, folds, seed, avoid = cfg.statistic, cfg.alpha, cfg.folds, cfg.seed, cfg.avoid
     m = as_model(model, input_name=input_name, output_name=output_name)
-    k = check_original(m, hardened_hint=" and pass the hardened one as `hardened`")
+    k = check_original(m, hardened_hint=" and pass the hardened one as `hardened` (its bounds) or `serve` (its output "
+                                         "for the inputs MMDF does not flag)")
     if isinstance(avoid, int) and not 0 <= avoid < k:
         raise ParameterError("avoid", f"{avoid}: not one of the model's {k} classes (0..{k - 1})")
     clean = as_dataset(clean_set, model=m)
@@ -275,6 +284,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
             f"{max(folds, 10)} to calibrate its threshold"
         )
     source_sha = model_sha256(m)
+    served, served_info = _served(serve, m, source_sha)
     axis = input_layout(m, layout).channel_axis
     x = shifted(clean.x, axis) if cfg.augment else clean.x
     bounds, source, harden_report, maxima = _resolve_bounds(
@@ -288,6 +298,8 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
                            feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
                            avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name,
                            gate=cfg.gate, screen=cal.screen.get("threshold"), own_weights=cfg.own_weights)
+    if served is not None:
+        out = serve_unflagged(out, served, m.output_name)
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,
@@ -308,11 +320,26 @@ def _detect(model, clean_set, config, *, bounds, hardened, input_name, output_na
         },
         harden=harden_report, avoid=avoid_report, focus=cal.plan, screen=cal.screen,
         settings={k_: v for k_, v in cfg.to_json().items() if k_ != "search"}, gated=is_gated(out),
-        false_positive_guarantee=_guarantee(cal),
+        false_positive_guarantee=_guarantee(cal), served=served_info,
     )
     set_metadata(out, _provenance(report, cal, m.output_name, report.gated))
     return DetectResult(model=out, threshold=cal.null.threshold, report=report, bounds=bounds,
                         null=cal.null)
+
+
+def _served(serve, m: Model, source_sha: str) -> tuple[onnx.ModelProto | None, dict | None]:
+    """The model to serve the unflagged inputs, read and checked (mmdf.serve), and its report entry."""
+    from ...core.model import read_onnx
+    from ...core.provenance import sha256_bytes, sha256_file
+
+    if serve is None:
+        return None, None
+    if isinstance(serve, onnx.ModelProto):
+        proto, where, sha = serve, "served model", sha256_bytes(serve.SerializeToString())
+    else:
+        proto, where, sha = read_onnx(serve), str(serve), sha256_file(serve)
+    info = check_served(proto, m.proto, where=where, output_name=m.output_name, source_sha=source_sha)
+    return proto, info | {"sha256": sha}
 
 
 def _resolve_bounds(m: Model, clean: Dataset, x: np.ndarray, cfg: MmdfConfig, bounds, hardened,
@@ -471,6 +498,7 @@ def _provenance(report: DetectReport, cal: Calibration, output_name: str, gated:
         "mmexport.mmdf.gated": str(gated).lower(),
         "mmexport.mmdf.screen": "" if "threshold" not in cal.screen else repr(cal.screen["threshold"]),
         "mmexport.mmdf.output": output_name,
+        "mmexport.mmdf.served": "" if report.served is None else json.dumps(report.served, sort_keys=True),
         "mmexport.seed": str(report.seed),
         "mmexport.source_sha256": report.model_sha256,
         "mmexport.data_sha256": report.data_sha256,

@@ -1,0 +1,101 @@
+"""MMDF backing a hardened model: the inputs MMDF does not flag get the hardened model's logits.
+
+`harden --method mmac-ft` removes the triggers it can name (its stamp, the scan's shift) from
+the weights; a trigger it cannot name (a 20% blend on the real tier's EfficientNet) passes
+untouched, and MMDF, which needs no trigger named, catches it at test time. Stacked, MMDF's
+tests run on the original model as they were calibrated, a flagged input gets MMDF's fix
+(never the input's predicted class, nor the suspected target), and every other input gets
+the hardened model's logits instead of the original's. The graph then holds both models'
+weights and runs the hardened one on every input: about the hardened model's cost on top
+of MMDF's. Torch-free.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import compose, helper
+
+from ...core.errors import MmexportError
+from ...core.model import onnx_opset
+from ...core.provenance import get_metadata
+from .graph import DETECTED, is_mmdf_model
+
+SERVED_PREFIX = "mmdf/served/"
+SWITCHED = "mmdf/switched/"
+
+
+def check_served(served: onnx.ModelProto, original: onnx.ModelProto, *, where: str, output_name: str,
+                 source_sha: str) -> dict:
+    """What the stacked graph needs of the served model, checked before any work; returns its
+    description for the report (method, sha256)."""
+    meta = get_metadata(served)
+    if is_mmdf_model(served):
+        raise MmexportError(f"{where}: an MMDF model; --serve takes a model harden wrote")
+    made_from = meta.get("mmexport.source_sha256")
+    if not made_from:
+        raise MmexportError(f"{where}: not written by mmexport harden (no mmexport.source_sha256 metadata)")
+    if made_from != source_sha:
+        raise MmexportError(f"{where}: was hardened from another model (source sha256 {made_from[:12]}..., "
+                            f"this model {source_sha[:12]}...)")
+    if onnx_opset(served) != onnx_opset(original) or served.ir_version != original.ir_version:
+        raise MmexportError(f"{where}: opset {onnx_opset(served)}, IR {served.ir_version}; the model has opset "
+                            f"{onnx_opset(original)}, IR {original.ir_version}")
+    ins, want = _inputs(served), _inputs(original)
+    if ins != want:
+        raise MmexportError(f"{where}: inputs {list(ins)} differ from the model's {list(want)}")
+    outs = {o.name: o.type for o in served.graph.output}
+    theirs = {o.name: o.type for o in original.graph.output}
+    if output_name not in outs or outs[output_name] != theirs.get(output_name):
+        raise MmexportError(f"{where}: no output {output_name!r} typed as the model's")
+    return {"file": where, "method": meta.get("mmexport.method")}
+
+
+def _inputs(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The graph inputs that are not initializers (older IRs list those too)."""
+    inits = {i.name for i in proto.graph.initializer}
+    return {i.name: i.type for i in proto.graph.input if i.name not in inits}
+
+
+def _rename_inputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Node inputs renamed, in subgraphs too (they read outer-scope tensors by name)."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in names:
+                node.input[i] = names[name]
+        for a in node.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                _rename_inputs(g, names)
+
+
+def serve_unflagged(mmdf: onnx.ModelProto, served: onnx.ModelProto, output_name: str) -> onnx.ModelProto:
+    """`mmdf` whose output `output_name` is, for the rows `mmdf_detected` leaves unflagged,
+    `served`'s output of that name; both protos are left untouched."""
+    theirs = compose.add_prefix(served, SERVED_PREFIX, inplace=False)
+    shared = {SERVED_PREFIX + name: name for name in _inputs(served)}
+    _rename_inputs(theirs.graph, shared)
+    out = onnx.ModelProto()
+    out.CopyFrom(mmdf)
+    g = out.graph
+    switched = SWITCHED + output_name
+    for node in g.node:  # MMDF's output becomes a tensor of its own; its readers keep reading it
+        for i, name in enumerate(node.output):
+            if name == output_name:
+                node.output[i] = switched
+    _rename_inputs(g, {output_name: switched})
+    g.node.extend(theirs.graph.node)
+    g.initializer.extend(theirs.graph.initializer)
+    g.sparse_initializer.extend(theirs.graph.sparse_initializer)
+    g.value_info.extend(theirs.graph.value_info)
+    column = helper.make_tensor(SERVED_PREFIX + "column", onnx.TensorProto.INT64, [2], [-1, 1])
+    g.initializer.append(column)
+    g.node.extend([
+        helper.make_node("Reshape", [DETECTED, column.name], [SERVED_PREFIX + "flagged"],
+                         name=SERVED_PREFIX + "flagged"),
+        helper.make_node("Where", [SERVED_PREFIX + "flagged", switched, SERVED_PREFIX + output_name],
+                         [output_name], name=SERVED_PREFIX + "switch"),
+    ])
+    domains = {o.domain for o in out.opset_import}
+    out.opset_import.extend(o for o in served.opset_import if o.domain not in domains)
+    known = {(f.domain, f.name) for f in out.functions}
+    out.functions.extend(f for f in theirs.functions if (f.domain, f.name) not in known)
+    return out
