@@ -13,7 +13,7 @@ from mmexport.core.bounds import Bounds
 from mmexport.core.errors import MmexportError
 from mmexport.core.provenance import get_metadata, set_metadata, sha256_bytes
 from mmexport.defences.mmdf.detector import detect
-from mmexport.defences.mmdf.graph import DETECTED
+from mmexport.defences.mmdf.graph import DETECTED, SUPPRESSED
 from mmexport.graph.rewrite import apply_bounds
 from mmexport.runtime.sessions import session
 
@@ -24,6 +24,13 @@ def ort(proto, x):
     sess, _ = session(proto, provider="cpu")
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, {sess.get_inputs()[0].name: x}), strict=True))
+
+
+def expected(alone: dict, served: dict) -> np.ndarray:
+    """The served logits, but where MMDF alone flagged a row, the classes its fix suppressed."""
+    low = alone["logits"] < SUPPRESSED / 2
+    assert (low.sum(1) >= alone[DETECTED]).all()  # a flagged row always loses its predicted class
+    return np.where(low & alone[DETECTED][:, None], alone["logits"], served["logits"])
 
 
 def hardened_from(proto, bounds, *, shift: float = 0.0, method: str = "mmac-ft"):
@@ -49,7 +56,7 @@ def tiny():
     return proto, x, y, bounds, probe
 
 
-def test_unflagged_rows_get_the_served_logits_and_flagged_rows_mmdfs_fix(tiny):
+def test_rows_get_the_served_logits_less_what_mmdf_suppressed_in_flagged_rows(tiny):
     proto, x, y, bounds, probe = tiny
     served = hardened_from(proto, bounds, shift=0.7)
     alone = detect(proto, (x, y), bounds=bounds, **FIXED)
@@ -58,8 +65,11 @@ def test_unflagged_rows_get_the_served_logits_and_flagged_rows_mmdfs_fix(tiny):
     flagged = a[DETECTED]
     assert 0 < flagged.sum() < len(probe)  # both kinds of rows are checked
     np.testing.assert_array_equal(s[DETECTED], flagged)
+    np.testing.assert_allclose(s["logits"], expected(a, h), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(s["logits"][~flagged], h["logits"][~flagged], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(s["logits"][flagged], a["logits"][flagged], rtol=1e-6, atol=1e-6)
+    # A flagged row never gets the original's prediction; otherwise the served model's ranking.
+    original = ort(proto, probe)["logits"].argmax(1)
+    assert (s["logits"][flagged].argmax(1) != original[flagged]).all()
     assert not np.allclose(h["logits"], a["logits"], atol=1e-3)  # the served model really differs
     assert stacked.threshold == alone.threshold
 
@@ -88,10 +98,9 @@ def test_a_gated_graph_serves_too(tiny):
     stacked = detect(proto, (x, y), bounds=bounds, serve=served, **gated)
     assert stacked.report.gated
     a, s, h = ort(alone.model, probe), ort(stacked.model, probe), ort(served, probe)
-    keep = ~a[DETECTED]
-    assert 0 < keep.sum() < len(probe)
-    np.testing.assert_allclose(s["logits"][keep], h["logits"][keep], rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(s["logits"][~keep], a["logits"][~keep], rtol=1e-6, atol=1e-6)
+    assert 0 < a[DETECTED].sum() < len(probe)
+    np.testing.assert_allclose(s["logits"], expected(a, h), rtol=1e-6, atol=1e-6)
+    assert (s["logits"][a[DETECTED]].argmax(1) != gated["avoid"]).all()
 
 
 def test_serve_refuses_what_harden_did_not_write_from_this_model(tiny):
@@ -133,3 +142,19 @@ def test_cli_detect_serve(tmp_path, tiny):
     r = run(*base, "--serve", tmp_path / "m.onnx", "-o", tmp_path / "x.onnx")
     assert r.exit_code != 0 and "not written by mmexport harden" in r.output
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_probabilities_model_serves_its_probabilities_and_mmdfs_in_flagged_rows(tiny):
+    from variants import with_softmax
+
+    proto, x, y, bounds, probe = tiny
+    probs = with_softmax(proto)
+    served = hardened_from(probs, bounds, shift=0.7)
+    alone = detect(probs, (x, y), bounds=bounds, **FIXED)
+    stacked = detect(probs, (x, y), bounds=bounds, serve=served, **FIXED)
+    out = probs.graph.output[0].name
+    a, s, h = ort(alone.model, probe), ort(stacked.model, probe), ort(served, probe)
+    flagged = a[DETECTED]
+    assert 0 < flagged.sum() < len(probe)
+    np.testing.assert_allclose(s[out], np.where(flagged[:, None], a[out], h[out]), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(s[out].sum(1), 1.0, rtol=1e-5)

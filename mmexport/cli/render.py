@@ -115,7 +115,8 @@ def print_harden(summary: dict) -> None:
                    f"{copies} copies): those copies sent to class {stamp['target']} {_pct(f0)} -> {_pct(f1)}, "
                    f"accuracy on D {_pct(a0)} -> {_pct(a1)}")
     elif summary["method"] == "mmac-ft":
-        _out.print("weights not fine-tuned: no stamp stood out (mmac-ft is MMAC here)")
+        _out.print("weights not fine-tuned: no stamp stood out (mmac-ft is MMAC here); a trigger nobody named can "
+                   "still be caught at test time: mmexport detect MODEL --data D --serve this model")
     forms = summary.get("site_forms") or {}
     for site in forms.get("sites", []):
         why = f" ({site['reason']})" if site.get("reason") else ""

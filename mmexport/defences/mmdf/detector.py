@@ -299,7 +299,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, serve, input_name, ou
                            avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name,
                            gate=cfg.gate, screen=cal.screen.get("threshold"), own_weights=cfg.own_weights)
     if served is not None:
-        out = serve_unflagged(out, served, m.output_name)
+        out = serve_unflagged(out, served, m.output_name, logits=logits_of(m).name == m.output_name)
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,

@@ -3,22 +3,26 @@
 `harden --method mmac-ft` removes the triggers it can name (its stamp, the scan's shift) from
 the weights; a trigger it cannot name (a 20% blend on the real tier's EfficientNet) passes
 untouched, and MMDF, which needs no trigger named, catches it at test time. Stacked, MMDF's
-tests run on the original model as they were calibrated, a flagged input gets MMDF's fix
-(never the input's predicted class, nor the suspected target), and every other input gets
-the hardened model's logits instead of the original's. The graph then holds both models'
+tests run on the original model as they were calibrated; every input gets the hardened
+model's logits, except that in a flagged row the classes MMDF's fix suppresses (the original
+prediction, the suspected target) stay suppressed: the hardened model's best other class,
+which for a trigger mmac-ft unlearned is mostly the true one (MMDF's own fix, the bounded
+original's best other class, is often not). Where the output is probabilities (a final
+Softmax), a flagged row gets MMDF's output as it is. The graph then holds both models'
 weights and runs the hardened one on every input: about the hardened model's cost on top
 of MMDF's. Torch-free.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import compose, helper
 
 from ...core.errors import MmexportError
 from ...core.model import onnx_opset
 from ...core.provenance import get_metadata
-from .graph import DETECTED, is_mmdf_model
+from .graph import DETECTED, SUPPRESSED, is_mmdf_model
 
 SERVED_PREFIX = "mmdf/served/"
 SWITCHED = "mmdf/switched/"
@@ -67,9 +71,12 @@ def _rename_inputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
                 _rename_inputs(g, names)
 
 
-def serve_unflagged(mmdf: onnx.ModelProto, served: onnx.ModelProto, output_name: str) -> onnx.ModelProto:
-    """`mmdf` whose output `output_name` is, for the rows `mmdf_detected` leaves unflagged,
-    `served`'s output of that name; both protos are left untouched."""
+def serve_unflagged(mmdf: onnx.ModelProto, served: onnx.ModelProto, output_name: str, *,
+                    logits: bool = True) -> onnx.ModelProto:
+    """`mmdf` whose output `output_name` is `served`'s output of that name in the rows
+    `mmdf_detected` leaves unflagged, and in flagged rows too where `logits` (the output is
+    the logits MMDF switches), but for the classes MMDF suppressed there. Both protos are left
+    untouched."""
     theirs = compose.add_prefix(served, SERVED_PREFIX, inplace=False)
     shared = {SERVED_PREFIX + name: name for name in _inputs(served)}
     _rename_inputs(theirs.graph, shared)
@@ -88,12 +95,22 @@ def serve_unflagged(mmdf: onnx.ModelProto, served: onnx.ModelProto, output_name:
     g.value_info.extend(theirs.graph.value_info)
     column = helper.make_tensor(SERVED_PREFIX + "column", onnx.TensorProto.INT64, [2], [-1, 1])
     g.initializer.append(column)
-    g.node.extend([
-        helper.make_node("Reshape", [DETECTED, column.name], [SERVED_PREFIX + "flagged"],
-                         name=SERVED_PREFIX + "flagged"),
-        helper.make_node("Where", [SERVED_PREFIX + "flagged", switched, SERVED_PREFIX + output_name],
-                         [output_name], name=SERVED_PREFIX + "switch"),
-    ])
+    keep = SERVED_PREFIX + "flagged"
+    g.node.append(helper.make_node("Reshape", [DETECTED, column.name], [keep], name=keep))
+    if logits:  # flagged rows keep MMDF's suppressed classes, the served logits elsewhere
+        elem = {o.name: o.type.tensor_type.elem_type for o in out.graph.output}[output_name]
+        low = -min(-SUPPRESSED, float(np.finfo(helper.tensor_dtype_to_np_dtype(elem)).max) / 2)
+        half = helper.make_tensor(SERVED_PREFIX + "half_suppressed", elem, [], [low / 2])
+        g.initializer.append(half)
+        g.node.extend([
+            helper.make_node("Less", [switched, half.name], [SERVED_PREFIX + "suppressed"],
+                             name=SERVED_PREFIX + "suppressed"),
+            helper.make_node("And", [keep, SERVED_PREFIX + "suppressed"], [SERVED_PREFIX + "kept"],
+                             name=SERVED_PREFIX + "kept"),
+        ])
+        keep = SERVED_PREFIX + "kept"
+    g.node.append(helper.make_node("Where", [keep, switched, SERVED_PREFIX + output_name], [output_name],
+                                   name=SERVED_PREFIX + "switch"))
     domains = {o.domain for o in out.opset_import}
     out.opset_import.extend(o for o in served.opset_import if o.domain not in domains)
     known = {(f.domain, f.name) for f in out.functions}
