@@ -64,6 +64,18 @@ def test_the_real_trigger_goes_at_a_small_cost_in_accuracy(hardened):
     assert tuned.accuracy >= before.accuracy - 0.04
 
 
+def test_mmdf_backs_the_fine_tuned_model_as_harden_wrote_it(hardened):
+    _, ft = hardened
+    res = mmexport.detect(SAMPLE / "model.onnx", SAMPLE / "clean.npz", serve=ft.model, threads=1)
+    assert res.report.served["method"] == "mmac-ft" and res.report.avoid["class"] == 0  # the target
+    test, attack = load_npz(SAMPLE / "test.npz"), load_npz(SAMPLE / "attack.npz", attack=True)
+    alone = validate(ft.model, test, attack=attack, provider="cpu")
+    stacked = validate(res.model, test, attack=attack, provider="cpu")
+    # Only flagged rows can differ from the fine-tuned model, and they never go to the target.
+    assert abs(stacked.accuracy - alone.accuracy) <= stacked.false_positive_rate + 1e-9
+    assert stacked.asr <= alone.asr and stacked.detection_rate > 0.9
+
+
 def test_no_stamp_no_fine_tune(hardened):
     mmac, _ = hardened
     # no stamp stands out, and the scan (which names this sample's target) is not asked
