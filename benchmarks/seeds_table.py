@@ -50,7 +50,8 @@ def aggregates(rows_by_model: dict[str, dict], defence: str) -> dict | None:
 def table(runs: dict[int, dict[str, dict]]) -> str:
     seeds = sorted(runs)
     models = sorted({m for rows in runs.values() for m in rows})
-    defences = [d for d in ("mmac", "mmac-ft", "mmdf", "mmac-ft+mmdf") if any(d in r for rows in runs.values() for r in rows.values())]
+    defences = [d for d in ("mmac", "mmac-ft", "mmdf", "mmac-ft+mmdf")
+                if any(d in r for rows in runs.values() for r in rows.values())]
     out = ["# The real-tier defaults over seeds", "",
            f"ACC / ASR in % (onnxruntime, test set / attack set), seeds {', '.join(map(str, seeds))}; "
            "MMDF adds detection / FPR.", ""]
