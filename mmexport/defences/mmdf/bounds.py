@@ -85,3 +85,32 @@ def exceedance(maxima: dict[str, np.ndarray], bounds: Bounds, index=None) -> np.
         e = (np.maximum(m - zz, 0.0) / screen_scales(zz)).sum(axis=1)
         total = e if total is None else total + e
     return total
+
+
+def fit_screen(screen: float, fold: np.ndarray, plan: dict, maxima, d: np.ndarray,
+               threshold: float) -> tuple[dict, np.ndarray | None]:
+    """The screen's threshold: the 1 - `screen` quantile of D's cross-fitted exceedance.
+
+    Without a focus class the bounded branch runs on every input, doubling the model's cost,
+    yet d > 0 needs some channel past its bound, and d above the threshold needs it far past:
+    on the real tier, D's cross-fitted inputs over the margin threshold all lie in the top
+    fifth of exceedance (docs/experiments.md, MMDF's screen). Returns its report and D's inputs
+    past it (None where there is no screen). `fold`: each calibration row's cross-fitting fold.
+    """
+    if plan["class"] is not None:
+        return {"reason": "focus class set"}, None
+    if screen >= 1.0:
+        return {"reason": "screen 1: every input"}, None
+    if maxima is None:
+        return {"reason": "bounds not clean-max: no cross-fitted exceedance"}, None
+    e = np.empty(len(fold), np.float64)
+    for k in np.unique(fold):
+        rows = np.flatnonzero(fold == k)
+        if len(rows):
+            e[rows] = exceedance(maxima, clean_max_bounds(maxima, np.flatnonzero(fold != k)), rows)
+    t = float(np.quantile(e, 1.0 - screen))
+    passed = e > t
+    over = d > threshold
+    return {"threshold": t, "share": float(passed.mean()),
+            "margin_flags_kept": float(passed[over].mean()) if over.any() else None,
+            "margin_flags": int(over.sum())}, passed

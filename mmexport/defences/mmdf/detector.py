@@ -22,12 +22,12 @@ from ...graph.rewrite import count_bounded_sites
 from ..common.checks import check_original, with_site_shapes
 from ..common.stats import fold_ids
 from ..mmac.config import MmacConfig
-from .bounds import clean_max_bounds, exceedance, shifted, site_maxima
+from .bounds import clean_max_bounds, fit_screen, shifted, site_maxima
 from .config import MmdfConfig
 from .features import fit_features, site_feature_arrays
 from .graph import METHOD, SCORE, build_mmdf_graph, is_gated
 from .null import ROUNDING, NullFit, fit_image_null, fit_null
-from .serve import check_served, serve_unflagged
+from .serve import read_served, serve_unflagged
 
 
 @dataclass
@@ -284,7 +284,7 @@ def _detect(model, clean_set, config, *, bounds, hardened, serve, input_name, ou
             f"{max(folds, 10)} to calibrate its threshold"
         )
     source_sha = model_sha256(m)
-    served, served_info = _served(serve, m, source_sha)
+    served, served_info = read_served(serve, m.proto, output_name=m.output_name, source_sha=source_sha)
     axis = input_layout(m, layout).channel_axis
     x = shifted(clean.x, axis) if cfg.augment else clean.x
     bounds, source, harden_report, maxima = _resolve_bounds(
@@ -325,21 +325,6 @@ def _detect(model, clean_set, config, *, bounds, hardened, serve, input_name, ou
     set_metadata(out, _provenance(report, cal, m.output_name, report.gated))
     return DetectResult(model=out, threshold=cal.null.threshold, report=report, bounds=bounds,
                         null=cal.null)
-
-
-def _served(serve, m: Model, source_sha: str) -> tuple[onnx.ModelProto | None, dict | None]:
-    """The model to serve the unflagged inputs, read and checked (mmdf.serve), and its report entry."""
-    from ...core.model import read_onnx
-    from ...core.provenance import sha256_bytes, sha256_file
-
-    if serve is None:
-        return None, None
-    if isinstance(serve, onnx.ModelProto):
-        proto, where, sha = serve, "served model", sha256_bytes(serve.SerializeToString())
-    else:
-        proto, where, sha = read_onnx(serve), str(serve), sha256_file(serve)
-    info = check_served(proto, m.proto, where=where, output_name=m.output_name, source_sha=source_sha)
-    return proto, info | {"sha256": sha}
 
 
 def _resolve_bounds(m: Model, clean: Dataset, x: np.ndarray, cfg: MmdfConfig, bounds, hardened,
@@ -428,7 +413,8 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
         level = plan.get("alpha", alpha_each)
         null = fit_null(d[tested], level, law=cfg.law, floor=floor)
         feature_null = None if features is None else fit_null(features.null[tested], level, law=cfg.law)
-    screen, passed = _screen(cfg, plan, maxima, clean.y, copies, d, null.threshold)
+    fold = np.tile(fold_ids(clean.y, cfg.folds, cfg.seed), copies)
+    screen, passed = fit_screen(cfg.screen, fold, plan, maxima, d, null.threshold)
     flagged = d > null.threshold
     if passed is not None:
         flagged &= passed
@@ -439,36 +425,6 @@ def _calibrate(m: Model, clean: Dataset, x: np.ndarray, k: int, cfg: MmdfConfig,
                "cross_fit_folds": cfg.folds if cross_fit else None,
                "feature_folds": cfg.folds if use_features else None}
     return Calibration(d, null, features, feature_null, plan, flagged, summary, screen)
-
-
-def _screen(cfg: MmdfConfig, plan: dict, maxima, y: np.ndarray, copies: int, d: np.ndarray,
-            threshold: float) -> tuple[dict, np.ndarray | None]:
-    """The screen's threshold: the 1 - `screen` quantile of D's cross-fitted exceedance.
-
-    Without a focus class the bounded branch runs on every input, doubling the model's cost,
-    yet d > 0 needs some channel past its bound, and d above the threshold needs it far past:
-    on the real tier, D's cross-fitted inputs over the margin threshold all lie in the top
-    fifth of exceedance (docs/experiments.md, MMDF's screen). Returns its report and D's inputs
-    past it (None where there is no screen).
-    """
-    if plan["class"] is not None:
-        return {"reason": "focus class set"}, None
-    if cfg.screen >= 1.0:
-        return {"reason": "screen 1: every input"}, None
-    if maxima is None:
-        return {"reason": "bounds not clean-max: no cross-fitted exceedance"}, None
-    fold = np.tile(fold_ids(y, cfg.folds, cfg.seed), copies)
-    e = np.empty(len(fold), np.float64)
-    for k in range(cfg.folds):
-        rows = np.flatnonzero(fold == k)
-        if len(rows):
-            e[rows] = exceedance(maxima, clean_max_bounds(maxima, np.flatnonzero(fold != k)), rows)
-    t = float(np.quantile(e, 1.0 - cfg.screen))
-    passed = e > t
-    over = d > threshold
-    return {"threshold": t, "share": float(passed.mean()),
-            "margin_flags_kept": float(passed[over].mean()) if over.any() else None,
-            "margin_flags": int(over.sum())}, passed
 
 
 def _guarantee(cal: Calibration) -> float | None:

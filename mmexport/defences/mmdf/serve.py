@@ -116,3 +116,20 @@ def serve_unflagged(mmdf: onnx.ModelProto, served: onnx.ModelProto, output_name:
     known = {(f.domain, f.name) for f in out.functions}
     out.functions.extend(f for f in theirs.functions if (f.domain, f.name) not in known)
     return out
+
+
+def read_served(serve, original: onnx.ModelProto, *, output_name: str,
+                source_sha: str) -> tuple[onnx.ModelProto | None, dict | None]:
+    """`serve` (None, a path or a ModelProto) read and checked against the original, and its
+    report entry ({"file", "method", "sha256"})."""
+    from ...core.model import read_onnx
+    from ...core.provenance import sha256_bytes, sha256_file
+
+    if serve is None:
+        return None, None
+    if isinstance(serve, onnx.ModelProto):
+        proto, where, sha = serve, "served model", sha256_bytes(serve.SerializeToString())
+    else:
+        proto, where, sha = read_onnx(serve), str(serve), sha256_file(serve)
+    info = check_served(proto, original, where=where, output_name=output_name, source_sha=source_sha)
+    return proto, info | {"sha256": sha}
