@@ -31,7 +31,7 @@ SWITCHED = "mmdf/switched/"
 def check_served(served: onnx.ModelProto, original: onnx.ModelProto, *, where: str, output_name: str,
                  source_sha: str) -> dict:
     """What the stacked graph needs of the served model, checked before any work; returns its
-    description for the report (method, sha256)."""
+    description for the report (file, method)."""
     meta = get_metadata(served)
     if is_mmdf_model(served):
         raise MmexportError(f"{where}: an MMDF model; --serve takes a model harden wrote")
