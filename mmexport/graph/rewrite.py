@@ -105,7 +105,7 @@ def _bound_nodes(proto: onnx.ModelProto):
     """The nodes that write bounds, in subgraphs too (a gated MMDF graph holds them in an If)."""
     return [
         n
-        for n in _all_nodes(proto.graph)
+        for n in all_nodes(proto.graph)
         if n.name.startswith(BOUND_PREFIX) and n.op_type in ("Min", "Clip", "HardSigmoid") and n.output
     ]
 
@@ -117,12 +117,13 @@ def bound_tensors(proto: onnx.ModelProto) -> set[str]:
     return {name for n in _bound_nodes(proto) for name in n.input[1:] if name in inits}
 
 
-def _all_nodes(graph: onnx.GraphProto):
+def all_nodes(graph: onnx.GraphProto):
+    """Every node of `graph`, those of its subgraphs (If, Loop, Scan) included."""
     for n in graph.node:
         yield n
         for a in n.attribute:
             for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _all_nodes(g)
+                yield from all_nodes(g)
 
 
 def _folded_forms(proto: onnx.ModelProto) -> tuple[dict, dict, dict]:

@@ -34,6 +34,19 @@ def check_original(m: Model, *, hardened_hint: str = "") -> int:
     return m.num_classes
 
 
+def check_made_from(proto, source_sha: str, where: str, *, required: bool = False) -> None:
+    """`proto` was hardened by mmexport from the model of hash `source_sha` (its
+    `mmexport.source_sha256`; a model without one passes unless `required`)."""
+    made_from = get_metadata(proto).get("mmexport.source_sha256")
+    if not made_from and required:
+        raise MmexportError(f"{where}: not written by mmexport harden (no mmexport.source_sha256 metadata)")
+    if made_from and made_from != source_sha:
+        raise MmexportError(
+            f"{where}: was hardened from another model (source sha256 {made_from[:12]}..., "
+            f"this model {source_sha[:12]}...)"
+        )
+
+
 def with_site_shapes(m: Model, x: np.ndarray) -> Model:
     """`m` with the rank and channel count of every site that shape inference left unknown,
     read from one onnxruntime pass over x[:1]; `m` itself where none is.

@@ -16,10 +16,10 @@ from ...core.conventions import input_layout, logits_of
 from ...core.data import Dataset, as_dataset, check_for_model
 from ...core.errors import MmexportError, ParameterError
 from ...core.model import Model
-from ...core.provenance import data_sha256, get_metadata, model_sha256, set_metadata
+from ...core.provenance import data_sha256, model_sha256, set_metadata
 from ...core.threads import check_threads, using_threads
 from ...graph.rewrite import count_bounded_sites
-from ..common.checks import check_original, with_site_shapes
+from ..common.checks import check_made_from, check_original, with_site_shapes
 from ..common.stats import fold_ids
 from ..mmac.config import MmacConfig
 from .bounds import clean_max_bounds, fit_screen, shifted, site_maxima
@@ -92,12 +92,7 @@ def _bounds_from_hardened(hardened, m: Model, source_sha: str) -> tuple[Bounds, 
         proto, where = read_onnx(hardened), str(hardened)
     if not count_bounded_sites(proto)["total"]:
         raise MmexportError(f"{where}: holds no mmexport bounds (not a hardened model)")
-    made_from = get_metadata(proto).get("mmexport.source_sha256")
-    if made_from and made_from != source_sha:
-        raise MmexportError(
-            f"{where}: was hardened from another model (source sha256 {made_from[:12]}..., "
-            f"this model {source_sha[:12]}...)"
-        )
+    check_made_from(proto, source_sha, where)
     try:
         bounds = extract_bounds(proto)
     except MmexportError as exc:
@@ -293,13 +288,14 @@ def _detect(model, clean_set, config, *, bounds, hardened, serve, input_name, ou
     avoid_report = _class_to_avoid(avoid, m, clean, seed, device, progress, layout)
     avoided = avoid_report["class"]
     cal = _calibrate(m, clean, x, k, cfg, bounds, maxima, avoided, provider=provider, progress=progress)
+    logits_name = logits_of(m).name
     out = build_mmdf_graph(m.proto, bounds, cal.null.threshold, output_name=m.output_name,
                            sites=m.sites, features=cal.features,
                            feature_threshold=cal.feature_null.threshold if cal.feature_null else None,
-                           avoid=avoided, focus=cal.plan["class"], logits_name=logits_of(m).name,
+                           avoid=avoided, focus=cal.plan["class"], logits_name=logits_name,
                            gate=cfg.gate, screen=cal.screen.get("threshold"), own_weights=cfg.own_weights)
     if served is not None:
-        out = serve_unflagged(out, served, m.output_name, logits=logits_of(m).name == m.output_name)
+        out = serve_unflagged(out, served, m.output_name, logits=logits_name == m.output_name)
     d = cal.d
     report = DetectReport(
         model=str(m.path) if m.path else None, data=str(clean.path) if clean.path else None,

@@ -22,6 +22,8 @@ from onnx import compose, helper
 from ...core.errors import MmexportError
 from ...core.model import onnx_opset
 from ...core.provenance import get_metadata
+from ...graph.rewrite import all_nodes
+from ..common.checks import check_made_from
 from .graph import DETECTED, SUPPRESSED, is_mmdf_model
 
 SERVED_PREFIX = "mmdf/served/"
@@ -32,15 +34,9 @@ def check_served(served: onnx.ModelProto, original: onnx.ModelProto, *, where: s
                  source_sha: str) -> dict:
     """What the stacked graph needs of the served model, checked before any work; returns its
     description for the report (file, method)."""
-    meta = get_metadata(served)
     if is_mmdf_model(served):
         raise MmexportError(f"{where}: an MMDF model; --serve takes a model harden wrote")
-    made_from = meta.get("mmexport.source_sha256")
-    if not made_from:
-        raise MmexportError(f"{where}: not written by mmexport harden (no mmexport.source_sha256 metadata)")
-    if made_from != source_sha:
-        raise MmexportError(f"{where}: was hardened from another model (source sha256 {made_from[:12]}..., "
-                            f"this model {source_sha[:12]}...)")
+    check_made_from(served, source_sha, where, required=True)
     if onnx_opset(served) != onnx_opset(original) or served.ir_version != original.ir_version:
         raise MmexportError(f"{where}: opset {onnx_opset(served)}, IR {served.ir_version}; the model has opset "
                             f"{onnx_opset(original)}, IR {original.ir_version}")
@@ -51,7 +47,7 @@ def check_served(served: onnx.ModelProto, original: onnx.ModelProto, *, where: s
     theirs = {o.name: o.type for o in original.graph.output}
     if output_name not in outs or outs[output_name] != theirs.get(output_name):
         raise MmexportError(f"{where}: no output {output_name!r} typed as the model's")
-    return {"file": where, "method": meta.get("mmexport.method")}
+    return {"file": where, "method": get_metadata(served).get("mmexport.method")}
 
 
 def _inputs(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
@@ -62,13 +58,10 @@ def _inputs(proto: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 def _rename_inputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
     """Node inputs renamed, in subgraphs too (they read outer-scope tensors by name)."""
-    for node in graph.node:
+    for node in all_nodes(graph):
         for i, name in enumerate(node.input):
             if name in names:
                 node.input[i] = names[name]
-        for a in node.attribute:
-            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                _rename_inputs(g, names)
 
 
 def serve_unflagged(mmdf: onnx.ModelProto, served: onnx.ModelProto, output_name: str, *,
