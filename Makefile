@@ -19,8 +19,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# One pytest worker per core (every test computes on one thread, tests/conftest.py); a test file's
+# tests share a worker, so its module fixtures are built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= auto
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: install
 	mkdir -p $(DEMO_OUT)
