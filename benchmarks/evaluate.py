@@ -33,7 +33,8 @@ def parse_value(v: str):
 
 
 def evaluate(
-    folder: Path, overrides: dict, granularity: str, method: str, detect_too: bool = False, device: str = "cpu"
+    folder: Path, overrides: dict, granularity: str, method: str, detect_too: bool = False, device: str = "cpu",
+    serve: bool = False,
 ) -> dict:
     test = load_npz(folder / "test.npz")
     attack = load_npz(folder / "attack.npz", attack=True) if (folder / "attack.npz").exists() else None
@@ -51,7 +52,8 @@ def evaluate(
         from mmexport.defences.mmdf.detector import detect
 
         t1 = time.perf_counter()
-        det = detect(folder / "model.onnx", folder / "clean.npz", device="cpu", threads=threads)
+        seed = {"seed": overrides["seed"]} if "seed" in overrides else {}  # --set seed=N: both methods
+        det = detect(folder / "model.onnx", folder / "clean.npz", device="cpu", threads=threads, **seed)
         rep = validate(det.model, test, attack=attack, provider="cpu")
         mmdf = {
             "mmdf_acc": rep.accuracy,
@@ -60,6 +62,15 @@ def evaluate(
             "mmdf_fpr": rep.false_positive_rate,
             "mmdf_seconds": time.perf_counter() - t1,
         }
+        if serve:  # what `detect --serve` writes: the same calibration, the hardened model behind it
+            from mmexport.core.conventions import logits_of
+            from mmexport.core.model import load_model
+            from mmexport.defences.mmdf.serve import serve_unflagged
+
+            m = load_model(folder / "model.onnx")
+            stacked = serve_unflagged(det.model, res.model, m.output_name, logits=logits_of(m).name == m.output_name)
+            rep = validate(stacked, test, attack=attack, provider="cpu")
+            mmdf |= {"stack_acc": rep.accuracy, "stack_asr": rep.asr, "stack_ra": rep.ra}
     return mmdf | {
         "model": folder.name,
         "acc_before": before.accuracy,
@@ -117,8 +128,12 @@ def main() -> None:
     )
     ap.add_argument("--report", default="", help="write Markdown + JSON tables into this folder")
     ap.add_argument("--detect", action="store_true", help="also build and measure MMDF (mmexport detect)")
+    ap.add_argument("--serve", action="store_true",
+                    help="with --detect, also measure MMDF serving the hardened model (detect --serve)")
     ap.add_argument("--device", default="cpu", help="torch device of the search (cpu, cuda, auto)")
     args = ap.parse_args()
+    if args.serve and not args.detect:
+        ap.error("--serve needs --detect")
     overrides = {k: parse_value(v) for k, v in (s.split("=", 1) for s in args.set)}
     # The shipped schedule, not what the time limit leaves of it on a busy machine: the limit is
     # a resource control (measured by bench_real.py on the real tier); --set time_limit=auto
@@ -137,7 +152,7 @@ def main() -> None:
         "mm(max/med) before->after"
     )
     for f in folders:
-        r = evaluate(f, overrides, args.granularity, args.method, args.detect, args.device)
+        r = evaluate(f, overrides, args.granularity, args.method, args.detect, args.device, args.serve)
         rows.append(r)
         import statistics as st
 
@@ -152,6 +167,9 @@ def main() -> None:
         if "mmdf_acc" in r:
             print(f"{'':28} MMDF: ACC {fmt(r['mmdf_acc'])} ASR {fmt(r['mmdf_asr'])} "
                   f"det {fmt(r['mmdf_detection'])} FPR {fmt(r['mmdf_fpr'])}", flush=True)
+        if "stack_acc" in r:
+            print(f"{'':28} MMDF serving it: ACC {fmt(r['stack_acc'])} ASR {fmt(r['stack_asr'])} "
+                  f"RA {fmt(r['stack_ra'])}", flush=True)
         if args.oracle and r["asr_before"] is not None:
             from oracle import oracle
 
@@ -175,13 +193,13 @@ def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
     )
     head = (
         "| model | ACC | ASR | RA | search (stamp outlier) | oracle ACC / ASR | MMDF ACC / ASR / det / FPR "
-        "| seconds |"
+        "| MMDF serving it ACC / ASR / RA | seconds |"
     )
     lines = [
         f"settings: {overrides or 'defaults'}, method {args.method}, granularity {args.granularity}",
         "",
         head,
-        "|---|---|---|---:|---|---|---|---:|",
+        "|---|---|---|---:|---|---|---|---|---:|",
     ]
     for r in slim:
         orc = f"{fmt(r.get('oracle_acc'))} / {fmt(r.get('oracle_asr'))}" if r.get("oracle_acc") is not None else "-"
@@ -190,10 +208,11 @@ def write_report(folder: Path, overrides: dict, args, rows: list[dict]) -> None:
             if "mmdf_acc" in r
             else "-"
         )
+        stack = " / ".join(fmt(r[k]) for k in ("stack_acc", "stack_asr", "stack_ra")) if "stack_acc" in r else "-"
         lines.append(
             f"| {r['model']} | {fmt(r['acc_before'])} -> {fmt(r['acc_after'])} | "
             f"{fmt(r['asr_before'])} -> {fmt(r['asr_after'])} | {fmt(r['ra_after'])} | {stage_text(r)} | "
-            f"{orc} | {mmdf} | "
+            f"{orc} | {mmdf} | {stack} | "
             f"{r['seconds']:.0f} |"
         )
     (folder / "eval-defence.md").write_text("\n".join(lines) + "\n")
