@@ -52,7 +52,8 @@ zoo-real: install
 # tier against the targets (builds the missing models first, see zoo-real); then
 # bench-results/cost.md: harden's cost against parameters, input size and classes; then
 # bench-results/dist.md: harden and scan under torchrun on 1 and 2 ranks (ResNet-18, 100 and 1,000 classes);
-# then bench-results/mmdf.md: MMDF's ungated and focus-gated graphs against the original on clean traffic;
+# then bench-results/mmdf.md: MMDF's ungated and focus-gated graphs against the original on clean traffic,
+# and mmac-ft's model alone and served behind MMDF (detect --serve);
 # then bench-results/peers.md: harden and detect beside fine-tuning, fine-pruning, CLP and ANP on the real tier.
 bench: install
 	$(PY) benchmarks/bench_defences.py --out bench-results
@@ -61,7 +62,7 @@ bench: install
 	$(PY) benchmarks/bench_cost.py --out bench-results
 	$(PY) benchmarks/bench_batching.py --out bench-results
 	$(PY) benchmarks/bench_dist.py --out bench-results
-	$(PY) benchmarks/bench_mmdf.py --real --out bench-results
+	$(PY) benchmarks/bench_mmdf.py --real --serve --out bench-results
 	THREADS=1 $(PY) benchmarks/bench_peers.py --out bench-results
 
 # bench-results/seeds/seeds.md: harden and detect at their defaults on the real tier for seeds 0, 1

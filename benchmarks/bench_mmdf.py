@@ -10,6 +10,10 @@ images, one intra-op thread. Reported: median ms of the original, the two ratios
 files' sizes (a focus branch owns a copy of its conv weights), and detection / ASR / false
 positives of both graphs on the test and attack sets.
 
+With `--serve`, the model `harden --method mmac-ft` writes (seed 0, cached beside the MMDF
+graphs) and the graph `detect --serve` writes from it (the gated graph with the hardened model
+behind it, `mmexport.defences.mmdf.serve`) are timed in the same rounds and measured alike.
+
 A model whose scan names no target gets no focus class and is gated on MMDF's screen (its row
 says "screened"); its efficacy table also gives what the margin test would flag on every input.
 The ungated graphs are kept in `--cache` (default `bench-results/mmdf`) and used again while
@@ -17,7 +21,7 @@ the model file is unchanged (its sha256 in their metadata), since the real tier'
 takes minutes.
 
 Writes `bench-results/mmdf.md` and `mmdf.json`. Usage:
-    python benchmarks/bench_mmdf.py [--models a,b] [--runs 300] [--runs-64 300] [--real] [--threads 1]
+    python benchmarks/bench_mmdf.py [--models a,b] [--runs 300] [--runs-64 300] [--real] [--serve] [--threads 1]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from mmexport.core.provenance import get_metadata  # noqa: E402
 from mmexport.defences.mmdf.detector import detect  # noqa: E402
 from mmexport.defences.mmdf.gate import gate_mmdf_graph  # noqa: E402
 from mmexport.defences.mmdf.graph import DETECTED, FEATURE_SCORE, SCORE, is_gated  # noqa: E402
+from mmexport.defences.mmdf.serve import serve_unflagged  # noqa: E402
 
 TARGETS = {1: 1.15, 64: 1.5}  # gated / original, at batch 1 and 64
 
@@ -70,6 +75,24 @@ def ungated(folder: Path, cache: Path, log) -> onnx.ModelProto:
     return res.model
 
 
+def fine_tuned(folder: Path, cache: Path, log) -> onnx.ModelProto:
+    """`harden --method mmac-ft` of a sample (seed 0): from the cache or made."""
+    from mmexport.defences.harden import harden
+
+    kept = cache / f"{folder.name}.mmac-ft.onnx"
+    if kept.exists():
+        proto = onnx.load(kept)
+        if get_metadata(proto).get("mmexport.source_sha256") == sha256(folder / "model.onnx"):
+            return proto
+    log(f"{folder.name}: harden --method mmac-ft (seed 0) ...")
+    start = time.perf_counter()
+    res = harden(folder / "model.onnx", folder / "clean.npz", method="mmac-ft", seed=0, device="cpu")
+    log(f"{folder.name}: harden took {time.perf_counter() - start:.0f} s")
+    cache.mkdir(parents=True, exist_ok=True)
+    onnx.save(res.model, kept)
+    return res.model
+
+
 def outputs(sess: ort.InferenceSession, x: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
     names = [o.name for o in sess.get_outputs()]
     inp = sess.get_inputs()[0].name
@@ -78,9 +101,9 @@ def outputs(sess: ort.InferenceSession, x: np.ndarray, batch: int = 64) -> dict[
 
 
 def efficacy(out: dict, y: np.ndarray, logits: str, target: int | None, attack: bool) -> dict:
-    """ACC (or ASR) and the flagged share, in %."""
+    """ACC (or ASR) and the flagged share, in % (None for a model without MMDF's flags)."""
     pred = out[logits].argmax(1)
-    flagged = float(out[DETECTED].mean() * 100)
+    flagged = float(out[DETECTED].mean() * 100) if DETECTED in out else None
     if attack:
         return {"asr": float(np.mean(pred == target) * 100), "detection": flagged}
     return {"acc": float(np.mean(pred == y) * 100), "fpr": flagged}
@@ -126,6 +149,11 @@ def bench_model(folder: Path, args, log) -> dict:
     if focus is not None or screen is not None:
         ours = [o.name for o in full.graph.output if o.name in (DETECTED, SCORE, FEATURE_SCORE)]
         models["gated"] = gate_mmdf_graph(full, source, logits_name=logits, focus=focus, outputs=ours)
+    if args.serve:  # what `detect --serve` writes: the gated graph (as detect's default) serving mmac-ft's model
+        name = source.graph.output[0].name
+        models["mmac-ft"] = fine_tuned(folder, Path(args.cache), log)
+        models["stacked"] = serve_unflagged(models.get("gated", full), models["mmac-ft"], name,
+                                            logits=logits == name)
     row["mb"] = {n: p.ByteSize() / 1e6 for n, p in models.items()}  # a focus branch owns its conv weights
     sessions = {n: session(p, args.threads) for n, p in models.items()}
     test = np.load(folder / "test.npz")
@@ -138,8 +166,9 @@ def bench_model(folder: Path, args, log) -> dict:
             a = np.load(folder / "attack.npz")
             data = (a["x"].astype(np.float32), a["y"])
         got = {n: outputs(sessions[n], data[0]) for n in sessions if n != "original"}
-        for n, out in got.items():
-            row[f"{n}_{part}"] = efficacy(out, data[1], logits, target, is_attack)
+        for n, out in got.items():  # argmax of the output where the logits are not one (mmac-ft's model)
+            key = logits if logits in out else source.graph.output[0].name
+            row[f"{n}_{part}"] = efficacy(out, data[1], key, target, is_attack)
         if "gated" in got:
             row[f"max_logit_diff_{part}"] = agree(got["ungated"], got["gated"], logits)
         if screen is not None:  # what the margin test flags past the screen and without it
@@ -164,11 +193,13 @@ def markdown(rows: list[dict], args) -> str:
         "",
         f"onnxruntime {ort.__version__}, CPU, {args.threads} intra-op thread(s), "
         f"{platform.processor() or platform.machine()}; "
-        "median of interleaved rounds (original, ungated, gated), a different draw of clean test images each round. "
+        "median of interleaved rounds (original, ungated, gated; with --serve mmac-ft's model and the stacked graph), "
+        "a different draw of clean test images each round; the ratios are to the original. "
         f"Targets for the gated graph: <= {TARGETS[1]}x at batch 1, <= {TARGETS[64]}x at batch 64.",
         "",
-        "| model | focus | batch | rounds | original ms | ungated | gated | met | file MB (original / gated) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | focus | batch | rounds | original ms | ungated | gated | met | mmac-ft | stacked "
+        "| file MB (original / gated / stacked) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for b in (1, 64):
@@ -179,10 +210,11 @@ def markdown(rows: list[dict], args) -> str:
             met = "-" if gated is None else ("yes" if gated <= TARGETS[b] else "no")
             gate = (r["focus"] if r["focus"] is not None else
                     "none: screened" if r.get("screen") is not None else "none (not gated)")
+            served = " | ".join(f"{t[n]:.2f}x" if n in t else "-" for n in ("mmac-ft", "stacked"))
+            mb = " / ".join(f"{r['mb'][n]:.2f}" if n in r["mb"] else "-" for n in ("original", "gated", "stacked"))
             out.append(f"| {r['model']} | {gate} | {b} | "
                        f"{t['runs']} | {t['original_ms']:.3f} | {t['ungated']:.2f}x | "
-                       f"{'-' if gated is None else f'{gated:.3f}x'} | {met} | "
-                       f"{r['mb']['original']:.2f} / {r['mb'].get('gated', r['mb']['ungated']):.2f} |")
+                       f"{'-' if gated is None else f'{gated:.3f}x'} | {met} | {served} | {mb} |")
     out += ["", "Efficacy of both graphs (%), test set: ACC / false positives; attack set: ASR / detection; "
                 "max |logit difference| between the graphs; unscreened: false positives / detection were the margin "
                 "test run on every input (models without a focus class):", "",
@@ -200,6 +232,19 @@ def markdown(rows: list[dict], args) -> str:
         unscreened = " / ".join(f"{r[k]:.1f}" for k in ("unscreened_test", "unscreened_attack") if k in r) or "-"
         out.append(f"| {r['model']} | {cell(r, 'ungated_test', 'acc', 'fpr')} | {gated[0]} | "
                    f"{cell(r, 'ungated_attack', 'asr', 'detection')} | {gated[1]} | {gated[2]} | {unscreened} |")
+    served = [r for r in rows if "stacked_test" in r]
+    if served:
+        out += ["", "With `--serve`: mmac-ft's model alone and the stacked graph (`detect --serve`), test ACC / "
+                    "attack ASR (%), and the stacked graph's false positives / detection:", "",
+                "| model | mmac-ft ACC / ASR | stacked ACC / ASR | stacked FPR / detection |", "|---|---|---|---|"]
+        def pair(r, n):
+            acc, asr = r[f"{n}_test"]["acc"], (r.get(f"{n}_attack") or {}).get("asr")
+            return f"{acc:.1f} / {'-' if asr is None else f'{asr:.1f}'}"
+
+        for r in served:
+            det = (r.get("stacked_attack") or {}).get("detection")
+            out.append(f"| {r['model']} | {pair(r, 'mmac-ft')} | {pair(r, 'stacked')} | "
+                       f"{r['stacked_test']['fpr']:.1f} / {'-' if det is None else f'{det:.1f}'} |")
     return "\n".join(out) + "\n"
 
 
@@ -210,6 +255,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=300, help="rounds at batch 1")
     ap.add_argument("--runs-64", type=int, default=300, help="rounds at batch 64")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--serve", action="store_true",
+                    help="also time mmac-ft's model and MMDF serving it (detect --serve); hardens each model once")
     ap.add_argument("--cache", default="bench-results/mmdf")
     ap.add_argument("--out", default="bench-results")
     args = ap.parse_args(argv)
