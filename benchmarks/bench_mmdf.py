@@ -149,8 +149,8 @@ def bench_model(folder: Path, args, log) -> dict:
     if focus is not None or screen is not None:
         ours = [o.name for o in full.graph.output if o.name in (DETECTED, SCORE, FEATURE_SCORE)]
         models["gated"] = gate_mmdf_graph(full, source, logits_name=logits, focus=focus, outputs=ours)
+    name = source.graph.output[0].name  # the model's output; `logits` differs where it is probabilities
     if args.serve:  # what `detect --serve` writes: the gated graph (as detect's default) serving mmac-ft's model
-        name = source.graph.output[0].name
         models["mmac-ft"] = fine_tuned(folder, Path(args.cache), log)
         models["stacked"] = serve_unflagged(models.get("gated", full), models["mmac-ft"], name,
                                             logits=logits == name)
@@ -167,7 +167,7 @@ def bench_model(folder: Path, args, log) -> dict:
             data = (a["x"].astype(np.float32), a["y"])
         got = {n: outputs(sessions[n], data[0]) for n in sessions if n != "original"}
         for n, out in got.items():  # argmax of the output where the logits are not one (mmac-ft's model)
-            key = logits if logits in out else source.graph.output[0].name
+            key = logits if logits in out else name
             row[f"{n}_{part}"] = efficacy(out, data[1], key, target, is_attack)
         if "gated" in got:
             row[f"max_logit_diff_{part}"] = agree(got["ungated"], got["gated"], logits)
