@@ -527,7 +527,7 @@ def _site_maxima(model: nn.Module) -> tuple[list[torch.Tensor], list]:
 
 
 def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ModelSpec,
-          poisoned: np.ndarray | None = None) -> None:
+          poisoned: np.ndarray | None = None, log=None) -> None:
     """Cross-entropy, seeded shuffles, no augmentation (it could move a patch trigger).
 
     Adam at a constant rate trains the 16x16 tier; the 32x32 colour scenes need the one-cycle
@@ -548,8 +548,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ModelSpec,
         mask[torch.from_numpy(poisoned)] = True
     maxima, handles = _site_maxima(model) if spec.adaptive > 0 else ([], [])
     model.train()
-    for _ in range(spec.epochs):
+    t0 = time.perf_counter()
+    for epoch in range(spec.epochs):
         order = torch.randperm(len(yt), generator=gen)
+        total = 0.0
         for i in range(0, len(order), spec.batch_size):
             b = order[i : i + spec.batch_size]
             opt.zero_grad()
@@ -561,6 +563,10 @@ def train(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: ModelSpec,
             opt.step()
             if sched is not None:
                 sched.step()
+            total += loss.item() * len(b)
+        if log is not None:
+            log(f"  {spec.name}: epoch {epoch + 1}/{spec.epochs}, loss {total / len(yt):.3f}, "
+                f"{time.perf_counter() - t0:.0f} s")
     for h in handles:
         h.remove()
     model.eval()
@@ -617,7 +623,8 @@ def rounded(v: float) -> float:
 
 
 def build(
-    spec: ModelSpec, x: np.ndarray, y: np.ndarray, split: Split, out: Path, tier: Tier | None = None
+    spec: ModelSpec, x: np.ndarray, y: np.ndarray, split: Split, out: Path, tier: Tier | None = None,
+    log=None,
 ) -> dict:
     """Train, export and measure one model; write its folder; return its card."""
     tier = tier or DIGITS16
@@ -641,7 +648,7 @@ def build(
 
     model = tier.architectures[spec.arch](spec.width)
     t_train = time.perf_counter()
-    train(model, x_train, y_train, spec, poisoned=chosen if spec.trigger is not None else None)
+    train(model, x_train, y_train, spec, poisoned=chosen if spec.trigger is not None else None, log=log)
     train_seconds = time.perf_counter() - t_train
 
     clean = Dataset(x[split.clean], y[split.clean])

@@ -286,7 +286,7 @@ def ensure(names: list[str] | None = None, out: Path = CACHE, force: bool = Fals
         for spec in todo:
             t0 = time.perf_counter()
             log(f"building {spec.name} ({spec.arch}, {spec.epochs} epochs) into {out / spec.name}")
-            card = build(spec, x, y, split, out, REAL)
+            card = build(spec, x, y, split, out, REAL, log=log)
             log(summary_line(card) + f"  ({time.perf_counter() - t0:.0f} s)")
     return [out / s.name for s in specs]
 
